@@ -1,0 +1,226 @@
+// Losses and optimizer updates. The Python layer (bprop.losses, bprop.optim)
+// validates and converts user input; these bindings still check every array so
+// that a wrong call is an exception, never a crash.
+#include <cstdint>
+#include <string>
+
+#include "bprop/kernels.hpp"
+#include "common.hpp"
+
+namespace bprop::python {
+
+namespace {
+
+bool is_float64(py::handle a) {
+  return py::isinstance<py::array>(a) &&
+         py::reinterpret_borrow<py::array>(a).dtype().equal(py::dtype::of<double>());
+}
+
+template <typename T>
+void require_same_size(const py::array& a, const py::array& b, const char* where,
+                       const char* name_a, const char* name_b) {
+  if (a.size() != b.size()) {
+    throw py::value_error(std::string("[") + where + "] " + name_b + " has shape " + shape_of(b) +
+                          ", but " + name_a + " has shape " + shape_of(a));
+  }
+}
+
+template <typename T>
+const T* optional_weights(py::handle w, Index batch, const char* where) {
+  if (w.is_none()) return nullptr;
+  auto arr = strict_array<T>(w, where, "sample_weight", 1);
+  if (arr.shape(0) != batch) {
+    throw py::value_error(std::string("[") + where + "] sample_weight has " +
+                          std::to_string(arr.shape(0)) + " entries, but the batch has " +
+                          std::to_string(batch));
+  }
+  return arr.data();
+}
+
+template <typename T>
+py::tuple softmax_ce(py::handle logits_obj, py::handle target_obj, py::handle w) {
+  const char* where = "softmax_cross_entropy";
+  auto z = strict_array<T>(logits_obj, where, "logits", 2);
+  const Index B = z.shape(0), C = z.shape(1);
+  const T* sw = optional_weights<T>(w, B, where);
+  py::array_t<T> grad({B, C});
+  double loss = 0;
+  auto target = py::reinterpret_borrow<py::array>(target_obj);
+  if (py::isinstance<py::array>(target_obj) && target.ndim() == 1) {
+    auto labels = strict_array<std::int64_t>(target_obj, where, "target labels", 1);
+    if (labels.shape(0) != B) {
+      throw py::value_error(std::string("[") + where + "] target has " +
+                            std::to_string(labels.shape(0)) + " labels, but logits has " +
+                            std::to_string(B) + " rows");
+    }
+    py::gil_scoped_release nogil;
+    loss = softmax_cross_entropy<T>(z.data(), B, C, labels.data(), nullptr, sw,
+                                    grad.mutable_data());
+  } else {
+    auto y = strict_array<T>(target_obj, where, "target", 2);
+    require_same_size<T>(z, y, where, "logits", "target");
+    py::gil_scoped_release nogil;
+    loss = softmax_cross_entropy<T>(z.data(), B, C, nullptr, y.data(), sw, grad.mutable_data());
+  }
+  return py::make_tuple(loss, grad);
+}
+
+template <typename T, typename Kernel>
+py::tuple elementwise_loss(py::handle out_obj, py::handle target_obj, py::handle w,
+                           const char* where, const char* out_name, Kernel kernel) {
+  auto o = strict_array<T>(out_obj, where, out_name, 2);
+  auto y = strict_array<T>(target_obj, where, "target", 2);
+  require_same_size<T>(o, y, where, out_name, "target");
+  const Index B = o.shape(0), K = o.shape(1);
+  const T* sw = optional_weights<T>(w, B, where);
+  py::array_t<T> grad({B, K});
+  double loss = 0;
+  {
+    py::gil_scoped_release nogil;
+    loss = kernel(o.data(), y.data(), B, K, sw, grad.mutable_data());
+  }
+  return py::make_tuple(loss, grad);
+}
+
+/// param, grad and each state array: same dtype, same size, contiguous; param
+/// and state writeable.
+template <typename T>
+py::array_t<T> param_array(py::handle obj, const char* where, const char* name,
+                           py::ssize_t size) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string("[") + where + "] " + name + " must be a numpy.ndarray");
+  }
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  auto arr = strict_array<T>(obj, where, name, static_cast<int>(a.ndim()));
+  if (size >= 0 && arr.size() != size) {
+    throw py::value_error(std::string("[") + where + "] " + name + " has " +
+                          std::to_string(arr.size()) + " elements, expected " +
+                          std::to_string(size));
+  }
+  return arr;
+}
+
+template <typename T>
+void sgd(py::handle p_obj, py::handle g_obj, py::handle buf_obj, double lr, double momentum,
+         double dampening, bool nesterov, double weight_decay, bool first) {
+  const char* where = "SGD.step";
+  auto p = param_array<T>(p_obj, where, "param", -1);
+  require_writeable(p, where, "param");
+  auto g = param_array<T>(g_obj, where, "grad", p.size());
+  auto buf = param_array<T>(buf_obj, where, "momentum_buffer", momentum != 0 ? p.size() : -1);
+  require_writeable(buf, where, "momentum_buffer");
+  py::gil_scoped_release nogil;
+  sgd_update<T>(p.mutable_data(), g.data(), buf.mutable_data(), p.size(), T(lr), T(momentum),
+                T(dampening), nesterov, T(weight_decay), first);
+}
+
+template <typename T>
+void adam(py::handle p_obj, py::handle g_obj, py::handle m_obj, py::handle v_obj, double lr,
+          double beta1, double beta2, double eps, double weight_decay, std::int64_t t,
+          bool decoupled) {
+  const char* where = "Adam.step";
+  auto p = param_array<T>(p_obj, where, "param", -1);
+  require_writeable(p, where, "param");
+  auto g = param_array<T>(g_obj, where, "grad", p.size());
+  auto m = param_array<T>(m_obj, where, "exp_avg", p.size());
+  auto v = param_array<T>(v_obj, where, "exp_avg_sq", p.size());
+  require_writeable(m, where, "exp_avg");
+  require_writeable(v, where, "exp_avg_sq");
+  if (t < 1) throw py::value_error("[Adam.step] step count must be >= 1");
+  py::gil_scoped_release nogil;
+  adam_update<T>(p.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), p.size(),
+                 T(lr), T(beta1), T(beta2), T(eps), T(weight_decay), t, decoupled);
+}
+
+template <typename T>
+void rmsprop(py::handle p_obj, py::handle g_obj, py::handle sq_obj, py::handle gavg_obj,
+             py::handle buf_obj, double lr, double alpha, double eps, double weight_decay,
+             double momentum, bool centered) {
+  const char* where = "RMSprop.step";
+  auto p = param_array<T>(p_obj, where, "param", -1);
+  require_writeable(p, where, "param");
+  auto g = param_array<T>(g_obj, where, "grad", p.size());
+  auto sq = param_array<T>(sq_obj, where, "square_avg", p.size());
+  auto ga = param_array<T>(gavg_obj, where, "grad_avg", centered ? p.size() : -1);
+  auto buf = param_array<T>(buf_obj, where, "momentum_buffer", momentum > 0 ? p.size() : -1);
+  require_writeable(sq, where, "square_avg");
+  require_writeable(ga, where, "grad_avg");
+  require_writeable(buf, where, "momentum_buffer");
+  py::gil_scoped_release nogil;
+  rmsprop_update<T>(p.mutable_data(), g.data(), sq.mutable_data(), ga.mutable_data(),
+                    buf.mutable_data(), p.size(), T(lr), T(alpha), T(eps), T(weight_decay),
+                    T(momentum), centered);
+}
+
+}  // namespace
+
+void bind_kernels(py::module_& m) {
+  m.def(
+      "softmax_cross_entropy",
+      [](py::handle z, py::handle y, py::handle w) {
+        return is_float64(z) ? softmax_ce<double>(z, y, w) : softmax_ce<float>(z, y, w);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "binary_cross_entropy_with_logits",
+      [](py::handle z, py::handle y, py::handle w) {
+        const char* where = "binary_cross_entropy_with_logits";
+        return is_float64(z) ? elementwise_loss<double>(z, y, w, where, "logits",
+                                                        binary_cross_entropy_with_logits<double>)
+                             : elementwise_loss<float>(z, y, w, where, "logits",
+                                                       binary_cross_entropy_with_logits<float>);
+      },
+      py::arg("logits"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "mean_squared_error",
+      [](py::handle o, py::handle y, py::handle w) {
+        const char* where = "mean_squared_error";
+        return is_float64(o)
+                   ? elementwise_loss<double>(o, y, w, where, "output", mean_squared_error<double>)
+                   : elementwise_loss<float>(o, y, w, where, "output", mean_squared_error<float>);
+      },
+      py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "sgd_update",
+      [](py::handle p, py::handle g, py::handle buf, double lr, double momentum,
+         double dampening, bool nesterov, double wd, bool first) {
+        if (is_float64(p)) return sgd<double>(p, g, buf, lr, momentum, dampening, nesterov, wd, first);
+        return sgd<float>(p, g, buf, lr, momentum, dampening, nesterov, wd, first);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("lr"),
+      py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"),
+      py::arg("first"));
+  m.def(
+      "adam_update",
+      [](py::handle p, py::handle g, py::handle mm, py::handle v, double lr, double b1,
+         double b2, double eps, double wd, std::int64_t t, bool decoupled) {
+        if (is_float64(p)) return adam<double>(p, g, mm, v, lr, b1, b2, eps, wd, t, decoupled);
+        return adam<float>(p, g, mm, v, lr, b1, b2, eps, wd, t, decoupled);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+      py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("step"), py::arg("decoupled"));
+  m.def(
+      "rmsprop_update",
+      [](py::handle p, py::handle g, py::handle sq, py::handle ga, py::handle buf, double lr,
+         double alpha, double eps, double wd, double momentum, bool centered) {
+        if (is_float64(p)) return rmsprop<double>(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered);
+        return rmsprop<float>(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("square_avg"), py::arg("grad_avg"),
+      py::arg("momentum_buffer"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+      py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"));
+  m.def(
+      "all_finite",
+      [](py::handle a) {
+        if (is_float64(a)) {
+          auto arr = param_array<double>(a, "all_finite", "a", -1);
+          return all_finite<double>(arr.data(), arr.size());
+        }
+        auto arr = param_array<float>(a, "all_finite", "a", -1);
+        return all_finite<float>(arr.data(), arr.size());
+      },
+      py::arg("a"));
+}
+
+}  // namespace bprop::python

@@ -1,0 +1,201 @@
+// Network<float> and Network<double> as bprop._core.Network32 / Network64.
+#include <cstring>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "bprop/network.hpp"
+#include "common.hpp"
+
+namespace bprop::python {
+
+namespace {
+
+using LayerTuple = std::tuple<Index, Index, std::string, double>;
+
+/// The core network plus what the binding must own: a reference to the array
+/// that layer 0's cache points into, and the lock that serializes calls.
+template <typename T>
+struct PyNetwork {
+  explicit PyNetwork(const std::vector<LayerSpec>& specs) : net(specs) {}
+
+  Network<T> net;
+  py::object input;         // keeps layer 0's cached input alive
+  std::shared_mutex mutex;  // predict() shares it; every other call holds it alone
+};
+
+std::vector<LayerSpec> to_specs(const std::vector<LayerTuple>& layers) {
+  std::vector<LayerSpec> specs;
+  specs.reserve(layers.size());
+  for (const auto& [in, out, activation, slope] : layers) {
+    specs.push_back({in, out, parse_activation(activation, "Dense"), slope});
+  }
+  return specs;
+}
+
+template <typename T>
+const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
+  if (i < 0 || i >= self.net.num_layers()) {
+    throw py::index_error("layer index " + std::to_string(i) + " out of range for a network of " +
+                          std::to_string(self.net.num_layers()) + " layers");
+  }
+  return self.net.layer(i);
+}
+
+template <typename T>
+void bind_network_type(py::module_& m, const char* name) {
+  using Self = PyNetwork<T>;
+  py::class_<Self>(m, name)
+      .def(py::init([](const std::vector<LayerTuple>& layers) {
+             return std::make_unique<Self>(to_specs(layers));
+           }),
+           py::arg("layers"),
+           "layers: list of (in_features, out_features, activation, negative_slope)")
+      .def_property_readonly("num_layers", [](const Self& s) { return s.net.num_layers(); })
+      .def_property_readonly("num_parameters",
+                             [](const Self& s) { return s.net.num_parameters(); })
+      .def_property_readonly("in_features", [](const Self& s) { return s.net.in_features(); })
+      .def_property_readonly("out_features", [](const Self& s) { return s.net.out_features(); })
+      .def_property_readonly("has_forward", [](const Self& s) { return s.net.has_forward(); })
+      .def_property_readonly("has_backward", [](const Self& s) { return s.net.has_backward(); })
+      .def_property_readonly("batch", [](const Self& s) { return s.net.batch(); })
+      .def("layer_spec",
+           [](const Self& s, Index i) {
+             const LayerSpec& spec = layer_at(s, i).spec;
+             return LayerTuple{spec.in_features, spec.out_features,
+                               activation_name(spec.activation), spec.negative_slope};
+           })
+      .def(
+          "forward",
+          [](Self& s, py::handle X_obj) {
+            auto X = strict_array<T>(X_obj, "Network.forward", "X", 2);
+            const Index rows = X.shape(0), cols = X.shape(1);
+            py::array_t<T> out({static_cast<py::ssize_t>(rows),
+                                static_cast<py::ssize_t>(s.net.out_features())});
+            {
+              py::gil_scoped_release nogil;
+              std::unique_lock lock(s.mutex);
+              auto result = s.net.forward(ConstMatrixMap<T>(X.data(), rows, cols));
+              std::memcpy(out.mutable_data(), result.data(),
+                          sizeof(T) * static_cast<std::size_t>(result.size()));
+              py::gil_scoped_acquire gil;  // lock order: mutex, then GIL
+              s.input = X;
+            }
+            return out;
+          },
+          py::arg("X"), "Forward pass; caches a, z per layer. Returns (batch, out_features).")
+      .def(
+          "backward",
+          [](Self& s, py::handle G_obj, bool accumulate, bool input_grad) -> py::object {
+            auto G = strict_array<T>(G_obj, "Network.backward", "grad_output", 2);
+            const Index rows = G.shape(0), cols = G.shape(1);
+            py::array_t<T> dX;
+            if (input_grad) {
+              dX = py::array_t<T>({static_cast<py::ssize_t>(std::max<Index>(rows, 0)),
+                                   static_cast<py::ssize_t>(s.net.in_features())});
+            }
+            {
+              py::gil_scoped_release nogil;
+              std::unique_lock lock(s.mutex);
+              ConstMatrixMap<T> Gm(G.data(), rows, cols);
+              if (input_grad) {
+                MatrixMap<T> dXm(dX.mutable_data(), rows, s.net.in_features());
+                s.net.backward(Gm, accumulate, &dXm);
+              } else {
+                s.net.backward(Gm, accumulate, nullptr);
+              }
+            }
+            if (input_grad) return std::move(dX);
+            return py::none();
+          },
+          py::arg("grad_output"), py::arg("accumulate") = false, py::arg("input_grad") = false)
+      .def(
+          "step",
+          [](Self& s, double lr) {
+            py::gil_scoped_release nogil;
+            std::unique_lock lock(s.mutex);
+            s.net.step(static_cast<T>(lr));
+          },
+          py::arg("lr"))
+      .def(
+          "predict",
+          [](Self& s, py::handle X_obj, Index batch_size) {
+            auto X = strict_array<T>(X_obj, "Network.predict", "X", 2);
+            const Index rows = X.shape(0), cols = X.shape(1);
+            py::array_t<T> out({static_cast<py::ssize_t>(rows),
+                                static_cast<py::ssize_t>(s.net.out_features())});
+            {
+              py::gil_scoped_release nogil;
+              std::shared_lock lock(s.mutex);
+              s.net.predict(ConstMatrixMap<T>(X.data(), rows, cols), batch_size,
+                            MatrixMap<T>(out.mutable_data(), rows, s.net.out_features()));
+            }
+            return out;
+          },
+          py::arg("X"), py::arg("batch_size") = 0)
+      .def("clear_cache",
+           [](Self& s) {
+             {
+               py::gil_scoped_release nogil;
+               std::unique_lock lock(s.mutex);
+               s.net.clear_cache();
+             }
+             s.input = py::none();
+           })
+      // ---- views of the C++ storage ----------------------------------------
+      .def("weight", [](const Self& s, Index i) {
+        const Dense<T>& L = layer_at(s, i);
+        return view_of<T>(L.weight, {L.in(), L.out()}, true);
+      })
+      .def("bias", [](const Self& s, Index i) {
+        const Dense<T>& L = layer_at(s, i);
+        return view_of<T>(L.bias, {L.out()}, true);
+      })
+      .def("grad_weight", [](const Self& s, Index i) {
+        const Dense<T>& L = layer_at(s, i);
+        return view_of<T>(L.grad_weight, {L.in(), L.out()}, true);
+      })
+      .def("grad_bias", [](const Self& s, Index i) {
+        const Dense<T>& L = layer_at(s, i);
+        return view_of<T>(L.grad_bias, {L.out()}, true);
+      })
+      .def("input", [](const Self& s, Index i) -> py::object {
+        const Dense<T>& L = layer_at(s, i);
+        if (!s.net.has_forward()) return py::none();
+        if (i == 0) {
+          auto X = py::reinterpret_borrow<py::array>(s.input);
+          py::array v(X.dtype(), {X.shape(0), X.shape(1)}, {X.strides(0), X.strides(1)},
+                      X.data(), X);
+          mark_readonly(v);
+          return std::move(v);
+        }
+        const Dense<T>& P = layer_at(s, i - 1);
+        return view_of<T>(P.output, {s.net.batch(), L.in()}, false);
+      })
+      .def("z", [](const Self& s, Index i) -> py::object {
+        const Dense<T>& L = layer_at(s, i);
+        if (!s.net.has_forward()) return py::none();
+        return view_of<T>(L.z, {s.net.batch(), L.out()}, false);
+      })
+      .def("output", [](const Self& s, Index i) -> py::object {
+        const Dense<T>& L = layer_at(s, i);
+        if (!s.net.has_forward()) return py::none();
+        return view_of<T>(L.output, {s.net.batch(), L.out()}, false);
+      })
+      .def("delta", [](const Self& s, Index i) -> py::object {
+        const Dense<T>& L = layer_at(s, i);
+        if (!s.net.has_backward() || !s.net.has_forward()) return py::none();
+        return view_of<T>(L.delta, {s.net.batch(), L.out()}, false);
+      });
+}
+
+}  // namespace
+
+void bind_network(py::module_& m) {
+  bind_network_type<float>(m, "Network32");
+  bind_network_type<double>(m, "Network64");
+}
+
+}  // namespace bprop::python

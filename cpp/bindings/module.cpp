@@ -1,0 +1,43 @@
+// The compiled module bprop._core: only calls the bind_<area> functions.
+#include <Eigen/Core>
+
+#include "common.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "bprop's C++ core (private; import bprop instead)";
+  bprop::python::bind_network(m);
+  bprop::python::bind_kernels(m);
+
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("[set_num_threads] n must be >= 1, but got " + std::to_string(n));
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+    Eigen::setNbThreads(n);
+  }, py::arg("n"), "Sets the number of threads used inside matrix products.");
+  m.def("get_num_threads", [] { return Eigen::nbThreads(); },
+        "The number of threads used inside matrix products.");
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = BPROP_VERSION;
+    d["eigen_version"] = std::to_string(EIGEN_WORLD_VERSION) + "." +
+                         std::to_string(EIGEN_MAJOR_VERSION) + "." +
+                         std::to_string(EIGEN_MINOR_VERSION);
+    d["simd"] = Eigen::SimdInstructionSetsInUse();
+    d["arch_flags"] = BPROP_ARCH_FLAGS;
+    d["build_type"] = BPROP_BUILD_TYPE;
+#ifdef _OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+    d["compiler"] = __VERSION__;
+    return d;
+  }, "How this core was built: Eigen version, SIMD instruction sets, flags.");
+}

@@ -1,0 +1,34 @@
+// Activation functions sigma(z) and the backward rule delta = sigma'(z) * dL/da.
+#pragma once
+
+#include <string>
+
+#include "bprop/types.hpp"
+
+namespace bprop {
+
+enum class Activation { identity, sigmoid, tanh, relu, leaky_relu, gelu, softmax };
+
+/// Parses "identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax".
+/// Throws std::invalid_argument naming the accepted names otherwise.
+Activation parse_activation(const std::string& name, const char* where);
+
+/// The canonical name of an activation.
+const char* activation_name(Activation act);
+
+/// True for the relu family, which is initialised with He's scheme.
+bool is_relu_family(Activation act);
+
+/// a = sigma(z), row-wise for softmax. z and a are (batch, features); a may be z.
+template <typename T>
+void activation_forward(Activation act, T negative_slope, const T* z, T* a, Index rows,
+                        Index cols);
+
+/// delta = dL/dz from dL/da, given the cached z and a = sigma(z):
+/// elementwise delta = sigma'(z) * dL/da; softmax uses its Jacobian-vector product
+/// delta = a * (dL/da - rowsum(dL/da * a)). delta may alias grad_a.
+template <typename T>
+void activation_backward(Activation act, T negative_slope, const T* z, const T* a,
+                         const T* grad_a, T* delta, Index rows, Index cols);
+
+}  // namespace bprop

@@ -1,0 +1,59 @@
+// Fused kernels of the training layer: losses and optimizer updates.
+//
+// Each optimizer update is one pass over a parameter and its gradient, with no
+// temporaries; the formulas follow the papers as implemented by torch.optim.
+#pragma once
+
+#include <cstdint>
+
+#include "bprop/types.hpp"
+
+namespace bprop {
+
+// ---- losses: mean reduction, return the loss and write dL/d(output) ------
+
+/// Softmax cross-entropy fused through log-sum-exp, for logits (batch, classes).
+/// Targets are integer labels (batch) when `labels` is not null, otherwise
+/// probability rows `target` (batch, classes). With sample weights w (batch)
+/// the mean is sum(w_i l_i) / sum(w_i). grad = w_i (softmax(z_i) - y_i) / sum(w).
+/// Labels must lie in [0, classes); throws std::invalid_argument otherwise.
+template <typename T>
+double softmax_cross_entropy(const T* logits, Index batch, Index classes,
+                             const std::int64_t* labels, const T* target,
+                             const T* sample_weight, T* grad);
+
+/// Binary cross-entropy on logits, elementwise over (batch, k), stable for any
+/// logit: l = max(x, 0) - x y + log1p(exp(-|x|)).
+template <typename T>
+double binary_cross_entropy_with_logits(const T* logits, const T* target, Index batch,
+                                        Index k, const T* sample_weight, T* grad);
+
+/// Mean squared error over all elements of (batch, k).
+template <typename T>
+double mean_squared_error(const T* output, const T* target, Index batch, Index k,
+                          const T* sample_weight, T* grad);
+
+// ---- optimizer updates: one fused pass over n parameters --------------------
+
+/// SGD with optional momentum (Nesterov) and L2 weight decay.
+/// `buf` is the momentum buffer (n); `first` says it holds nothing yet.
+template <typename T>
+void sgd_update(T* param, const T* grad, T* buf, Index n, T lr, T momentum, T dampening,
+                bool nesterov, T weight_decay, bool first);
+
+/// Adam (Kingma & Ba) at step t >= 1; AdamW's decoupled decay if `decoupled`.
+template <typename T>
+void adam_update(T* param, const T* grad, T* m, T* v, Index n, T lr, T beta1, T beta2,
+                 T eps, T weight_decay, std::int64_t t, bool decoupled);
+
+/// RMSprop (Hinton), optionally centered and with momentum. `grad_avg` is used
+/// only if centered, `buf` only if momentum > 0.
+template <typename T>
+void rmsprop_update(T* param, const T* grad, T* square_avg, T* grad_avg, T* buf, Index n,
+                    T lr, T alpha, T eps, T weight_decay, T momentum, bool centered);
+
+/// True if all n values are finite.
+template <typename T>
+bool all_finite(const T* x, Index n);
+
+}  // namespace bprop

@@ -1,0 +1,108 @@
+// Dense layers and the network that chains them.
+//
+// The method is the lecture's: the forward pass caches each layer's input a and
+// pre-activation z; the backward pass runs one sweep from the output layer back
+// to the input through the "reverse network", forming delta = dL/dz per layer,
+// and the gradient of a weight is the product of the two: dL/dW = a^T delta.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "bprop/activation.hpp"
+#include "bprop/types.hpp"
+
+namespace bprop {
+
+/// The shape of one dense layer: z = a W + b, output = sigma(z).
+struct LayerSpec {
+  Index in_features = 0;
+  Index out_features = 0;
+  Activation activation = Activation::identity;
+  double negative_slope = 0.01;  // leaky_relu only
+};
+
+/// One dense layer's parameters, gradients and training caches.
+/// weight is (in_features, out_features), bias (out_features).
+template <typename T>
+struct Dense {
+  explicit Dense(const LayerSpec& spec);
+
+  LayerSpec spec;
+  StoragePtr<T> weight, bias;            // parameters
+  StoragePtr<T> grad_weight, grad_bias;  // dL/dW = a^T delta, dL/db = colsum(delta)
+  // Training caches, (capacity, out_features); the first `batch` rows are live.
+  StoragePtr<T> z;       // pre-activation
+  StoragePtr<T> output;  // a = sigma(z); the same storage as z for identity
+  StoragePtr<T> delta;   // dL/dz
+
+  Index in() const { return spec.in_features; }
+  Index out() const { return spec.out_features; }
+};
+
+/// An ordered stack of dense layers whose widths chain.
+///
+/// Not thread-safe: calls on one Network must be serialized by the caller,
+/// except predict(), which only reads the parameters.
+template <typename T>
+class Network {
+ public:
+  /// Throws std::invalid_argument if `specs` is empty, a size is not positive,
+  /// a layer is too large to address, or the widths do not chain.
+  explicit Network(const std::vector<LayerSpec>& specs);
+
+  Index num_layers() const { return static_cast<Index>(layers_.size()); }
+  Index in_features() const { return layers_.front().in(); }
+  Index out_features() const { return layers_.back().out(); }
+  Index num_parameters() const;
+  Dense<T>& layer(Index i) { return layers_.at(static_cast<std::size_t>(i)); }
+  const Dense<T>& layer(Index i) const { return layers_.at(static_cast<std::size_t>(i)); }
+
+  /// Forward pass over X (batch, in_features), caching each layer's z and output.
+  /// X itself is layer 0's cached input: it is referenced, not copied, so the
+  /// caller keeps it alive and unchanged until the next forward.
+  /// Returns the last layer's output (batch, out_features), valid until the next forward.
+  ConstMatrixMap<T> forward(ConstMatrixMap<T> X);
+
+  /// Backward sweep from grad_output = dL/d(output) (batch, out_features), one
+  /// visit per layer from the last to the first. Stores dL/dW and dL/db in each
+  /// layer (added to the previous ones if `accumulate`). If grad_input is not
+  /// null, writes dL/dX (batch, in_features) there.
+  /// Throws std::logic_error before any forward pass, std::invalid_argument if
+  /// the shape does not match the last forward.
+  void backward(ConstMatrixMap<T> grad_output, bool accumulate, MatrixMap<T>* grad_input);
+
+  /// Plain SGD: W -= lr dL/dW, b -= lr dL/db. Throws std::logic_error before any
+  /// backward pass, std::invalid_argument for a negative or non-finite lr.
+  void step(T lr);
+
+  /// Forward pass that leaves the training caches alone, batch_size rows at a
+  /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
+  /// from several threads at once as long as no thread changes the parameters.
+  void predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out) const;
+
+  Index batch() const { return batch_; }
+  Index capacity() const { return capacity_; }
+  bool has_forward() const { return input_ != nullptr; }
+  bool has_backward() const { return has_grad_; }
+  const T* input() const { return input_; }
+
+  /// Forgets the cached forward pass (the referenced input included).
+  void clear_cache();
+
+ private:
+  void reserve(Index batch);
+
+  std::vector<Dense<T>> layers_;
+  const T* input_ = nullptr;  // layer 0's input a, owned by the caller
+  Index batch_ = 0;
+  Index capacity_ = 0;
+  bool has_grad_ = false;
+};
+
+extern template class Network<float>;
+extern template class Network<double>;
+extern template struct Dense<float>;
+extern template struct Dense<double>;
+
+}  // namespace bprop

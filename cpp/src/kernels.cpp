@@ -1,0 +1,190 @@
+#include "bprop/kernels.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace bprop {
+
+namespace {
+
+// sum of the sample weights, or the batch size without them
+template <typename T>
+double weight_sum(const T* sample_weight, Index batch) {
+  if (sample_weight == nullptr) return static_cast<double>(batch);
+  double s = 0;
+  for (Index i = 0; i < batch; ++i) s += static_cast<double>(sample_weight[i]);
+  return s;
+}
+
+template <typename T>
+T stable_sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
+}
+
+}  // namespace
+
+template <typename T>
+double softmax_cross_entropy(const T* logits, Index batch, Index classes,
+                             const std::int64_t* labels, const T* target,
+                             const T* sample_weight, T* grad) {
+  if (labels != nullptr) {
+    for (Index i = 0; i < batch; ++i) {
+      if (labels[i] < 0 || labels[i] >= classes) {
+        throw std::invalid_argument(
+            "[softmax_cross_entropy] target labels must lie in [0, " + std::to_string(classes) +
+            "), but target[" + std::to_string(i) + "] = " + std::to_string(labels[i]));
+      }
+    }
+  }
+  const double wsum = weight_sum(sample_weight, batch);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const T* z = logits + i * classes;
+    T* g = grad + i * classes;
+    const T m = *std::max_element(z, z + classes);
+    double s = 0;
+    for (Index j = 0; j < classes; ++j) {
+      const T e = std::exp(z[j] - m);
+      g[j] = e;
+      s += static_cast<double>(e);
+    }
+    const double lse = static_cast<double>(m) + std::log(s);  // log-sum-exp of the row
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(w / wsum);
+    const T inv_s = static_cast<T>(1.0 / s);
+    double loss = 0;
+    if (labels != nullptr) {
+      const Index k = static_cast<Index>(labels[i]);
+      loss = lse - static_cast<double>(z[k]);
+      for (Index j = 0; j < classes; ++j) g[j] = scale * (g[j] * inv_s);
+      g[k] -= scale;
+    } else {
+      const T* y = target + i * classes;
+      for (Index j = 0; j < classes; ++j) {
+        loss += static_cast<double>(y[j]) * (lse - static_cast<double>(z[j]));
+        g[j] = scale * (g[j] * inv_s - y[j]);
+      }
+    }
+    total += w * loss;
+  }
+  return total / wsum;
+}
+
+template <typename T>
+double binary_cross_entropy_with_logits(const T* logits, const T* target, Index batch,
+                                        Index k, const T* sample_weight, T* grad) {
+  const double denom = weight_sum(sample_weight, batch) * static_cast<double>(k);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(w / denom);
+    double row = 0;
+    for (Index j = 0; j < k; ++j) {
+      const T x = logits[i * k + j];
+      const T y = target[i * k + j];
+      // max(x, 0) - x y + log(1 + exp(-|x|)): finite for any x
+      row += static_cast<double>(std::max(x, T(0)) - x * y + std::log1p(std::exp(-std::abs(x))));
+      grad[i * k + j] = scale * (stable_sigmoid(x) - y);
+    }
+    total += w * row;
+  }
+  return total / denom;
+}
+
+template <typename T>
+double mean_squared_error(const T* output, const T* target, Index batch, Index k,
+                          const T* sample_weight, T* grad) {
+  const double denom = weight_sum(sample_weight, batch) * static_cast<double>(k);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(2.0 * w / denom);
+    double row = 0;
+    for (Index j = 0; j < k; ++j) {
+      const T r = output[i * k + j] - target[i * k + j];
+      row += static_cast<double>(r) * static_cast<double>(r);
+      grad[i * k + j] = scale * r;
+    }
+    total += w * row;
+  }
+  return total / denom;
+}
+
+template <typename T>
+void sgd_update(T* param, const T* grad, T* buf, Index n, T lr, T momentum, T dampening,
+                bool nesterov, T weight_decay, bool first) {
+  for (Index i = 0; i < n; ++i) {
+    T g = grad[i] + weight_decay * param[i];
+    if (momentum != T(0)) {
+      buf[i] = first ? g : momentum * buf[i] + (T(1) - dampening) * g;
+      g = nesterov ? g + momentum * buf[i] : buf[i];
+    }
+    param[i] -= lr * g;
+  }
+}
+
+template <typename T>
+void adam_update(T* param, const T* grad, T* m, T* v, Index n, T lr, T beta1, T beta2,
+                 T eps, T weight_decay, std::int64_t t, bool decoupled) {
+  const T bias_correction1 = T(1) - std::pow(beta1, static_cast<T>(t));
+  const T bias_correction2 = T(1) - std::pow(beta2, static_cast<T>(t));
+  const T step_size = lr / bias_correction1;
+  const T inv_sqrt_bc2 = T(1) / std::sqrt(bias_correction2);
+  const T decay = decoupled ? T(1) - lr * weight_decay : T(1);
+  const T l2 = decoupled ? T(0) : weight_decay;
+  for (Index i = 0; i < n; ++i) {
+    const T g = grad[i] + l2 * param[i];
+    m[i] = beta1 * m[i] + (T(1) - beta1) * g;
+    v[i] = beta2 * v[i] + (T(1) - beta2) * g * g;
+    // p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+    param[i] = decay * param[i] - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+  }
+}
+
+template <typename T>
+void rmsprop_update(T* param, const T* grad, T* square_avg, T* grad_avg, T* buf, Index n,
+                    T lr, T alpha, T eps, T weight_decay, T momentum, bool centered) {
+  for (Index i = 0; i < n; ++i) {
+    const T g = grad[i] + weight_decay * param[i];
+    square_avg[i] = alpha * square_avg[i] + (T(1) - alpha) * g * g;
+    T var = square_avg[i];
+    if (centered) {
+      grad_avg[i] = alpha * grad_avg[i] + (T(1) - alpha) * g;
+      var -= grad_avg[i] * grad_avg[i];
+    }
+    const T avg = std::sqrt(var) + eps;
+    if (momentum > T(0)) {
+      buf[i] = momentum * buf[i] + g / avg;
+      param[i] -= lr * buf[i];
+    } else {
+      param[i] -= lr * g / avg;
+    }
+  }
+}
+
+template <typename T>
+bool all_finite(const T* x, Index n) {
+  return Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(x, n).allFinite();
+}
+
+#define BPROP_INSTANTIATE(T)                                                                 \
+  template double softmax_cross_entropy<T>(const T*, Index, Index, const std::int64_t*,      \
+                                           const T*, const T*, T*);                          \
+  template double binary_cross_entropy_with_logits<T>(const T*, const T*, Index, Index,      \
+                                                      const T*, T*);                         \
+  template double mean_squared_error<T>(const T*, const T*, Index, Index, const T*, T*);     \
+  template void sgd_update<T>(T*, const T*, T*, Index, T, T, T, bool, T, bool);              \
+  template void adam_update<T>(T*, const T*, T*, T*, Index, T, T, T, T, T, std::int64_t,     \
+                               bool);                                                        \
+  template void rmsprop_update<T>(T*, const T*, T*, T*, T*, Index, T, T, T, T, T, bool);     \
+  template bool all_finite<T>(const T*, Index);
+
+BPROP_INSTANTIATE(float)
+BPROP_INSTANTIATE(double)
+#undef BPROP_INSTANTIATE
+
+}  // namespace bprop

@@ -1,0 +1,252 @@
+// Template definitions of Dense and Network, instantiated in network_f32.cpp
+// and network_f64.cpp so that the two scalar types compile in parallel.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "bprop/network.hpp"
+
+namespace bprop {
+
+namespace detail {
+
+inline std::string shape_str(Index rows, Index cols) {
+  return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+}
+
+// The largest element count a layer may have: its byte size must fit in a
+// signed 64-bit integer with room to spare.
+template <typename T>
+constexpr Index max_elements() {
+  return std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(T)) / 4;
+}
+
+}  // namespace detail
+
+template <typename T>
+Dense<T>::Dense(const LayerSpec& s)
+    : spec(s),
+      weight(make_storage<T>(static_cast<std::size_t>(s.in_features * s.out_features))),
+      bias(make_storage<T>(static_cast<std::size_t>(s.out_features))),
+      grad_weight(make_storage<T>(static_cast<std::size_t>(s.in_features * s.out_features))),
+      grad_bias(make_storage<T>(static_cast<std::size_t>(s.out_features))),
+      z(make_storage<T>(0)),
+      output(z),
+      delta(make_storage<T>(0)) {}
+
+template <typename T>
+Network<T>::Network(const std::vector<LayerSpec>& specs) {
+  if (specs.empty()) {
+    throw std::invalid_argument("[Network] layers must hold at least one Dense layer, but got none");
+  }
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const LayerSpec& s = specs[i];
+    const std::string tag = "[Network] layer " + std::to_string(i);
+    if (s.in_features <= 0 || s.out_features <= 0) {
+      throw std::invalid_argument(tag + " must have positive sizes, but has in_features=" +
+                                  std::to_string(s.in_features) + ", out_features=" +
+                                  std::to_string(s.out_features));
+    }
+    if (s.in_features > detail::max_elements<T>() / s.out_features) {
+      throw std::invalid_argument(tag + " is too large: in_features * out_features = " +
+                                  std::to_string(s.in_features) + " * " +
+                                  std::to_string(s.out_features) + " overflows");
+    }
+    if (!std::isfinite(s.negative_slope)) {
+      throw std::invalid_argument(tag + " negative_slope must be finite");
+    }
+    if (i > 0 && specs[i - 1].out_features != s.in_features) {
+      throw std::invalid_argument(tag + " expects " + std::to_string(s.in_features) +
+                                  " input features, but layer " + std::to_string(i - 1) +
+                                  " produces " + std::to_string(specs[i - 1].out_features));
+    }
+  }
+  layers_.reserve(specs.size());
+  for (const LayerSpec& s : specs) layers_.emplace_back(s);
+}
+
+template <typename T>
+Index Network<T>::num_parameters() const {
+  Index n = 0;
+  for (const Dense<T>& L : layers_) n += L.in() * L.out() + L.out();
+  return n;
+}
+
+template <typename T>
+void Network<T>::reserve(Index batch) {
+  if (batch <= capacity_) return;
+  for (const Dense<T>& L : layers_) {
+    if (batch > detail::max_elements<T>() / L.out()) {
+      throw std::invalid_argument("[Network.forward] a batch of " + std::to_string(batch) +
+                                  " rows is too large for layer widths this size");
+    }
+  }
+  // Allocate everything first so that a failed allocation changes nothing.
+  std::vector<StoragePtr<T>> fresh;
+  fresh.reserve(layers_.size() * 3);
+  for (const Dense<T>& L : layers_) {
+    const auto n = static_cast<std::size_t>(batch * L.out());
+    fresh.push_back(make_storage<T>(n));
+    fresh.push_back(L.spec.activation == Activation::identity ? fresh.back()
+                                                              : make_storage<T>(n));
+    fresh.push_back(make_storage<T>(n));
+  }
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    layers_[i].z = std::move(fresh[3 * i]);
+    layers_[i].output = std::move(fresh[3 * i + 1]);
+    layers_[i].delta = std::move(fresh[3 * i + 2]);
+  }
+  capacity_ = batch;
+}
+
+template <typename T>
+void Network<T>::clear_cache() {
+  input_ = nullptr;
+  batch_ = 0;
+}
+
+template <typename T>
+ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
+  if (X.cols() != in_features()) {
+    throw std::invalid_argument("[Network.forward] X has " + std::to_string(X.cols()) +
+                                " features, but layer 0 expects " +
+                                std::to_string(in_features()));
+  }
+  if (X.rows() <= 0) {
+    throw std::invalid_argument("[Network.forward] X has 0 rows; expected at least one sample");
+  }
+  reserve(X.rows());
+  const Index B = X.rows();
+  const T* a = X.data();
+  for (Dense<T>& L : layers_) {
+    ConstMatrixMap<T> A(a, B, L.in());
+    ConstMatrixMap<T> W(L.weight->data(), L.in(), L.out());
+    ConstVectorMap<T> b(L.bias->data(), L.out());
+    MatrixMap<T> Z(L.z->data(), B, L.out());
+    Z.noalias() = A * W;  // z = a W + b
+    Z.rowwise() += b;
+    activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope), Z.data(),
+                          L.output->data(), B, L.out());
+    a = L.output->data();
+  }
+  input_ = X.data();
+  batch_ = B;
+  return ConstMatrixMap<T>(layers_.back().output->data(), B, out_features());
+}
+
+template <typename T>
+void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
+                          MatrixMap<T>* grad_input) {
+  if (input_ == nullptr) {
+    throw std::logic_error("[Network.backward] called before forward: run forward(X) first");
+  }
+  if (grad_output.rows() != batch_ || grad_output.cols() != out_features()) {
+    throw std::invalid_argument("[Network.backward] grad_output has shape " +
+                                detail::shape_str(grad_output.rows(), grad_output.cols()) +
+                                ", but the last forward produced an output of shape " +
+                                detail::shape_str(batch_, out_features()));
+  }
+  if (grad_input != nullptr &&
+      (grad_input->rows() != batch_ || grad_input->cols() != in_features())) {
+    throw std::invalid_argument("[Network.backward] grad_input has shape " +
+                                detail::shape_str(grad_input->rows(), grad_input->cols()) +
+                                ", expected " + detail::shape_str(batch_, in_features()));
+  }
+  const Index B = batch_;
+  // delta of the output layer: sigma'(z) * dL/da (softmax: its Jacobian-vector product)
+  {
+    Dense<T>& L = layers_.back();
+    activation_backward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
+                           L.z->data(), L.output->data(), grad_output.data(),
+                           L.delta->data(), B, L.out());
+  }
+  // The reverse network: one visit per layer, from the output back to the input.
+  for (Index l = num_layers() - 1; l >= 0; --l) {
+    Dense<T>& L = layers_[static_cast<std::size_t>(l)];
+    const T* a = l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
+    ConstMatrixMap<T> A(a, B, L.in());
+    ConstMatrixMap<T> D(L.delta->data(), B, L.out());
+    ConstMatrixMap<T> W(L.weight->data(), L.in(), L.out());
+    MatrixMap<T> GW(L.grad_weight->data(), L.in(), L.out());
+    VectorMap<T> gb(L.grad_bias->data(), L.out());
+    // dL/dW = a^T delta, dL/db = column sums of delta
+    if (accumulate) {
+      GW.noalias() += A.transpose() * D;
+      gb.noalias() += D.colwise().sum();
+    } else {
+      GW.noalias() = A.transpose() * D;
+      gb.noalias() = D.colwise().sum();
+    }
+    if (l > 0) {
+      // dL/da of the layer below = delta W^T, then its delta = sigma'(z) * dL/da in place
+      Dense<T>& P = layers_[static_cast<std::size_t>(l - 1)];
+      MatrixMap<T> PD(P.delta->data(), B, P.out());
+      PD.noalias() = D * W.transpose();
+      activation_backward<T>(P.spec.activation, static_cast<T>(P.spec.negative_slope),
+                             P.z->data(), P.output->data(), PD.data(), PD.data(), B, P.out());
+    } else if (grad_input != nullptr) {
+      grad_input->noalias() = D * W.transpose();
+    }
+  }
+  has_grad_ = true;
+}
+
+template <typename T>
+void Network<T>::step(T lr) {
+  if (!has_grad_) {
+    throw std::logic_error("[Network.step] called before backward: no gradients to apply");
+  }
+  if (!std::isfinite(lr) || lr < T(0)) {
+    throw std::invalid_argument("[Network.step] lr must be a finite number >= 0, but got " +
+                                std::to_string(lr));
+  }
+  for (Dense<T>& L : layers_) {
+    MatrixMap<T> W(L.weight->data(), L.in(), L.out());
+    VectorMap<T> b(L.bias->data(), L.out());
+    W.noalias() -= lr * ConstMatrixMap<T>(L.grad_weight->data(), L.in(), L.out());
+    b.noalias() -= lr * ConstVectorMap<T>(L.grad_bias->data(), L.out());
+  }
+}
+
+template <typename T>
+void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out) const {
+  if (X.cols() != in_features()) {
+    throw std::invalid_argument("[Network.predict] X has " + std::to_string(X.cols()) +
+                                " features, but layer 0 expects " +
+                                std::to_string(in_features()));
+  }
+  if (out.rows() != X.rows() || out.cols() != out_features()) {
+    throw std::invalid_argument("[Network.predict] out has shape " +
+                                detail::shape_str(out.rows(), out.cols()) + ", expected " +
+                                detail::shape_str(X.rows(), out_features()));
+  }
+  const Index N = X.rows();
+  if (N == 0) return;
+  const Index chunk = batch_size <= 0 ? N : std::min(batch_size, N);
+  Index width = 0;
+  for (const Dense<T>& L : layers_) width = std::max(width, L.out());
+  // Two ping-pong workspaces of this call's own: the training caches stay untouched.
+  Storage<T> ping(static_cast<std::size_t>(chunk * width));
+  Storage<T> pong(static_cast<std::size_t>(chunk * width));
+  for (Index start = 0; start < N; start += chunk) {
+    const Index B = std::min(chunk, N - start);
+    const T* a = X.data() + start * in_features();
+    T* buffers[2] = {ping.data(), pong.data()};
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Dense<T>& L = layers_[l];
+      T* z = l + 1 == layers_.size() ? out.data() + start * out_features() : buffers[l % 2];
+      MatrixMap<T> Z(z, B, L.out());
+      Z.noalias() = ConstMatrixMap<T>(a, B, L.in()) *
+                    ConstMatrixMap<T>(L.weight->data(), L.in(), L.out());
+      Z.rowwise() += ConstVectorMap<T>(L.bias->data(), L.out());
+      activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope), z, z, B,
+                            L.out());
+      a = z;
+    }
+  }
+}
+
+}  // namespace bprop
