@@ -1,0 +1,93 @@
+"""Argument checks shared by the Python layer. Every message names the call,
+the argument, what was expected and what arrived."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+
+import numpy as np
+
+DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def check_int(where: str, name: str, value: object, *, minimum: int | None = None,
+              maximum: int | None = None) -> int:
+    """An integer (Python or NumPy, never bool) within [minimum, maximum]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"[{where}] {name} must be an int, but got {type_name(value)} {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"[{where}] {name} must be >= {minimum}, but got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"[{where}] {name} must be <= {maximum}, but got {value}")
+    return value
+
+
+def check_float(where: str, name: str, value: object, *, minimum: float | None = None,
+                exclusive_minimum: bool = False, maximum: float | None = None,
+                exclusive_maximum: bool = False) -> float:
+    """A finite real number (never bool) within the given bounds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"[{where}] {name} must be a real number, but got "
+                        f"{type_name(value)} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"[{where}] {name} must be finite, but got {value}")
+    if minimum is not None and (value < minimum or (exclusive_minimum and value == minimum)):
+        op = ">" if exclusive_minimum else ">="
+        raise ValueError(f"[{where}] {name} must be {op} {minimum}, but got {value}")
+    if maximum is not None and (value > maximum or (exclusive_maximum and value == maximum)):
+        op = "<" if exclusive_maximum else "<="
+        raise ValueError(f"[{where}] {name} must be {op} {maximum}, but got {value}")
+    return value
+
+
+def check_dtype(where: str, dtype: object) -> np.dtype:
+    """'float32' or 'float64' (or the NumPy equivalents)."""
+    try:
+        dt = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES or not dt.isnative:
+        raise ValueError(f"[{where}] dtype must be 'float32' or 'float64', but got {dtype!r}")
+    return DTYPES[dt.name]
+
+
+def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
+                    features: int | None = None, allow_empty: bool = False) -> np.ndarray:
+    """Converts X to a C-contiguous (rows, features) array of `dtype`.
+
+    This is the one place where the high-level calls (predict, fit, evaluate)
+    convert input: real integer and floating arrays are cast (a copy only when
+    the dtype or layout differs); bool, complex, object and str arrays, ragged
+    lists and None are refused. Low-level calls (forward, backward) never
+    convert.
+    """
+    if X is None:
+        raise TypeError(f"[{where}] {name} must be a 2-D array of numbers, but got None")
+    if not isinstance(X, np.ndarray):
+        try:
+            X = np.asarray(X)
+        except ValueError as exc:  # ragged nested sequences
+            raise ValueError(f"[{where}] {name} must be a rectangular 2-D array, but "
+                             f"got a ragged {type_name(X)}") from exc
+    kind = X.dtype.kind
+    if kind not in "iuf":
+        raise TypeError(f"[{where}] {name} must hold real numbers (integer or floating), "
+                        f"but has dtype {X.dtype}")
+    if X.ndim != 2:
+        hint = "; use X.reshape(1, -1) for a single sample" if X.ndim == 1 else ""
+        raise ValueError(f"[{where}] {name} must be 2-D (samples, features), but has shape "
+                         f"{X.shape}{hint}")
+    if X.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"[{where}] {name} has 0 samples; expected at least one")
+    if features is not None and X.shape[1] != features:
+        raise ValueError(f"[{where}] {name} has {X.shape[1]} features, but the network "
+                         f"expects {features}")
+    return np.ascontiguousarray(X, dtype=dtype)

@@ -1,0 +1,313 @@
+"""bprop.Network and bprop.Dense: the Python face of the C++ core."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from ._init import initial_parameters
+from ._validation import as_float_matrix, check_dtype, check_float, check_int, type_name
+
+ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax")
+
+# A layer's weight must be addressable: in_features * out_features elements.
+_MAX_LAYER_ELEMENTS = 2**40
+
+
+class Dense:
+    """A dense layer: z = a W + b, output = activation(z).
+
+    Args:
+        in_features: width of the layer's input a.
+        out_features: width of its output.
+        activation: one of ``ACTIVATIONS``.
+        negative_slope: slope of leaky_relu for z < 0.
+
+    Until the layer is placed in a :class:`Network` it is only a description;
+    afterwards its attributes are NumPy views of the network's C++ storage:
+
+    * ``weight`` (in_features, out_features) and ``bias`` (out_features,): writable
+      views; assigning an array copies it in after a shape check.
+    * ``grad_weight``, ``grad_bias``: dL/dW = a^T delta and dL/db of the last backward.
+    * ``input`` (batch, in_features), ``z``, ``output`` (batch, out_features): read-only
+      views of what the last forward cached; ``delta`` = dL/dz of the last backward.
+      ``None`` before the first forward (backward for ``delta``). A view of a cache
+      stays valid memory, but is overwritten by the next forward/backward and left
+      stale (no longer updated) once a larger batch makes the core grow its buffers.
+    """
+
+    def __init__(self, in_features: int, out_features: int, activation: str = "identity",
+                 *, negative_slope: float = 0.01) -> None:
+        self._in = check_int("Dense", "in_features", in_features, minimum=1)
+        self._out = check_int("Dense", "out_features", out_features, minimum=1)
+        if self._in * self._out > _MAX_LAYER_ELEMENTS:
+            raise ValueError(f"[Dense] in_features * out_features = {self._in} * {self._out} "
+                             f"exceeds the limit of {_MAX_LAYER_ELEMENTS} weights per layer")
+        if not isinstance(activation, str):
+            raise TypeError(f"[Dense] activation must be a str, one of {ACTIVATIONS}, but got "
+                            f"{type_name(activation)} {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"[Dense] activation must be one of {ACTIVATIONS}, but got "
+                             f"{activation!r}")
+        self._activation = activation
+        self._slope = check_float("Dense", "negative_slope", negative_slope)
+        self._network: Optional[Network] = None
+        self._index = -1
+
+    # ---- description ----------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self._in
+
+    @property
+    def out_features(self) -> int:
+        return self._out
+
+    @property
+    def activation(self) -> str:
+        return self._activation
+
+    @property
+    def negative_slope(self) -> float:
+        return self._slope
+
+    def _spec(self) -> Tuple[int, int, str, float]:
+        return (self._in, self._out, self._activation, self._slope)
+
+    def __repr__(self) -> str:
+        extra = f", negative_slope={self._slope}" if self._activation == "leaky_relu" else ""
+        return f"Dense({self._in}, {self._out}, activation={self._activation!r}{extra})"
+
+    # ---- views of the core's storage ------------------------------------------
+    def _attach(self, network: "Network", index: int) -> None:
+        self._network = network
+        self._index = index
+        core = network._core
+        # Parameters and gradients never move, so their views are made once.
+        self._weight = core.weight(index)
+        self._bias = core.bias(index)
+        self._grad_weight = core.grad_weight(index)
+        self._grad_bias = core.grad_bias(index)
+
+    def _bound(self, what: str):
+        if self._network is None:
+            raise RuntimeError(f"[Dense.{what}] this layer is not part of a Network yet; "
+                               "its storage exists once bprop.Network([...]) is built")
+        return self._network._core
+
+    @property
+    def weight(self) -> np.ndarray:
+        self._bound("weight")
+        return self._weight
+
+    @weight.setter
+    def weight(self, value) -> None:
+        self._bound("weight")
+        self._assign("weight", self._weight, value)
+
+    @property
+    def bias(self) -> np.ndarray:
+        self._bound("bias")
+        return self._bias
+
+    @bias.setter
+    def bias(self, value) -> None:
+        self._bound("bias")
+        self._assign("bias", self._bias, value)
+
+    @property
+    def grad_weight(self) -> np.ndarray:
+        self._bound("grad_weight")
+        return self._grad_weight
+
+    @property
+    def grad_bias(self) -> np.ndarray:
+        self._bound("grad_bias")
+        return self._grad_bias
+
+    @property
+    def input(self) -> Optional[np.ndarray]:
+        return self._bound("input").input(self._index)
+
+    @property
+    def z(self) -> Optional[np.ndarray]:
+        return self._bound("z").z(self._index)
+
+    @property
+    def output(self) -> Optional[np.ndarray]:
+        return self._bound("output").output(self._index)
+
+    @property
+    def delta(self) -> Optional[np.ndarray]:
+        return self._bound("delta").delta(self._index)
+
+    @staticmethod
+    def _assign(name: str, target: np.ndarray, value) -> None:
+        where = f"Dense.{name}"
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"[{where}] must be assigned real numbers, but got dtype {arr.dtype}")
+        if arr.shape != target.shape:
+            raise ValueError(f"[{where}] must have shape {target.shape}, but got {arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"[{where}] must be finite, but the array holds NaN or inf")
+        target[...] = arr  # copies into the C++ storage
+
+
+class Network:
+    """An ordered stack of :class:`Dense` layers trained by backpropagation.
+
+    Args:
+        layers: Dense layers whose widths chain (layer i's out_features equals layer
+            i+1's in_features). Each Dense belongs to one network.
+        dtype: "float32" (default) or "float64"; parameters, caches and the arrays
+            forward/backward accept all have this dtype.
+        seed: seed of the initial weights (He-normal for relu, leaky_relu and gelu;
+            Glorot-uniform otherwise). The same seed gives the same bits.
+
+    forward/backward are the low-level calls: they take C-contiguous arrays of the
+    network's dtype exactly and never convert (a TypeError/ValueError says how to fix
+    the input). predict converts its input explicitly.
+    """
+
+    def __init__(self, layers: Sequence[Dense], dtype="float32", seed: Optional[int] = None) -> None:
+        if isinstance(layers, Dense) or not isinstance(layers, (list, tuple)):
+            raise TypeError("[Network] layers must be a list of Dense layers, but got "
+                            f"{type_name(layers)}")
+        if len(layers) == 0:
+            raise ValueError("[Network] layers must hold at least one Dense layer, but got none")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"[Network] layers[{i}] must be a Dense, but got "
+                                f"{type_name(layer)}")
+            if layer._network is not None:
+                raise ValueError(f"[Network] layers[{i}] already belongs to another Network; "
+                                 "create a new Dense for each network")
+        if len({id(layer) for layer in layers}) != len(layers):
+            raise ValueError("[Network] the same Dense object appears twice in layers")
+        for i in range(1, len(layers)):
+            if layers[i - 1].out_features != layers[i].in_features:
+                raise ValueError(f"[Network] layer {i} expects {layers[i].in_features} input "
+                                 f"features, but layer {i - 1} produces "
+                                 f"{layers[i - 1].out_features}")
+        self._dtype = check_dtype("Network", dtype)
+        if seed is not None:
+            seed = check_int("Network", "seed", seed, minimum=0)
+        self._seed = seed
+        specs = [layer._spec() for layer in layers]
+        core_type = _core.Network32 if self._dtype == np.float32 else _core.Network64
+        self._core = core_type(specs)
+        for i, (W, b) in enumerate(initial_parameters(specs, self._dtype, seed)):
+            self._core.weight(i)[...] = W
+            self._core.bias(i)[...] = b
+        for i, layer in enumerate(layers):
+            layer._attach(self, i)
+        self._layers = tuple(layers)
+
+    # ---- the three calls of training ------------------------------------------
+    def forward(self, X: np.ndarray) -> np.ndarray:
+        """Forward pass, caching each layer's input a and pre-activation z.
+
+        Args:
+            X: (batch, in_features), C-contiguous, of the network's dtype. It is
+                cached by reference, not copied: keep it unchanged until backward.
+
+        Returns:
+            (batch, out_features), a new array the caller owns.
+        """
+        return self._core.forward(X)
+
+    def backward(self, grad_output: np.ndarray, *, accumulate: bool = False,
+                 input_grad: bool = False) -> Optional[np.ndarray]:
+        """Backward sweep from dL/d(output), last layer to first.
+
+        Args:
+            grad_output: (batch, out_features) = dL/d(output) of the last forward.
+            accumulate: add to the stored gradients instead of overwriting them.
+            input_grad: also compute and return dL/dX (batch, in_features).
+
+        Returns:
+            dL/dX if ``input_grad``, else None.
+        """
+        if not isinstance(accumulate, (bool, np.bool_)):
+            raise TypeError(f"[Network.backward] accumulate must be a bool, but got "
+                            f"{type_name(accumulate)}")
+        if not isinstance(input_grad, (bool, np.bool_)):
+            raise TypeError(f"[Network.backward] input_grad must be a bool, but got "
+                            f"{type_name(input_grad)}")
+        return self._core.backward(grad_output, bool(accumulate), bool(input_grad))
+
+    def step(self, lr: float) -> None:
+        """Plain SGD on every parameter: W -= lr * dL/dW, b -= lr * dL/db."""
+        lr = check_float("Network.step", "lr", lr, minimum=0.0)
+        self._core.step(lr)
+
+    def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:
+        """Forward pass that leaves the training caches untouched.
+
+        Args:
+            X: (samples, in_features) array-like of real numbers; converted to a
+                C-contiguous array of the network's dtype (a copy only if needed).
+            batch_size: rows per chunk (bounds the workspace); None for all at once.
+
+        Returns:
+            (samples, out_features), a new array.
+        """
+        X = as_float_matrix("Network.predict", "X", X, self._dtype,
+                            features=self._core.in_features)
+        size = 0 if batch_size is None else check_int("Network.predict", "batch_size",
+                                                       batch_size, minimum=1)
+        return self._core.predict(X, size)
+
+    # ---- description ----------------------------------------------------------
+    @property
+    def layers(self) -> Tuple[Dense, ...]:
+        return self._layers
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def num_parameters(self) -> int:
+        return self._core.num_parameters
+
+    @property
+    def in_features(self) -> int:
+        return self._core.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._core.out_features
+
+    def parameters(self) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
+        """Yields (name, parameter view, gradient view) for every weight and bias,
+        in a fixed order: layers.0.weight, layers.0.bias, layers.1.weight, ..."""
+        for i, layer in enumerate(self._layers):
+            yield f"layers.{i}.weight", layer._weight, layer._grad_weight
+            yield f"layers.{i}.bias", layer._bias, layer._grad_bias
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __getitem__(self, i: int) -> Dense:
+        return self._layers[i]
+
+    def __iter__(self) -> Iterator[Dense]:
+        return iter(self._layers)
+
+    def __repr__(self) -> str:
+        lines = [f"Network(dtype={self._dtype.name}, parameters={self.num_parameters:,})"]
+        lines += [f"  ({i}): {layer!r}" for i, layer in enumerate(self._layers)]
+        return "\n".join(lines)
+
+    # ---- checkpoints --------------------------------------------------------------
+    def save(self, path, optimizer=None) -> None:
+        """Writes the network (and optionally the optimizer state) to a safetensors
+        file atomically; see :func:`bprop.load`."""
+        from .io import save
+
+        save(self, path, optimizer=optimizer)
