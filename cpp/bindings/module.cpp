@@ -1,11 +1,9 @@
 // The compiled module bprop._core: only calls the bind_<area> functions.
 #include <Eigen/Core>
 
+#include "bprop/gemm.hpp"
 #include "common.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 
@@ -16,12 +14,9 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("[set_num_threads] n must be >= 1, but got " + std::to_string(n));
-#ifdef _OPENMP
-    omp_set_num_threads(n);
-#endif
-    Eigen::setNbThreads(n);
+    bprop::set_gemm_threads(n);
   }, py::arg("n"), "Sets the number of threads used inside matrix products.");
-  m.def("get_num_threads", [] { return Eigen::nbThreads(); },
+  m.def("get_num_threads", [] { return bprop::get_gemm_threads(); },
         "The number of threads used inside matrix products.");
   m.def("build_info", [] {
     py::dict d;
@@ -32,6 +27,7 @@ PYBIND11_MODULE(_core, m) {
     d["simd"] = Eigen::SimdInstructionSetsInUse();
     d["arch_flags"] = BPROP_ARCH_FLAGS;
     d["build_type"] = BPROP_BUILD_TYPE;
+    d["gemm"] = bprop::gemm_backend();
 #ifdef _OPENMP
     d["openmp"] = true;
 #else

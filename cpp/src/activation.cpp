@@ -136,6 +136,20 @@ void activation_backward(Activation act, T negative_slope, const T* z_ptr, const
   }
 }
 
+template <typename T>
+void bias_activation_forward(Activation act, T negative_slope, const T* bias, T* z, T* a,
+                             Index rows, Index cols) {
+  Eigen::Map<const RowVector<T>> b(bias, cols);
+  for (Index r = 0; r < rows; ++r) {
+    Eigen::Map<RowVector<T>>(z + r * cols, cols) += b;
+    activation_forward<T>(act, negative_slope, z + r * cols, a + r * cols, 1, cols);
+  }
+}
+
+template void bias_activation_forward<float>(Activation, float, const float*, float*, float*,
+                                             Index, Index);
+template void bias_activation_forward<double>(Activation, double, const double*, double*,
+                                              double*, Index, Index);
 template void activation_forward<float>(Activation, float, const float*, float*, Index, Index);
 template void activation_forward<double>(Activation, double, const double*, double*, Index,
                                          Index);

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bprop/gemm.hpp"
 #include "bprop/network.hpp"
 
 namespace bprop {
@@ -122,14 +123,11 @@ ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
   const Index B = X.rows();
   const T* a = X.data();
   for (Dense<T>& L : layers_) {
-    ConstMatrixMap<T> A(a, B, L.in());
-    ConstMatrixMap<T> W(L.weight->data(), L.in(), L.out());
-    ConstVectorMap<T> b(L.bias->data(), L.out());
-    MatrixMap<T> Z(L.z->data(), B, L.out());
-    Z.noalias() = A * W;  // z = a W + b
-    Z.rowwise() += b;
-    activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope), Z.data(),
-                          L.output->data(), B, L.out());
+    // z = a W + b, a = sigma(z)
+    gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(), T(0),
+            L.z->data(), L.out());
+    bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
+                               L.bias->data(), L.z->data(), L.output->data(), B, L.out());
     a = L.output->data();
   }
   input_ = X.data();
@@ -167,28 +165,28 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
   for (Index l = num_layers() - 1; l >= 0; --l) {
     Dense<T>& L = layers_[static_cast<std::size_t>(l)];
     const T* a = l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
-    ConstMatrixMap<T> A(a, B, L.in());
-    ConstMatrixMap<T> D(L.delta->data(), B, L.out());
-    ConstMatrixMap<T> W(L.weight->data(), L.in(), L.out());
-    MatrixMap<T> GW(L.grad_weight->data(), L.in(), L.out());
-    VectorMap<T> gb(L.grad_bias->data(), L.out());
+    const T* delta = L.delta->data();
     // dL/dW = a^T delta, dL/db = column sums of delta
+    gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
+            accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
+    VectorMap<T> gb(L.grad_bias->data(), L.out());
     if (accumulate) {
-      GW.noalias() += A.transpose() * D;
-      gb.noalias() += D.colwise().sum();
+      gb.noalias() += ConstMatrixMap<T>(delta, B, L.out()).colwise().sum();
     } else {
-      GW.noalias() = A.transpose() * D;
-      gb.noalias() = D.colwise().sum();
+      gb.noalias() = ConstMatrixMap<T>(delta, B, L.out()).colwise().sum();
+    }
+    // dL/da of the layer below = delta W^T
+    T* grad_a = l > 0 ? layers_[static_cast<std::size_t>(l - 1)].delta->data()
+                      : (grad_input != nullptr ? grad_input->data() : nullptr);
+    if (grad_a != nullptr) {
+      gemm<T>(false, true, B, L.in(), L.out(), T(1), delta, L.out(), L.weight->data(), L.out(),
+              T(0), grad_a, L.in());
     }
     if (l > 0) {
-      // dL/da of the layer below = delta W^T, then its delta = sigma'(z) * dL/da in place
+      // delta of the layer below = sigma'(z) * dL/da, in place
       Dense<T>& P = layers_[static_cast<std::size_t>(l - 1)];
-      MatrixMap<T> PD(P.delta->data(), B, P.out());
-      PD.noalias() = D * W.transpose();
       activation_backward<T>(P.spec.activation, static_cast<T>(P.spec.negative_slope),
-                             P.z->data(), P.output->data(), PD.data(), PD.data(), B, P.out());
-    } else if (grad_input != nullptr) {
-      grad_input->noalias() = D * W.transpose();
+                             P.z->data(), P.output->data(), grad_a, grad_a, B, P.out());
     }
   }
   has_grad_ = true;
@@ -238,12 +236,10 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Dense<T>& L = layers_[l];
       T* z = l + 1 == layers_.size() ? out.data() + start * out_features() : buffers[l % 2];
-      MatrixMap<T> Z(z, B, L.out());
-      Z.noalias() = ConstMatrixMap<T>(a, B, L.in()) *
-                    ConstMatrixMap<T>(L.weight->data(), L.in(), L.out());
-      Z.rowwise() += ConstVectorMap<T>(L.bias->data(), L.out());
-      activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope), z, z, B,
-                            L.out());
+      gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(),
+              T(0), z, L.out());
+      bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
+                                 L.bias->data(), z, z, B, L.out());
       a = z;
     }
   }

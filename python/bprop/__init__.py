@@ -4,6 +4,22 @@
     >>> net = bprop.Network([bprop.Dense(64, 128, activation="relu"), bprop.Dense(128, 10)])
 """
 
+def _load_openblas() -> None:
+    """Loads OpenBLAS from the scipy-openblas32 wheel so that _core, linked to it
+    by soname only, finds it whatever the virtual environment."""
+    import ctypes
+    import os
+
+    try:
+        import scipy_openblas32 as _openblas
+    except ImportError:  # a core built with -DBPROP_OPENBLAS=OFF does not need it
+        return
+    path = os.path.join(_openblas.get_lib_dir(), _openblas.get_library(True))
+    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
+_load_openblas()
+
 try:
     from . import _core
 except ImportError as exc:  # pragma: no cover - only when the build is missing or stale

@@ -24,6 +24,12 @@ template <typename T>
 void activation_forward(Activation act, T negative_slope, const T* z, T* a, Index rows,
                         Index cols);
 
+/// z += b row by row, then a = sigma(z), in one pass over the rows so that each
+/// row is still in cache when the activation reads it. a may be z.
+template <typename T>
+void bias_activation_forward(Activation act, T negative_slope, const T* bias, T* z, T* a,
+                             Index rows, Index cols);
+
 /// delta = dL/dz from dL/da, given the cached z and a = sigma(z):
 /// elementwise delta = sigma'(z) * dL/da; softmax uses its Jacobian-vector product
 /// delta = a * (dL/da - rowsum(dL/da * a)). delta may alias grad_a.

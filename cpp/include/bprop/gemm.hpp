@@ -1,0 +1,23 @@
+// The one matrix product of the core, row-major:
+//   C = alpha * op(A) * op(B) + beta * C,  op(X) = X or X^T,
+// with op(A) (m, k), op(B) (k, n), C (m, n). It goes to OpenBLAS (the
+// scipy-openblas32 wheel, runtime-dispatched kernels) when the core is built
+// with it, and to Eigen's own product otherwise.
+#pragma once
+
+#include "bprop/types.hpp"
+
+namespace bprop {
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A, Index lda,
+          const T* B, Index ldb, T beta, T* C, Index ldc);
+
+/// Name of the backend in use: "openblas" or "eigen".
+const char* gemm_backend();
+
+/// Threads used by matrix products (OpenBLAS's pool, or Eigen's OpenMP).
+void set_gemm_threads(int n);
+int get_gemm_threads();
+
+}  // namespace bprop

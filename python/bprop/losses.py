@@ -1,0 +1,316 @@
+"""Losses: ``loss(output, target, sample_weight=None) -> (value, grad_output)``.
+
+Each built-in loss checks and converts its arguments here, in Python, and then
+calls one fused C++ kernel (``bprop._core``) that computes the mean loss and
+dL/d(output) in a single pass. The reduction is the mean: with sample weights
+w (batch,) the value is sum_i(w_i l_i) / sum_i(w_i), and every grad row is
+scaled to match, so multiplying all weights by a constant changes nothing.
+
+A loss of your own works wherever a built-in one does if it has the same
+signature and returns a float and a (batch, out_features) array::
+
+    def huber(output, target, sample_weight=None):
+        r = output - target
+        ...
+        return value, grad_output
+
+    bprop.fit(net, X, y, loss=huber)
+
+``get_loss`` turns a built-in name (see ``LOSSES``) or such a callable into the
+loss function.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._validation import type_name
+
+__all__ = ["LOSSES", "softmax_cross_entropy", "binary_cross_entropy_with_logits",
+           "mean_squared_error", "get_loss"]
+
+LossFn = Callable[..., Tuple[float, np.ndarray]]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---- argument checks shared by the losses, fit and evaluate ---------------------
+
+def _as_output(where: str, name: str, output: object) -> np.ndarray:
+    """The network output (batch, out_features) as a C-contiguous float32/float64
+    array: float arrays keep their dtype, integer arrays become float64."""
+    if (type(output) is np.ndarray and output.dtype in _FLOAT_DTYPES
+            and output.flags.c_contiguous and output.ndim == 2 and output.shape[0] > 0):
+        return output  # the common case, without further work
+    arr = np.asarray(output)
+    if arr.dtype.kind not in "iuf" or arr.dtype.kind == "f" and arr.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"[{where}] {name} must be a float32 or float64 array, but has dtype "
+                        f"{arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"[{where}] {name} must be 2-D (batch, features), but has shape "
+                         f"{arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"[{where}] {name} has 0 rows; expected at least one")
+    dtype = arr.dtype if arr.dtype in _FLOAT_DTYPES else np.dtype(np.float64)
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _as_real_array(where: str, name: str, value: object) -> np.ndarray:
+    if value is None:
+        raise TypeError(f"[{where}] {name} must be an array of numbers, but got None")
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"[{where}] {name} must be a rectangular array, but got a ragged "
+                         f"{type_name(value)}") from exc
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"[{where}] {name} must hold real numbers (integer or floating), but "
+                        f"has dtype {arr.dtype}")
+    return arr
+
+
+def _first_bad(mask: np.ndarray) -> str:
+    """'[i]' or '[i, j]' of the first True entry of mask."""
+    index = np.unravel_index(int(np.argmax(mask)), mask.shape)
+    return "[" + ", ".join(str(int(i)) for i in index) + "]"
+
+
+def check_labels(where: str, name: str, target: object, rows: int, classes: int,
+                 ref: str = "logits") -> np.ndarray:
+    """Integer class labels (rows,) in [0, classes) as a C-contiguous int64 array.
+
+    Integer arrays and floats holding whole numbers are accepted (a float label
+    such as 2.5 is refused); an integer column (rows, 1) is flattened."""
+    arr = _as_real_array(where, name, target)
+    if arr.ndim == 2 and arr.shape[1] == 1 and arr.dtype.kind in "iu":
+        arr = arr.reshape(-1)
+    if arr.ndim != 1:
+        raise ValueError(f"[{where}] {name} must be 1-D class labels (batch,), but has shape "
+                         f"{arr.shape}")
+    if arr.shape[0] != rows:
+        raise ValueError(f"[{where}] {name} has {arr.shape[0]} labels, but {ref} has {rows} rows")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise ValueError(f"[{where}] {name} must hold class labels, but {name}"
+                             f"{_first_bad(bad)} = {arr[bad][0]}")
+        bad = arr != np.floor(arr)
+        if bad.any():
+            raise ValueError(f"[{where}] {name} must hold whole-number class labels, but "
+                             f"{name}{_first_bad(bad)} = {arr[bad][0]!r}")
+    if arr.size:
+        lo, hi = arr.min(), arr.max()
+        if lo < 0 or hi >= classes:
+            bad = (arr < 0) | (arr >= classes)
+            value = arr[bad][0]
+            value = int(value) if float(value).is_integer() else value
+            raise ValueError(f"[{where}] {name} labels must lie in [0, {classes}) for {classes} "
+                             f"classes, but {name}{_first_bad(bad)} = {value}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_float_target(where: str, name: str, target: object, shape: Tuple[int, int],
+                       dtype: np.dtype, ref: str = "output", *, unit_interval: bool = False
+                       ) -> np.ndarray:
+    """A float target of `shape` (rows, k) as a C-contiguous array of `dtype`.
+
+    A 1-D target of length rows is taken as a column when k == 1. Values must be
+    finite (and in [0, 1] if unit_interval)."""
+    arr = _as_real_array(where, name, target)
+    rows, width = shape
+    if arr.ndim == 1 and width == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        hint = (f" (1-D targets are accepted only for a 1-wide {ref})" if arr.ndim == 1
+                else "")
+        raise ValueError(f"[{where}] {name} must be 2-D (batch, {width}), but has shape "
+                         f"{arr.shape}{hint}")
+    if arr.shape[0] != rows:
+        raise ValueError(f"[{where}] {name} has {arr.shape[0]} rows, but {ref} has {rows}")
+    if arr.shape[1] != width:
+        raise ValueError(f"[{where}] {name} has {arr.shape[1]} columns, but {ref} has {width}")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = ~finite
+        raise ValueError(f"[{where}] {name} must be finite, but {name}{_first_bad(bad)} = "
+                         f"{arr[bad][0]}")
+    if unit_interval:
+        bad = (arr < 0) | (arr > 1)
+        if bad.any():
+            raise ValueError(f"[{where}] {name} must hold probabilities in [0, 1], but "
+                             f"{name}{_first_bad(bad)} = {arr[bad][0]}")
+    return arr
+
+
+def check_sample_weight(where: str, sample_weight: object, rows: int, dtype: np.dtype,
+                        ref: str = "the batch", name: str = "sample_weight"
+                        ) -> Optional[np.ndarray]:
+    """None, or non-negative finite weights (rows,) with a positive sum, as a
+    C-contiguous array of `dtype`."""
+    if sample_weight is None:
+        return None
+    arr = _as_real_array(where, name, sample_weight)
+    if arr.ndim != 1:
+        raise ValueError(f"[{where}] {name} must be 1-D (batch,), but has shape {arr.shape}")
+    if arr.shape[0] != rows:
+        raise ValueError(f"[{where}] {name} has {arr.shape[0]} entries, but {ref} has {rows} "
+                         "rows")
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = ~finite
+        raise ValueError(f"[{where}] {name} must be finite, but {name}{_first_bad(bad)} = "
+                         f"{arr[bad][0]}")
+    bad = arr < 0
+    if bad.any():
+        raise ValueError(f"[{where}] {name} must be >= 0, but {name}{_first_bad(bad)} = "
+                         f"{arr[bad][0]}")
+    total = float(arr.sum(dtype=np.float64))
+    if not total > 0:
+        raise ValueError(f"[{where}] {name} sums to 0: at least one sample needs a positive "
+                         "weight")
+    if not np.isfinite(arr.sum()):
+        raise ValueError(f"[{where}] {name} sums to inf in {np.dtype(dtype).name}; scale the "
+                         "weights down (only their ratios matter)")
+    return arr
+
+
+# ---- the built-in losses ---------------------------------------------------------
+
+def softmax_cross_entropy(logits, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Cross-entropy of softmax(logits), fused through log-sum-exp.
+
+    l_i = logsumexp(z_i) - z_i[y_i] for labels, or sum_j y_ij (logsumexp(z_i) - z_ij)
+    for probability rows; finite and exact for logits as large as +-1e4.
+
+    Args:
+        logits: (batch, classes) raw scores z (no softmax applied).
+        target: integer labels (batch,) in [0, classes), or probability rows
+            (batch, classes).
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean loss, dL/dz (batch, classes) = w_i (softmax(z_i) - y_i) / sum(w)).
+    """
+    where = "softmax_cross_entropy"
+    z = _as_output(where, "logits", logits)
+    rows, classes = z.shape
+    arr = np.asarray(target) if not isinstance(target, np.ndarray) else target
+    if arr.ndim == 2 and not (arr.shape[1] == 1 and arr.dtype.kind in "iu" and classes != 1):
+        y = check_float_target(where, "target", arr, z.shape, z.dtype, "logits")
+    else:
+        y = check_labels(where, "target", arr, rows, classes)
+    w = check_sample_weight(where, sample_weight, rows, z.dtype, "logits")
+    return _core.softmax_cross_entropy(z, y, w)
+
+
+def binary_cross_entropy_with_logits(logits, target, sample_weight=None
+                                     ) -> Tuple[float, np.ndarray]:
+    """Binary cross-entropy of sigmoid(logits), elementwise, stable for any logit:
+    l = max(x, 0) - x y + log(1 + exp(-|x|)).
+
+    Args:
+        logits: (batch, k) raw scores x.
+        target: (batch, k) probabilities in [0, 1]; (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean over all elements, dL/dx (batch, k) = w_i (sigmoid(x) - y) / (k sum(w))).
+    """
+    where = "binary_cross_entropy_with_logits"
+    x = _as_output(where, "logits", logits)
+    y = check_float_target(where, "target", target, x.shape, x.dtype, "logits",
+                           unit_interval=True)
+    w = check_sample_weight(where, sample_weight, x.shape[0], x.dtype, "logits")
+    return _core.binary_cross_entropy_with_logits(x, y, w)
+
+
+def mean_squared_error(output, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Mean squared error over all elements: l = mean((output - target)^2).
+
+    Args:
+        output: (batch, k).
+        target: (batch, k); (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean loss, dL/d(output) (batch, k) = 2 w_i (output - target) / (k sum(w))).
+    """
+    where = "mean_squared_error"
+    o = _as_output(where, "output", output)
+    y = check_float_target(where, "target", target, o.shape, o.dtype, "output")
+    w = check_sample_weight(where, sample_weight, o.shape[0], o.dtype, "output")
+    return _core.mean_squared_error(o, y, w)
+
+
+# ---- the registry ------------------------------------------------------------------
+
+class _Builtin(NamedTuple):
+    """What fit needs to run a built-in loss without re-checking every batch:
+    `prepare` checks and converts the whole target once, `kernel` is the C++ call."""
+    name: str
+    kernel: LossFn
+    prepare: Callable[..., np.ndarray]
+
+
+def _prepare_softmax(where, name, target, shape, dtype, ref="output"):
+    arr = _as_real_array(where, name, target)
+    if arr.ndim == 2 and not (arr.shape[1] == 1 and arr.dtype.kind in "iu" and shape[1] != 1):
+        return check_float_target(where, name, arr, shape, dtype, ref)
+    return check_labels(where, name, arr, shape[0], shape[1], ref)
+
+
+def _prepare_bce(where, name, target, shape, dtype, ref="output"):
+    return check_float_target(where, name, target, shape, dtype, ref, unit_interval=True)
+
+
+def _prepare_mse(where, name, target, shape, dtype, ref="output"):
+    return check_float_target(where, name, target, shape, dtype, ref)
+
+
+_BUILTINS = {
+    softmax_cross_entropy: _Builtin("softmax_cross_entropy", _core.softmax_cross_entropy,
+                                    _prepare_softmax),
+    binary_cross_entropy_with_logits: _Builtin("binary_cross_entropy_with_logits",
+                                               _core.binary_cross_entropy_with_logits,
+                                               _prepare_bce),
+    mean_squared_error: _Builtin("mean_squared_error", _core.mean_squared_error, _prepare_mse),
+}
+
+#: Built-in losses by name (aliases included), read-only.
+LOSSES = types.MappingProxyType({
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "cross_entropy": softmax_cross_entropy,
+    "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
+    "bce_with_logits": binary_cross_entropy_with_logits,
+    "mean_squared_error": mean_squared_error,
+    "mse": mean_squared_error,
+})
+
+
+def get_loss(loss, where: str = "get_loss") -> LossFn:
+    """The loss function for a built-in name (a key of ``LOSSES``) or a callable
+    ``loss(output, target, sample_weight=None) -> (value, grad_output)``, which is
+    returned unchanged."""
+    if isinstance(loss, str):
+        try:
+            return LOSSES[loss]
+        except KeyError:
+            raise ValueError(f"[{where}] unknown loss {loss!r}; expected one of "
+                             f"{sorted(LOSSES)} or a callable "
+                             "loss(output, target, sample_weight=None) -> (value, grad)"
+                             ) from None
+    if callable(loss):
+        return loss
+    raise TypeError(f"[{where}] loss must be a name (one of {sorted(LOSSES)}) or a callable "
+                    f"loss(output, target, sample_weight=None) -> (value, grad), but got "
+                    f"{type_name(loss)}")
+
+
+def _builtin(loss_fn: LossFn) -> Optional[_Builtin]:
+    return _BUILTINS.get(loss_fn)
