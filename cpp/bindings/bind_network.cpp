@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bprop/kernels.hpp"
 #include "bprop/network.hpp"
 #include "common.hpp"
 
@@ -111,6 +112,74 @@ void bind_network_type(py::module_& m, const char* name) {
             return py::none();
           },
           py::arg("grad_output"), py::arg("accumulate") = false, py::arg("input_grad") = false)
+      .def(
+          "train_step",
+          [](Self& s, py::handle X_obj, py::handle y_obj, const std::string& loss_name,
+             py::handle w_obj, double sgd_lr) {
+            const char* where = "Network.train_step";
+            auto X = strict_array<T>(X_obj, where, "X", 2);
+            const Index rows = X.shape(0), cols = X.shape(1);
+            Loss loss;
+            if (loss_name == "softmax_cross_entropy") {
+              loss = Loss::softmax_cross_entropy;
+            } else if (loss_name == "binary_cross_entropy_with_logits") {
+              loss = Loss::binary_cross_entropy_with_logits;
+            } else if (loss_name == "mean_squared_error") {
+              loss = Loss::mean_squared_error;
+            } else {
+              throw py::value_error(std::string("[") + where + "] loss must be one of "
+                                    "'softmax_cross_entropy', 'binary_cross_entropy_with_logits', "
+                                    "'mean_squared_error', but got '" + loss_name + "'");
+            }
+            const std::int64_t* labels = nullptr;
+            const T* target = nullptr;
+            py::array y_arr;
+            if (loss == Loss::softmax_cross_entropy && py::isinstance<py::array>(y_obj) &&
+                py::reinterpret_borrow<py::array>(y_obj).ndim() == 1) {
+              auto y = strict_array<std::int64_t>(y_obj, where, "y", 1);
+              if (y.shape(0) != rows) {
+                throw py::value_error(std::string("[") + where + "] y has " +
+                                      std::to_string(y.shape(0)) + " labels, but X has " +
+                                      std::to_string(rows) + " rows");
+              }
+              labels = y.data();
+              y_arr = y;
+            } else {
+              auto y = strict_array<T>(y_obj, where, "y", 2);
+              if (y.shape(0) != rows || y.shape(1) != s.net.out_features()) {
+                throw py::value_error(std::string("[") + where + "] y has shape " +
+                                      shape_of(y) + ", but the network maps X to (" +
+                                      std::to_string(rows) + ", " +
+                                      std::to_string(s.net.out_features()) + ")");
+              }
+              target = y.data();
+              y_arr = y;
+            }
+            const T* sw = nullptr;
+            if (!w_obj.is_none()) {
+              auto w = strict_array<T>(w_obj, where, "sample_weight", 1);
+              if (w.shape(0) != rows) {
+                throw py::value_error(std::string("[") + where + "] sample_weight has " +
+                                      std::to_string(w.shape(0)) + " entries, but X has " +
+                                      std::to_string(rows) + " rows");
+              }
+              sw = w.data();
+            }
+            double value = 0;
+            {
+              py::gil_scoped_release nogil;
+              std::unique_lock lock(s.mutex);
+              value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
+                                       target, sw, static_cast<T>(sgd_lr));
+              py::gil_scoped_acquire gil;
+              s.input = X;
+            }
+            return value;
+          },
+          py::arg("X"), py::arg("y"), py::arg("loss"), py::arg("sample_weight") = py::none(),
+          py::arg("sgd_lr") = -1.0,
+          "forward + loss + backward in one call; with sgd_lr >= 0 the SGD update is fused "
+          "into the backward sweep. Returns the loss.")
       .def(
           "step",
           [](Self& s, double lr) {

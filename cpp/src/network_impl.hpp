@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bprop/gemm.hpp"
+#include "bprop/kernels.hpp"
 #include "bprop/network.hpp"
 
 namespace bprop {
@@ -153,34 +154,87 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
                                 detail::shape_str(grad_input->rows(), grad_input->cols()) +
                                 ", expected " + detail::shape_str(batch_, in_features()));
   }
-  const Index B = batch_;
   // delta of the output layer: sigma'(z) * dL/da (softmax: its Jacobian-vector product)
-  {
-    Dense<T>& L = layers_.back();
-    activation_backward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
-                           L.z->data(), L.output->data(), grad_output.data(),
-                           L.delta->data(), B, L.out());
+  Dense<T>& last = layers_.back();
+  activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
+                         last.z->data(), last.output->data(), grad_output.data(),
+                         last.delta->data(), batch_, last.out());
+  sweep(accumulate, grad_input, T(-1));
+  has_grad_ = true;
+}
+
+template <typename T>
+double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
+                              const T* target, const T* sample_weight, T sgd_lr) {
+  if (sgd_lr >= T(0) && !std::isfinite(sgd_lr)) {
+    throw std::invalid_argument("[Network.train_step] lr must be finite");
   }
+  if (loss == Loss::softmax_cross_entropy && labels != nullptr) {
+    for (Index i = 0; i < X.rows(); ++i) {
+      if (labels[i] < 0 || labels[i] >= out_features()) {
+        throw std::invalid_argument(
+            "[Network.train_step] labels must lie in [0, " + std::to_string(out_features()) +
+            "), but y[" + std::to_string(i) + "] = " + std::to_string(labels[i]));
+      }
+    }
+  }
+  forward(X);
+  Dense<T>& last = layers_.back();
+  const Index B = batch_, K = last.out();
+  T* grad = last.delta->data();  // dL/d(output), turned into delta in place below
+  double value = 0;
+  switch (loss) {
+    case Loss::softmax_cross_entropy:
+      value = softmax_cross_entropy<T>(last.output->data(), B, K, labels, target, sample_weight,
+                                       grad);
+      break;
+    case Loss::binary_cross_entropy_with_logits:
+      value = binary_cross_entropy_with_logits<T>(last.output->data(), target, B, K,
+                                                  sample_weight, grad);
+      break;
+    case Loss::mean_squared_error:
+      value = mean_squared_error<T>(last.output->data(), target, B, K, sample_weight, grad);
+      break;
+  }
+  activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
+                         last.z->data(), last.output->data(), grad, grad, B, K);
+  sweep(false, nullptr, sgd_lr);
+  has_grad_ = sgd_lr < T(0);
+  return value;
+}
+
+template <typename T>
+void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr) {
+  const Index B = batch_;
+  const bool fused = sgd_lr >= T(0);
   // The reverse network: one visit per layer, from the output back to the input.
   for (Index l = num_layers() - 1; l >= 0; --l) {
     Dense<T>& L = layers_[static_cast<std::size_t>(l)];
     const T* a = l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
     const T* delta = L.delta->data();
-    // dL/dW = a^T delta, dL/db = column sums of delta
-    gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
-            accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
-    VectorMap<T> gb(L.grad_bias->data(), L.out());
-    if (accumulate) {
-      gb.noalias() += ConstMatrixMap<T>(delta, B, L.out()).colwise().sum();
-    } else {
-      gb.noalias() = ConstMatrixMap<T>(delta, B, L.out()).colwise().sum();
-    }
-    // dL/da of the layer below = delta W^T
+    // dL/da of the layer below = delta W^T, formed while W is still unchanged
     T* grad_a = l > 0 ? layers_[static_cast<std::size_t>(l - 1)].delta->data()
                       : (grad_input != nullptr ? grad_input->data() : nullptr);
     if (grad_a != nullptr) {
       gemm<T>(false, true, B, L.in(), L.out(), T(1), delta, L.out(), L.weight->data(), L.out(),
               T(0), grad_a, L.in());
+    }
+    ConstMatrixMap<T> D(delta, B, L.out());
+    if (fused) {
+      // W -= lr a^T delta and b -= lr colsum(delta), without storing the gradient
+      gemm<T>(true, false, L.in(), L.out(), B, -sgd_lr, a, L.in(), delta, L.out(), T(1),
+              L.weight->data(), L.out());
+      VectorMap<T>(L.bias->data(), L.out()).noalias() -= sgd_lr * D.colwise().sum();
+    } else {
+      // dL/dW = a^T delta, dL/db = column sums of delta
+      gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
+              accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
+      VectorMap<T> gb(L.grad_bias->data(), L.out());
+      if (accumulate) {
+        gb.noalias() += D.colwise().sum();
+      } else {
+        gb.noalias() = D.colwise().sum();
+      }
     }
     if (l > 0) {
       // delta of the layer below = sigma'(z) * dL/da, in place
@@ -189,7 +243,6 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
                              P.z->data(), P.output->data(), grad_a, grad_a, B, P.out());
     }
   }
-  has_grad_ = true;
 }
 
 template <typename T>

@@ -245,6 +245,48 @@ class Network:
         lr = check_float("Network.step", "lr", lr, minimum=0.0)
         self._core.step(lr)
 
+    def train_step(self, X: np.ndarray, y: np.ndarray, loss="softmax_cross_entropy",
+                   optimizer=None, *, sample_weight: Optional[np.ndarray] = None) -> float:
+        """One training step: forward, loss, backward and the optimizer's update.
+
+        With a built-in loss name the forward pass, the loss and the backward sweep
+        run in one GIL-free C++ call; with plain SGD (no momentum, no weight decay)
+        the update is fused into the backward sweep too, so the gradient buffers
+        are not written. A callable loss runs the four calls from Python.
+
+        Args:
+            X: (batch, in_features), C-contiguous, of the network's dtype.
+            y: int64 labels (batch,) for softmax_cross_entropy, else a
+                (batch, out_features) array of the network's dtype.
+            loss: a built-in loss name or a callable
+                ``loss(output, target, sample_weight) -> (value, grad_output)``.
+            optimizer: an optimizer from :mod:`bprop.optim` built on this network.
+            sample_weight: (batch,) of the network's dtype, or None.
+
+        Returns:
+            The loss of the batch before the update.
+        """
+        if optimizer is None or not hasattr(optimizer, "step"):
+            raise TypeError("[Network.train_step] optimizer must be an optimizer from "
+                            f"bprop.optim, but got {type_name(optimizer)}")
+        if callable(loss):
+            out = self.forward(X)
+            value, grad = loss(out, y, sample_weight)
+            self.backward(np.ascontiguousarray(grad, dtype=self._dtype))
+            optimizer.step()
+            return float(value)
+        if not isinstance(loss, str):
+            raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
+                            f"but got {type_name(loss)}")
+        fused_lr = getattr(optimizer, "_fused_sgd_lr", lambda: None)()
+        if fused_lr is not None:
+            value = self._core.train_step(X, y, loss, sample_weight, fused_lr)
+            optimizer._fused_step_taken()
+        else:
+            value = self._core.train_step(X, y, loss, sample_weight, -1.0)
+            optimizer.step()
+        return value
+
     def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:
         """Forward pass that leaves the training caches untouched.
 

@@ -10,6 +10,9 @@
 
 namespace bprop {
 
+/// The losses the one-call training step knows.
+enum class Loss { softmax_cross_entropy, binary_cross_entropy_with_logits, mean_squared_error };
+
 // ---- losses: mean reduction, return the loss and write dL/d(output) ------
 
 /// Softmax cross-entropy fused through log-sum-exp, for logits (batch, classes).

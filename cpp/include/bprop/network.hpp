@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bprop/activation.hpp"
+#include "bprop/kernels.hpp"
 #include "bprop/types.hpp"
 
 namespace bprop {
@@ -76,6 +77,20 @@ class Network {
   /// backward pass, std::invalid_argument for a negative or non-finite lr.
   void step(T lr);
 
+  /// One training step in one call: forward, loss, backward.
+  ///
+  /// The loss gradient is written straight into the output layer's delta. With
+  /// `sgd_lr` >= 0 the plain SGD update is fused into the backward sweep: each
+  /// layer's dL/da for the layer below is formed first, then W -= lr a^T delta is
+  /// one matrix product accumulating into W, so dL/dW is never stored (the
+  /// gradient buffers are left as they were and has_backward() becomes false).
+  /// With `sgd_lr` < 0 the gradients are stored as by backward() and no update is
+  /// made (an optimizer applies them afterwards).
+  /// Targets: `labels` (batch) for softmax cross-entropy, else `target`
+  /// (batch, out_features); `sample_weight` (batch) or null. Returns the loss.
+  double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
+                    const T* sample_weight, T sgd_lr);
+
   /// Forward pass that leaves the training caches alone, batch_size rows at a
   /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
   /// from several threads at once as long as no thread changes the parameters.
@@ -92,6 +107,8 @@ class Network {
 
  private:
   void reserve(Index batch);
+  // The backward sweep proper, from the output layer's delta (already formed).
+  void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr);
 
   std::vector<Dense<T>> layers_;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
