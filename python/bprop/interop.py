@@ -168,8 +168,8 @@ def _build_onnx_model(net: Network, opset: int, input_name: str, output_name: st
             nodes += act_nodes
             initializers += consts
         a = out
-    internal = {t.name for t in initializers}
-    internal |= {o for node in nodes for o in node.output} - {output_name}
+    produced = [o for node in nodes for o in node.output]
+    internal = {t.name for t in initializers} | set(produced[:-1])  # the last is the output
     for name, value in (("input_name", input_name), ("output_name", output_name)):
         if value in internal:
             raise ValueError(f"[to_onnx] {name} {value!r} collides with an internal tensor "
