@@ -1,5 +1,6 @@
 #include "bprop/activation.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 
@@ -14,6 +15,65 @@ using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+
+// Applies a packet function to n values, every value through the packet path
+// (the tail in a zero-padded packet). Eigen's own array assignment would send
+// the unaligned head and the tail through the scalar function instead, whose
+// last bit can differ from the packet one: results would then depend on where
+// an array happens to start in memory (predict's output, a row's offset).
+template <typename T, typename PacketOp, typename ScalarOp>
+void map_values(const T* in, T* out, Index n, PacketOp packet_op, ScalarOp scalar_op,
+                bool vectorized) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<T>::type;
+  constexpr Index W = ei::unpacket_traits<Packet>::size;
+  if (!vectorized || W == 1) {
+    for (Index i = 0; i < n; ++i) out[i] = scalar_op(in[i]);
+    return;
+  }
+  Index i = 0;
+  for (; i + W <= n; i += W) ei::pstoreu(out + i, packet_op(ei::ploadu<Packet>(in + i)));
+  if (i < n) {
+    alignas(64) T buf[W] = {};
+    for (Index j = i; j < n; ++j) buf[j - i] = in[j];
+    ei::pstore(buf, packet_op(ei::pload<Packet>(buf)));
+    for (Index j = i; j < n; ++j) out[j] = buf[j - i];
+  }
+}
+
+template <typename T>
+void sigmoid(const T* z, T* a, Index n) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<T>::type;
+  const Packet one = ei::pset1<Packet>(T(1));
+  // exp(-z) overflows to inf for z << 0, giving exactly 0 without a trap.
+  map_values<T>(
+      z, a, n, [&](const Packet& p) { return ei::pdiv(one, ei::padd(one, ei::pexp(ei::pnegate(p)))); },
+      [](T x) { return T(1) / (T(1) + std::exp(-x)); }, ei::packet_traits<T>::HasExp);
+}
+
+template <typename T>
+void tanh_values(const T* z, T* a, Index n) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<T>::type;
+  if constexpr (ei::packet_traits<T>::HasTanh) {
+    map_values<T>(z, a, n, [](const Packet& p) { return ei::ptanh(p); },
+                  [](T x) { return std::tanh(x); }, true);
+  } else {
+    for (Index i = 0; i < n; ++i) a[i] = std::tanh(z[i]);
+  }
+}
+
+// a = exp(z - shift)
+template <typename T>
+void exp_shifted(const T* z, T shift, T* a, Index n) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<T>::type;
+  const Packet s = ei::pset1<Packet>(shift);
+  map_values<T>(
+      z, a, n, [&](const Packet& p) { return ei::pexp(ei::psub(p, s)); },
+      [shift](T x) { return std::exp(x - shift); }, ei::packet_traits<T>::HasExp);
+}
 
 }  // namespace
 
@@ -58,11 +118,10 @@ void activation_forward(Activation act, T negative_slope, const T* z_ptr, T* a_p
       if (a_ptr != z_ptr) a = z;
       return;
     case Activation::sigmoid:
-      // exp(-z) overflows to inf for z << 0, giving exactly 0 without a trap.
-      a = T(1) / (T(1) + (-z).exp());
+      sigmoid<T>(z_ptr, a_ptr, n);
       return;
     case Activation::tanh:
-      a = z.tanh();
+      tanh_values<T>(z_ptr, a_ptr, n);
       return;
     case Activation::relu:
       a = z.max(T(0));
@@ -77,12 +136,17 @@ void activation_forward(Activation act, T negative_slope, const T* z_ptr, T* a_p
       }
       return;
     case Activation::softmax: {
-      Eigen::Map<const RowMatrix<T>> Z(z_ptr, rows, cols);
-      Eigen::Map<RowMatrix<T>> A(a_ptr, rows, cols);
+      // Row sums run in index order so that a row's result does not depend on
+      // its offset in memory.
       for (Index r = 0; r < rows; ++r) {
-        const T m = Z.row(r).maxCoeff();
-        A.row(r) = (Z.row(r).array() - m).exp().matrix();
-        A.row(r) /= A.row(r).sum();
+        const T* zr = z_ptr + r * cols;
+        T* ar = a_ptr + r * cols;
+        const T m = *std::max_element(zr, zr + cols);
+        exp_shifted<T>(zr, m, ar, cols);
+        T sum = 0;
+        for (Index j = 0; j < cols; ++j) sum += ar[j];
+        const T inv = T(1) / sum;
+        for (Index j = 0; j < cols; ++j) ar[j] *= inv;
       }
       return;
     }
@@ -124,12 +188,13 @@ void activation_backward(Activation act, T negative_slope, const T* z_ptr, const
       return;
     case Activation::softmax: {
       // Jacobian-vector product: delta = a * (g - <g, a>) row by row
-      Eigen::Map<const RowMatrix<T>> A(a_ptr, rows, cols);
-      Eigen::Map<const RowMatrix<T>> G(g_ptr, rows, cols);
-      Eigen::Map<RowMatrix<T>> D(d_ptr, rows, cols);
       for (Index r = 0; r < rows; ++r) {
-        const T dot = G.row(r).dot(A.row(r));
-        D.row(r) = (A.row(r).array() * (G.row(r).array() - dot)).matrix();
+        const T* ar = a_ptr + r * cols;
+        const T* gr = g_ptr + r * cols;
+        T* dr = d_ptr + r * cols;
+        T dot = 0;
+        for (Index j = 0; j < cols; ++j) dot += gr[j] * ar[j];
+        for (Index j = 0; j < cols; ++j) dr[j] = ar[j] * (gr[j] - dot);
       }
       return;
     }

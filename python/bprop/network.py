@@ -353,3 +353,26 @@ class Network:
         from .io import save
 
         save(self, path, optimizer=optimizer)
+
+    # ---- interoperability (optional extras) ---------------------------------------
+    def to_onnx(self, path, *, opset: int = 17, input_name: str = "X",
+                output_name: str = "output") -> None:
+        """Writes the network as an ONNX model atomically; see :func:`bprop.interop.to_onnx`."""
+        from .interop import to_onnx
+
+        to_onnx(self, path, opset=opset, input_name=input_name, output_name=output_name)
+
+    @staticmethod
+    def from_torch(module, dtype=None) -> "Network":
+        """A Network equal to a torch Sequential of Linear layers and activations;
+        see :func:`bprop.interop.from_torch`."""
+        from .interop import from_torch
+
+        return from_torch(module, dtype=dtype)
+
+    def to_torch(self):
+        """A torch.nn.Sequential with the same weights and dtype; see
+        :func:`bprop.interop.to_torch`."""
+        from .interop import to_torch
+
+        return to_torch(self)
