@@ -18,8 +18,8 @@ void bind_network(py::module_& m);
 void bind_kernels(py::module_& m);
 
 template <typename T>
-constexpr const char* dtype_name() {
-  return sizeof(T) == 4 ? "float32" : "float64";
+std::string dtype_name() {
+  return std::string(py::str(py::dtype::of<T>()));
 }
 
 inline std::string shape_of(const py::array& a) {

@@ -1,0 +1,119 @@
+"""The one-call training step (Network.train_step and _core's train_step) against
+the four separate calls it replaces."""
+
+import numpy as np
+import pytest
+
+import bprop
+from bprop import _core
+
+ARCHS = [
+    [(5, 7, "relu"), (7, 3, "identity")],
+    [(4, 6, "tanh"), (6, 6, "gelu"), (6, 5, "sigmoid")],
+    [(3, 8, "leaky_relu"), (8, 4, "softmax")],
+]
+LOSSES = ["softmax_cross_entropy", "binary_cross_entropy_with_logits", "mean_squared_error"]
+
+
+def make(arch, dtype="float64", seed=0):
+    return bprop.Network([bprop.Dense(i, o, activation=a) for i, o, a in arch], dtype=dtype,
+                         seed=seed)
+
+
+def targets(loss, batch, width, rng, dtype):
+    if loss == "softmax_cross_entropy":
+        return rng.integers(0, width, batch).astype(np.int64)
+    if loss == "binary_cross_entropy_with_logits":
+        return rng.integers(0, 2, (batch, width)).astype(dtype)
+    return rng.standard_normal((batch, width)).astype(dtype)
+
+
+def four_calls(net, X, y, loss, lr, sample_weight=None):
+    out = net.forward(X)
+    value, grad = getattr(_core, loss)(out, y, sample_weight)
+    net.backward(grad)
+    if lr is not None:
+        net.step(lr)
+    return value
+
+
+def weights(net):
+    return [p.copy() for _, p, _ in net.parameters()]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_sgd_step_equals_the_four_calls(arch, loss, weighted):
+    rng = np.random.default_rng(1)
+    a, b = make(arch), make(arch)
+    X = rng.standard_normal((9, arch[0][0]))
+    y = targets(loss, 9, arch[-1][1], rng, np.float64)
+    w = rng.uniform(0.1, 2.0, 9) if weighted else None
+    for _ in range(3):
+        va = a._core.train_step(X, y, loss, w, 0.05)
+        vb = four_calls(b, X, y, loss, 0.05, w)
+        assert va == pytest.approx(vb, rel=1e-13)
+    for pa, pb in zip(weights(a), weights(b)):
+        # same products, same order up to the fused GEMM's accumulation into W
+        np.testing.assert_allclose(pa, pb, rtol=1e-12, atol=1e-14)
+    # the fused step never materialises gradients: step() has nothing to apply
+    with pytest.raises(RuntimeError, match="before backward"):
+        a.step(0.1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_unfused_train_step_stores_the_same_gradients(arch, loss):
+    rng = np.random.default_rng(2)
+    a, b = make(arch), make(arch)
+    X = rng.standard_normal((6, arch[0][0]))
+    y = targets(loss, 6, arch[-1][1], rng, np.float64)
+    va = a._core.train_step(X, y, loss, None, -1.0)
+    vb = four_calls(b, X, y, loss, None)
+    assert va == pytest.approx(vb, rel=1e-14)
+    for (_, _, ga), (_, _, gb) in zip(a.parameters(), b.parameters()):
+        np.testing.assert_allclose(ga, gb, rtol=1e-13, atol=1e-15)
+    for la, lb in zip(a.layers, b.layers):
+        np.testing.assert_allclose(la.delta, lb.delta, rtol=1e-13, atol=1e-15)
+
+
+def test_train_step_float32_matches_float64():
+    rng = np.random.default_rng(3)
+    arch = ARCHS[0]
+    a, b = make(arch, "float32"), make(arch, "float64")
+    X = rng.standard_normal((16, 5))
+    y = rng.integers(0, 3, 16).astype(np.int64)
+    for _ in range(5):
+        a._core.train_step(X.astype(np.float32), y, "softmax_cross_entropy", None, 0.1)
+        b._core.train_step(X, y, "softmax_cross_entropy", None, 0.1)
+    for pa, pb in zip(weights(a), weights(b)):
+        np.testing.assert_allclose(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_labels_leave_the_network_unchanged():
+    net = make(ARCHS[0])
+    X = np.ones((4, 5))
+    before = weights(net)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), but y\[2\] = 3"):
+        net._core.train_step(X, np.array([0, 1, 3, 2]), "softmax_cross_entropy", None, 0.1)
+    with pytest.raises(ValueError, match=r"y has 3 labels, but X has 4 rows"):
+        net._core.train_step(X, np.array([0, 1, 2]), "softmax_cross_entropy", None, 0.1)
+    with pytest.raises(ValueError, match=r"y has shape \(4, 2\)"):
+        net._core.train_step(X, np.ones((4, 2)), "mean_squared_error", None, 0.1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        net._core.train_step(X, np.ones((4, 3)), "hinge", None, 0.1)
+    with pytest.raises(TypeError, match="y must have dtype int64, but has dtype int32"):
+        net._core.train_step(X, np.array([0, 1, 2, 2], dtype=np.int32), "softmax_cross_entropy",
+                             None, 0.1)
+    with pytest.raises(ValueError, match="sample_weight has 2 entries, but X has 4 rows"):
+        net._core.train_step(X, np.array([0, 1, 2, 2]), "softmax_cross_entropy", np.ones(2), 0.1)
+    for p, q in zip(before, weights(net)):
+        np.testing.assert_array_equal(p, q)
+    assert not net._core.has_forward
+
+
+def test_train_step_rejects_a_missing_optimizer():
+    net = make(ARCHS[0])
+    with pytest.raises(TypeError, match=r"\[Network.train_step\] optimizer must be"):
+        net.train_step(np.ones((2, 5)), np.array([0, 1]), loss="softmax_cross_entropy")
