@@ -30,7 +30,12 @@ except ImportError as exc:  # pragma: no cover - only when the build is missing 
     ) from exc
 
 from .network import ACTIVATIONS, Dense, Network
+from . import losses, optim  # noqa: E402
+from .io import CheckpointError, load, save  # noqa: E402
+from .train import History, evaluate, fit, gradcheck  # noqa: E402
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ACTIVATIONS", "Dense", "Network", "__version__"]
+__all__ = ["ACTIVATIONS", "Dense", "Network", "__version__",
+           "losses", "optim", "fit", "evaluate", "gradcheck", "History",
+           "save", "load", "CheckpointError"]

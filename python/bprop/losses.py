@@ -101,7 +101,7 @@ def check_labels(where: str, name: str, target: object, rows: int, classes: int,
         bad = arr != np.floor(arr)
         if bad.any():
             raise ValueError(f"[{where}] {name} must hold whole-number class labels, but "
-                             f"{name}{_first_bad(bad)} = {arr[bad][0]!r}")
+                             f"{name}{_first_bad(bad)} = {arr[bad][0]}")
     if arr.size:
         lo, hi = arr.min(), arr.max()
         if lo < 0 or hi >= classes:

@@ -1,0 +1,641 @@
+"""Optimizers and learning-rate schedules.
+
+An optimizer is bound to one network. ``step()`` updates every parameter in
+place from the gradient of the last ``backward``, one fused C++ pass per
+parameter (``bprop._core.sgd_update`` / ``adam_update`` / ``rmsprop_update``):
+no NumPy temporaries, and the argument tuples of those calls are built once, so
+a step costs one Python-level call per parameter. The update rules follow the
+papers as ``torch.optim`` implements them (same defaults, same state).
+
+    opt = bprop.optim.Adam(net, lr=1e-3)
+    out = net.forward(Xb)
+    value, grad = bprop.losses.softmax_cross_entropy(out, yb)
+    net.backward(grad)
+    opt.step()
+
+``state_dict()`` returns plain data (copies of the state arrays);
+``load_state_dict()`` checks a whole dict before changing anything.
+
+Schedules change ``optimizer.lr``: ``StepLR`` and ``CosineAnnealingLR`` once per
+``step()``, ``ReduceLROnPlateau`` from a monitored value. Each one is also a fit
+callback (``on_epoch_end``), so ``bprop.fit(..., callbacks=[StepLR(opt, 10)])``
+steps it once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._validation import check_float, check_int, type_name
+from .network import Network
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "OPTIMIZERS",
+           "StepLR", "CosineAnnealingLR", "ReduceLROnPlateau"]
+
+
+def _check_bool(where: str, name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"[{where}] {name} must be a bool, but got {type_name(value)} {value!r}")
+    return bool(value)
+
+
+def _check_betas(where: str, betas: object) -> Tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"[{where}] betas must be a pair (beta1, beta2), but got "
+                        f"{type_name(betas)} {betas!r}")
+    b1 = check_float(where, "betas[0]", betas[0], minimum=0.0, maximum=1.0,
+                     exclusive_maximum=True)
+    b2 = check_float(where, "betas[1]", betas[1], minimum=0.0, maximum=1.0,
+                     exclusive_maximum=True)
+    return (b1, b2)
+
+
+class Optimizer:
+    """Base class: binds to a network and keeps the per-parameter state.
+
+    Subclasses define ``_state_names()`` (the state arrays each parameter needs
+    under the current hyperparameters), ``_check(hyper)`` and ``_update(t)``.
+    """
+
+    def __init__(self, net: Network, hyper: Dict[str, Any]) -> None:
+        where = type(self).__name__
+        if not isinstance(net, Network):
+            raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
+        self._net = net
+        self._params = [(name, p, g) for name, p, g in net.parameters()]
+        self._hyper = self._check(where, hyper)
+        self._step_count = 0
+        self._state = self._zero_state()
+        self._bind()
+
+    # ---- what subclasses provide -------------------------------------------------
+    def _check(self, where: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _state_names(self) -> Tuple[str, ...]:
+        raise NotImplementedError
+
+    def _bind(self) -> None:
+        """Precomputes the argument tuples of the kernel calls (one per parameter)."""
+        raise NotImplementedError
+
+    # ---- shared machinery -----------------------------------------------------------
+    def _zero_state(self) -> Dict[str, Dict[str, np.ndarray]]:
+        names = self._state_names()
+        return {name: {k: np.zeros_like(p) for k in names} for name, p, _ in self._params}
+
+    @property
+    def net(self) -> Network:
+        """The network this optimizer updates."""
+        return self._net
+
+    @property
+    def lr(self) -> float:
+        """The learning rate; settable (a schedule sets it once per epoch)."""
+        return self._hyper["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._hyper["lr"] = check_float(f"{type(self).__name__}.lr", "lr", value, minimum=0.0)
+        self._bind()
+
+    @property
+    def step_count(self) -> int:
+        """How many steps have been taken (Adam's t)."""
+        return self._step_count
+
+    @property
+    def hyperparameters(self) -> Dict[str, Any]:
+        """A copy of the hyperparameters, keyed as in the constructor."""
+        return dict(self._hyper)
+
+    def step(self) -> None:
+        """Updates every parameter in place from the gradient of the last backward."""
+        if not self._net._core.has_backward:
+            raise RuntimeError(f"[{type(self).__name__}.step] the network has no gradients "
+                               "yet: call net.forward and net.backward before step()")
+        self._step_count += 1
+        self._update(self._step_count)
+
+    def _update(self, t: int) -> None:
+        raise NotImplementedError
+
+    # ---- the fused path of Network.train_step / fit ------------------------------
+    def _fused_sgd_lr(self) -> Optional[float]:
+        """The lr if this step is plain SGD (which the core can fuse into the
+        backward sweep), else None."""
+        return None
+
+    def _fused_step_taken(self) -> None:
+        """Counts a step that the core made in the fused backward sweep."""
+        self._step_count += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data: {"optimizer": class name, "step": int, "hyperparameters": {...},
+        "state": {parameter name: {state name: array copy}}}."""
+        return {
+            "optimizer": type(self).__name__,
+            "step": self._step_count,
+            "hyperparameters": dict(self._hyper),
+            "state": {name: {k: a.copy() for k, a in arrays.items()}
+                      for name, arrays in self._state.items()},
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()`` (hyperparameters included).
+
+        Raises:
+            ValueError: the dict does not fit this optimizer and network (wrong
+                class, keys, types, shapes, or non-finite values); nothing changes.
+        """
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"[{where}] expected a dict from state_dict(), but got "
+                             f"{type_name(state_dict)}")
+        expected = {"optimizer", "step", "hyperparameters", "state"}
+        if set(state_dict) != expected:
+            raise ValueError(f"[{where}] expected the keys {sorted(expected)}, but got "
+                             f"{sorted(map(str, state_dict))}")
+        if state_dict["optimizer"] != type(self).__name__:
+            raise ValueError(f"[{where}] the state is of optimizer "
+                             f"{state_dict['optimizer']!r}, not {type(self).__name__!r}")
+        step = state_dict["step"]
+        if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral) \
+                or step < 0:
+            raise ValueError(f"[{where}] step must be an int >= 0, but got {step!r}")
+        hyper = state_dict["hyperparameters"]
+        if not isinstance(hyper, dict) or set(hyper) != set(self._hyper):
+            got = sorted(map(str, hyper)) if isinstance(hyper, dict) else type_name(hyper)
+            raise ValueError(f"[{where}] hyperparameters must be a dict with the keys "
+                             f"{sorted(self._hyper)}, but got {got}")
+        try:
+            hyper = self._check(where, dict(hyper))
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        # The state arrays needed depend on the hyperparameters (momentum, centered).
+        saved = self._hyper
+        self._hyper = hyper
+        names = self._state_names()
+        self._hyper = saved
+        state = state_dict["state"]
+        params = {name: p for name, p, _ in self._params}
+        if not isinstance(state, dict) or set(state) != set(params):
+            got = sorted(map(str, state)) if isinstance(state, dict) else type_name(state)
+            raise ValueError(f"[{where}] state must be a dict keyed by the network's parameters "
+                             f"{list(params)}, but got {got}")
+        new_state = {}
+        for name, p in params.items():
+            arrays = state[name]
+            if not isinstance(arrays, dict) or set(arrays) != set(names):
+                got = sorted(map(str, arrays)) if isinstance(arrays, dict) else type_name(arrays)
+                raise ValueError(f"[{where}] state[{name!r}] must hold {sorted(names)}, but got "
+                                 f"{got}")
+            new_state[name] = {}
+            for k in names:
+                a = arrays[k]
+                if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+                    raise ValueError(f"[{where}] state[{name!r}][{k!r}] must be a floating "
+                                     f"numpy array, but got {type_name(a)}"
+                                     + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray)
+                                        else ""))
+                if a.shape != p.shape:
+                    raise ValueError(f"[{where}] state[{name!r}][{k!r}] has shape {a.shape}, "
+                                     f"but the parameter has shape {p.shape}")
+                copy = np.array(a, dtype=p.dtype, order="C", copy=True)
+                if not np.isfinite(copy).all():
+                    raise ValueError(f"[{where}] state[{name!r}][{k!r}] holds NaN or inf")
+                new_state[name][k] = copy
+        # All checked: commit.
+        self._hyper = hyper
+        self._step_count = int(step)
+        self._state = new_state
+        self._bind()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum (Polyak or Nesterov) and
+    L2 weight decay, as torch.optim.SGD:
+
+        g = dL/dp + weight_decay p
+        buf = g (first step), else momentum buf + (1 - dampening) g
+        g = g + momentum buf (nesterov) or buf
+        p = p - lr g
+
+    Args:
+        net: the network to update.
+        lr: learning rate (required).
+        momentum: momentum factor >= 0.
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening == 0).
+        weight_decay: L2 penalty >= 0, added to the gradient.
+        dampening: dampening of the momentum, in [0, 1].
+    """
+
+    def __init__(self, net: Network, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, dampening: float = 0.0) -> None:
+        super().__init__(net, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                   weight_decay=weight_decay, dampening=dampening))
+
+    def _check(self, where, h):
+        out = dict(lr=check_float(where, "lr", h["lr"], minimum=0.0),
+                   momentum=check_float(where, "momentum", h["momentum"], minimum=0.0),
+                   nesterov=_check_bool(where, "nesterov", h["nesterov"]),
+                   weight_decay=check_float(where, "weight_decay", h["weight_decay"],
+                                            minimum=0.0),
+                   dampening=check_float(where, "dampening", h["dampening"], minimum=0.0,
+                                         maximum=1.0))
+        if out["nesterov"] and (out["momentum"] <= 0 or out["dampening"] != 0):
+            raise ValueError(f"[{where}] Nesterov momentum requires momentum > 0 and "
+                             f"dampening == 0, but got momentum={out['momentum']}, "
+                             f"dampening={out['dampening']}")
+        return out
+
+    def _state_names(self):
+        return ("momentum_buffer",) if self._hyper["momentum"] != 0 else ()
+
+    def _bind(self):
+        h = self._hyper
+        self._calls = []
+        for name, p, g in self._params:
+            # Without momentum the kernel never reads the buffer; an empty one will do.
+            buf = self._state[name].get("momentum_buffer", np.empty(0, dtype=p.dtype))
+            self._calls.append((p, g, buf))
+        self._args = (h["lr"], h["momentum"], h["dampening"], h["nesterov"], h["weight_decay"])
+        # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core can apply
+        # inside the backward sweep without storing dL/dW.
+        self._fused_lr = h["lr"] if h["momentum"] == 0 and h["weight_decay"] == 0 else None
+
+    def _fused_sgd_lr(self):
+        return self._fused_lr
+
+    def _update(self, t):
+        lr, momentum, dampening, nesterov, wd = self._args
+        first = t == 1
+        kernel = _core.sgd_update
+        for p, g, buf in self._calls:
+            kernel(p, g, buf, lr, momentum, dampening, nesterov, wd, first)
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba, 2015), as torch.optim.Adam:
+
+        g = dL/dp + weight_decay p
+        m = beta1 m + (1 - beta1) g,  v = beta2 v + (1 - beta2) g^2
+        p = p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+    Args:
+        net: the network to update.
+        lr: learning rate.
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: L2 penalty >= 0, added to the gradient (see AdamW for the
+            decoupled form).
+    """
+
+    _decoupled = False
+
+    def __init__(self, net: Network, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(net, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def _check(self, where, h):
+        return dict(lr=check_float(where, "lr", h["lr"], minimum=0.0),
+                    betas=_check_betas(where, h["betas"]),
+                    eps=check_float(where, "eps", h["eps"], minimum=0.0),
+                    weight_decay=check_float(where, "weight_decay", h["weight_decay"],
+                                             minimum=0.0))
+
+    def _state_names(self):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _bind(self):
+        h = self._hyper
+        self._calls = [(p, g, self._state[name]["exp_avg"], self._state[name]["exp_avg_sq"])
+                       for name, p, g in self._params]
+        self._args = (h["lr"], h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"])
+
+    def _update(self, t):
+        lr, b1, b2, eps, wd = self._args
+        decoupled = self._decoupled
+        kernel = _core.adam_update
+        for p, g, m, v in self._calls:
+            kernel(p, g, m, v, lr, b1, b2, eps, wd, t, decoupled)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as
+    torch.optim.AdamW: p = (1 - lr weight_decay) p before the Adam update, which
+    sees the bare gradient.
+
+    Args:
+        net: the network to update.
+        lr: learning rate.
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to the denominator, >= 0.
+        weight_decay: decoupled decay factor >= 0.
+    """
+
+    _decoupled = True
+
+    def __init__(self, net: Network, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(net, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Hinton, lecture 6e), as torch.optim.RMSprop:
+
+        g = dL/dp + weight_decay p
+        s = alpha s + (1 - alpha) g^2
+        centered: a = alpha a + (1 - alpha) g, denominator sqrt(s - a^2) + eps
+        otherwise denominator sqrt(s) + eps
+        momentum > 0: buf = momentum buf + g / denominator, p = p - lr buf
+        otherwise p = p - lr g / denominator
+
+    Args:
+        net: the network to update.
+        lr: learning rate.
+        alpha: smoothing constant in [0, 1].
+        eps: added to the denominator, >= 0.
+        weight_decay: L2 penalty >= 0.
+        momentum: momentum factor >= 0.
+        centered: normalise by the estimated variance instead of the second moment.
+    """
+
+    def __init__(self, net: Network, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False) -> None:
+        super().__init__(net, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                   momentum=momentum, centered=centered))
+
+    def _check(self, where, h):
+        return dict(lr=check_float(where, "lr", h["lr"], minimum=0.0),
+                    alpha=check_float(where, "alpha", h["alpha"], minimum=0.0, maximum=1.0),
+                    eps=check_float(where, "eps", h["eps"], minimum=0.0),
+                    weight_decay=check_float(where, "weight_decay", h["weight_decay"],
+                                             minimum=0.0),
+                    momentum=check_float(where, "momentum", h["momentum"], minimum=0.0),
+                    centered=_check_bool(where, "centered", h["centered"]))
+
+    def _state_names(self):
+        names = ("square_avg",)
+        if self._hyper["centered"]:
+            names += ("grad_avg",)
+        if self._hyper["momentum"] > 0:
+            names += ("momentum_buffer",)
+        return names
+
+    def _bind(self):
+        h = self._hyper
+        self._calls = []
+        for name, p, g in self._params:
+            s = self._state[name]
+            empty = np.empty(0, dtype=p.dtype)  # never read by the kernel
+            self._calls.append((p, g, s["square_avg"], s.get("grad_avg", empty),
+                                s.get("momentum_buffer", empty)))
+        self._args = (h["lr"], h["alpha"], h["eps"], h["weight_decay"], h["momentum"],
+                      h["centered"])
+
+    def _update(self, t):
+        lr, alpha, eps, wd, momentum, centered = self._args
+        kernel = _core.rmsprop_update
+        for p, g, sq, ga, buf in self._calls:
+            kernel(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered)
+
+
+#: Optimizer classes by name (used by fit's warm start and by checkpoints).
+OPTIMIZERS = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW, "RMSprop": RMSprop}
+
+
+# ---- learning-rate schedules ------------------------------------------------------
+
+class _Schedule:
+    """Base of the schedules: a reference to the optimizer and plain-data state."""
+
+    _fields: Tuple[str, ...] = ()
+
+    def __init__(self, optimizer: Optimizer) -> None:
+        where = type(self).__name__
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer, but got "
+                            f"{type_name(optimizer)}")
+        self.optimizer = optimizer
+        self.base_lr = optimizer.lr
+        self.last_epoch = 0
+
+    @property
+    def lr(self) -> float:
+        """The optimizer's current learning rate."""
+        return self.optimizer.lr
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data: the schedule's name, settings and position."""
+        out = {"scheduler": type(self).__name__, "base_lr": self.base_lr,
+               "last_epoch": self.last_epoch}
+        out.update({k: getattr(self, k) for k in self._fields})
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restores a ``state_dict()``; a dict that does not fit raises ValueError
+        and changes nothing."""
+        where = f"{type(self).__name__}.load_state_dict"
+        expected = {"scheduler", "base_lr", "last_epoch", *self._fields}
+        if not isinstance(state_dict, dict) or set(state_dict) != expected:
+            got = sorted(map(str, state_dict)) if isinstance(state_dict, dict) \
+                else type_name(state_dict)
+            raise ValueError(f"[{where}] expected a dict with the keys {sorted(expected)}, but "
+                             f"got {got}")
+        if state_dict["scheduler"] != type(self).__name__:
+            raise ValueError(f"[{where}] the state is of {state_dict['scheduler']!r}, not "
+                             f"{type(self).__name__!r}")
+        try:
+            values = self._check_state(where, state_dict)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        for k, v in values.items():
+            setattr(self, k, v)
+
+    def _check_state(self, where: str, sd: Dict[str, Any]) -> Dict[str, Any]:
+        return {"base_lr": check_float(where, "base_lr", sd["base_lr"], minimum=0.0),
+                "last_epoch": check_int(where, "last_epoch", sd["last_epoch"], minimum=0)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
+        return f"{type(self).__name__}({args}, last_epoch={self.last_epoch})"
+
+
+class StepLR(_Schedule):
+    """Step decay: lr = base_lr * gamma ** (epoch // step_size), with epoch the
+    number of ``step()`` calls (as torch.optim.lr_scheduler.StepLR).
+
+    Args:
+        optimizer: whose ``lr`` is set; its current lr is base_lr.
+        step_size: epochs between decays (>= 1).
+        gamma: decay factor, > 0.
+    """
+
+    _fields = ("step_size", "gamma")
+
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
+        super().__init__(optimizer)
+        self.step_size = check_int("StepLR", "step_size", step_size, minimum=1)
+        self.gamma = check_float("StepLR", "gamma", gamma, minimum=0.0, exclusive_minimum=True)
+
+    def _check_state(self, where, sd):
+        out = super()._check_state(where, sd)
+        out["step_size"] = check_int(where, "step_size", sd["step_size"], minimum=1)
+        out["gamma"] = check_float(where, "gamma", sd["gamma"], minimum=0.0,
+                                   exclusive_minimum=True)
+        return out
+
+    def step(self) -> None:
+        """Advances one epoch and sets the optimizer's lr."""
+        self.last_epoch += 1
+        self.optimizer.lr = self.base_lr * self.gamma ** (self.last_epoch // self.step_size)
+
+    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
+        self.step()
+
+
+class CosineAnnealingLR(_Schedule):
+    """Cosine annealing (Loshchilov & Hutter, SGDR without restarts):
+    lr = eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2, the closed
+    form of torch.optim.lr_scheduler.CosineAnnealingLR.
+
+    Args:
+        optimizer: whose ``lr`` is set; its current lr is base_lr.
+        T_max: epochs from base_lr down to eta_min (>= 1).
+        eta_min: the smallest learning rate, >= 0.
+    """
+
+    _fields = ("T_max", "eta_min")
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0) -> None:
+        super().__init__(optimizer)
+        self.T_max = check_int("CosineAnnealingLR", "T_max", T_max, minimum=1)
+        self.eta_min = check_float("CosineAnnealingLR", "eta_min", eta_min, minimum=0.0)
+
+    def _check_state(self, where, sd):
+        out = super()._check_state(where, sd)
+        out["T_max"] = check_int(where, "T_max", sd["T_max"], minimum=1)
+        out["eta_min"] = check_float(where, "eta_min", sd["eta_min"], minimum=0.0)
+        return out
+
+    def step(self) -> None:
+        """Advances one epoch and sets the optimizer's lr."""
+        self.last_epoch += 1
+        cos = math.cos(math.pi * self.last_epoch / self.T_max)
+        self.optimizer.lr = self.eta_min + (self.base_lr - self.eta_min) * (1 + cos) / 2
+
+    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
+        self.step()
+
+
+class ReduceLROnPlateau(_Schedule):
+    """Multiplies lr by ``factor`` when a monitored value has not improved for
+    more than ``patience`` epochs (as torch.optim.lr_scheduler.ReduceLROnPlateau
+    with threshold_mode="rel").
+
+    Improvement means value < best (1 - threshold) in mode "min", value > best
+    (1 + threshold) in mode "max". After a reduction the count starts again,
+    after ``cooldown`` epochs in which bad epochs are not counted.
+
+    Args:
+        optimizer: whose ``lr`` is reduced.
+        mode: "min" or "max".
+        factor: in (0, 1).
+        patience: bad epochs tolerated before a reduction (>= 0).
+        threshold: relative improvement that counts, >= 0.
+        min_lr: lower bound of the lr, >= 0.
+        cooldown: epochs to wait after a reduction, >= 0.
+        monitor: the fit log the callback watches; None watches "val_loss" when
+            there is validation data, "loss" otherwise.
+    """
+
+    _fields = ("mode", "factor", "patience", "threshold", "min_lr", "cooldown", "best",
+               "num_bad_epochs", "cooldown_counter")
+
+    def __init__(self, optimizer: Optimizer, mode: str = "min", factor: float = 0.1,
+                 patience: int = 10, threshold: float = 1e-4, min_lr: float = 0.0,
+                 cooldown: int = 0, monitor: Optional[str] = None) -> None:
+        super().__init__(optimizer)
+        where = "ReduceLROnPlateau"
+        if mode not in ("min", "max"):
+            raise ValueError(f"[{where}] mode must be 'min' or 'max', but got {mode!r}")
+        self.mode = mode
+        self.factor = check_float(where, "factor", factor, minimum=0.0, exclusive_minimum=True,
+                                  maximum=1.0, exclusive_maximum=True)
+        self.patience = check_int(where, "patience", patience, minimum=0)
+        self.threshold = check_float(where, "threshold", threshold, minimum=0.0)
+        self.min_lr = check_float(where, "min_lr", min_lr, minimum=0.0)
+        self.cooldown = check_int(where, "cooldown", cooldown, minimum=0)
+        if monitor is not None and not isinstance(monitor, str):
+            raise TypeError(f"[{where}] monitor must be a str or None, but got "
+                            f"{type_name(monitor)}")
+        self.monitor = monitor
+        self.best = math.inf if mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+
+    def _check_state(self, where, sd):
+        out = super()._check_state(where, sd)
+        if sd["mode"] not in ("min", "max"):
+            raise ValueError(f"[{where}] mode must be 'min' or 'max', but got {sd['mode']!r}")
+        out["mode"] = sd["mode"]
+        out["factor"] = check_float(where, "factor", sd["factor"], minimum=0.0,
+                                    exclusive_minimum=True, maximum=1.0, exclusive_maximum=True)
+        out["patience"] = check_int(where, "patience", sd["patience"], minimum=0)
+        out["threshold"] = check_float(where, "threshold", sd["threshold"], minimum=0.0)
+        out["min_lr"] = check_float(where, "min_lr", sd["min_lr"], minimum=0.0)
+        out["cooldown"] = check_int(where, "cooldown", sd["cooldown"], minimum=0)
+        best = sd["best"]
+        if isinstance(best, (bool, np.bool_)) or not isinstance(best, numbers.Real) \
+                or math.isnan(best):
+            raise ValueError(f"[{where}] best must be a number, but got {best!r}")
+        out["best"] = float(best)
+        out["num_bad_epochs"] = check_int(where, "num_bad_epochs", sd["num_bad_epochs"],
+                                          minimum=0)
+        out["cooldown_counter"] = check_int(where, "cooldown_counter", sd["cooldown_counter"],
+                                            minimum=0)
+        return out
+
+    def _improved(self, value: float) -> bool:
+        if self.mode == "min":
+            return value < self.best * (1 - self.threshold) if self.best != math.inf \
+                else value < self.best
+        return value > self.best * (1 + self.threshold) if self.best != -math.inf \
+            else value > self.best
+
+    def step(self, value: float) -> None:
+        """Records one epoch's monitored value and reduces lr on a plateau."""
+        value = check_float("ReduceLROnPlateau.step", "value", value)
+        self.last_epoch += 1
+        if self._improved(value):
+            self.best = value
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0  # bad epochs in the cooldown do not count
+        if self.num_bad_epochs > self.patience:
+            old = self.optimizer.lr
+            new = max(old * self.factor, self.min_lr)
+            if old - new > 1e-8:  # torch's eps: changes smaller than this are skipped
+                self.optimizer.lr = new
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+
+    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
+        key = self.monitor or ("val_loss" if "val_loss" in logs else "loss")
+        if key not in logs:
+            raise KeyError(f"[ReduceLROnPlateau] monitor {key!r} is not among the fit logs "
+                           f"{sorted(logs)}")
+        self.step(logs[key])

@@ -1,0 +1,816 @@
+"""Training loop, evaluation and gradient checking.
+
+``fit`` runs minibatch training over a dataset held in memory: per epoch one
+permutation of the sample indices, and per minibatch a vectorised gather
+(``np.take``) of the rows into preallocated C-contiguous buffers of the
+network's dtype, then one ``_train_step`` (forward, loss, backward, optimizer
+step), which for the built-in losses is five-odd calls into C++ and no NumPy
+work at all. Inputs and targets are checked and converted once, before the
+first step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._validation import as_float_matrix, check_float, check_int, type_name
+from .losses import _builtin, check_sample_weight, get_loss
+from .losses import binary_cross_entropy_with_logits as _bce
+from .network import Dense, Network
+from .optim import Adam, Optimizer
+
+__all__ = ["History", "fit", "evaluate", "gradcheck", "METRICS"]
+
+#: Built-in metric names. "accuracy" compares argmax(output) with the labels
+#: (a threshold for one-wide and multi-label outputs); "mse" is the mean
+#: squared error of output and target.
+METRICS = ("accuracy", "mse", "mean_squared_error")
+
+
+# ---- History ---------------------------------------------------------------------
+
+class History:
+    """What ``fit`` recorded, one entry per completed epoch.
+
+    Attributes:
+        loss: mean training loss of each epoch (the sample-weighted mean of the
+            minibatch losses, taken while the weights changed, as Keras does).
+        val_loss: loss on the validation data after each epoch (empty without).
+        metrics: {name: [per epoch]} for the training data ("accuracy", ...) and
+            the validation data ("val_accuracy", ...), computed after each epoch.
+        lr: learning rate used in each epoch.
+        time: wall time of each epoch in seconds (validation included).
+        best_epoch: 0-based index of the epoch whose weights early stopping
+            restored (None without early stopping).
+        stopped_early: True if early stopping ended the fit before ``epochs``.
+    """
+
+    def __init__(self) -> None:
+        self.loss: List[float] = []
+        self.val_loss: List[float] = []
+        self.metrics: Dict[str, List[float]] = {}
+        self.lr: List[float] = []
+        self.time: List[float] = []
+        self.best_epoch: Optional[int] = None
+        self.stopped_early = False
+
+    @property
+    def epochs(self) -> int:
+        return len(self.loss)
+
+    @property
+    def total_time(self) -> float:
+        return float(sum(self.time))
+
+    @property
+    def history(self) -> Dict[str, List[float]]:
+        """Everything per epoch in one dict, Keras style: loss, val_loss, the
+        metrics, lr and time."""
+        out = {"loss": list(self.loss)}
+        if self.val_loss:
+            out["val_loss"] = list(self.val_loss)
+        out.update({k: list(v) for k, v in self.metrics.items()})
+        out["lr"] = list(self.lr)
+        out["time"] = list(self.time)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def __repr__(self) -> str:
+        if not self.loss:
+            return "History(epochs=0)"
+        parts = [f"epochs={len(self.loss)}", f"loss={self.loss[-1]:.4g}"]
+        if self.val_loss:
+            parts.append(f"val_loss={self.val_loss[-1]:.4g}")
+        parts += [f"{k}={v[-1]:.4g}" for k, v in self.metrics.items()]
+        parts.append(f"time={self.total_time:.3g}s")
+        return f"History({', '.join(parts)})"
+
+    def plot(self, path, *, log_scale: bool = False) -> None:
+        """Writes a PNG of the loss curves (and of the metrics, in a second panel).
+
+        Uses matplotlib's Agg canvas directly: no pyplot, no global state, no
+        display needed.
+
+        Args:
+            path: where to write the PNG.
+            log_scale: logarithmic loss axis.
+
+        Raises:
+            ImportError: matplotlib is not installed (``pip install matplotlib``).
+            ValueError: the history is empty.
+        """
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as exc:
+            raise ImportError("[History.plot] needs matplotlib: pip install matplotlib "
+                              "(or pip install 'bprop[plot]')") from exc
+        if not self.loss:
+            raise ValueError("[History.plot] the history is empty: nothing to plot")
+        epochs = np.arange(1, len(self.loss) + 1)
+        panels = 2 if self.metrics else 1
+        fig = Figure(figsize=(6.0 * panels, 4.0), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, panels, 1)
+        ax.plot(epochs, self.loss, label="training loss")
+        if self.val_loss:
+            ax.plot(epochs, self.val_loss, label="validation loss")
+        if self.best_epoch is not None:
+            ax.axvline(self.best_epoch + 1, color="grey", linestyle=":", label="best epoch")
+        if log_scale:
+            ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_title("loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        if self.metrics:
+            ax2 = fig.add_subplot(1, panels, 2)
+            for name, values in self.metrics.items():
+                ax2.plot(epochs, values, label=name)
+            ax2.set_xlabel("epoch")
+            ax2.set_title("metrics")
+            ax2.grid(True, alpha=0.3)
+            ax2.legend()
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+
+
+# ---- checks shared by fit, evaluate and gradcheck ---------------------------------
+
+def _check_network(where: str, net: object) -> Network:
+    if not isinstance(net, Network):
+        raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
+    return net
+
+
+def _get_loss(where: str, loss):
+    fn = get_loss(loss, where)
+    return fn, _builtin(fn)
+
+
+def _prepare_target(where: str, name: str, y: object, rows: int, net: Network, builtin,
+                    ref: str = "X") -> np.ndarray:
+    """Checks y against the loss once, for the whole dataset.
+
+    Built-in losses: labels (int64) for softmax cross-entropy (or probability
+    rows), 2-D float targets of the network's dtype for mse and bce; a 1-D target
+    of a one-wide network becomes a column. User losses: y as an array with the
+    same number of rows, float data in the network's dtype, integers kept."""
+    shape = (rows, net.out_features)
+    if builtin is not None:
+        return builtin.prepare(where, name, y, shape, net.dtype, ref)
+    if y is None:
+        raise TypeError(f"[{where}] {name} must be an array, but got None")
+    arr = np.asarray(y)
+    if arr.ndim == 0:
+        raise ValueError(f"[{where}] {name} must have one row per sample, but is a scalar")
+    if arr.shape[0] != rows:
+        raise ValueError(f"[{where}] {name} has {arr.shape[0]} rows, but {ref} has {rows}")
+    if arr.dtype.kind == "f":
+        return np.ascontiguousarray(arr, dtype=net.dtype)
+    return np.ascontiguousarray(arr)
+
+
+def _user_loss(where: str, fn, net: Network):
+    """Wraps a user loss so that its grad reaches backward as a C-contiguous array
+    of the network's dtype with the output's shape."""
+    dtype = net.dtype
+    name = getattr(fn, "__name__", type_name(fn))
+
+    def call(output, target, weight):
+        result = fn(output, target, weight)
+        try:
+            value, grad = result
+        except (TypeError, ValueError):
+            raise TypeError(f"[{where}] the loss {name} must return (value, grad_output), but "
+                            f"returned {type_name(result)}") from None
+        grad = np.asarray(grad)
+        if grad.shape != output.shape:
+            raise ValueError(f"[{where}] the loss {name} returned grad_output of shape "
+                             f"{grad.shape}, but the output has shape {output.shape}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"[{where}] the loss {name} must return a number as its value, "
+                            f"but returned {type_name(value)}") from None
+        return value, np.ascontiguousarray(grad, dtype=dtype)
+
+    return call
+
+
+def _metric_fns(where: str, metrics, loss_fn) -> List[Tuple[str, Callable]]:
+    if metrics is None:
+        return []
+    if isinstance(metrics, str) or callable(metrics):
+        metrics = [metrics]
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"[{where}] metrics must be a list of names {list(METRICS)} or "
+                        f"callables, but got {type_name(metrics)}")
+    out = []
+    for m in metrics:
+        if isinstance(m, str):
+            if m == "accuracy":
+                threshold = 0.0 if loss_fn is _bce else 0.5
+                multilabel = loss_fn is _bce
+                out.append(("accuracy", lambda o, t, w, th=threshold, ml=multilabel:
+                            _accuracy(o, t, w, th, ml)))
+            elif m in ("mse", "mean_squared_error"):
+                out.append((m, _mse_metric))
+            else:
+                raise ValueError(f"[{where}] unknown metric {m!r}; expected one of "
+                                 f"{list(METRICS)} or a callable metric(output, target, "
+                                 "sample_weight=None) -> float")
+        elif callable(m):
+            out.append((getattr(m, "__name__", type_name(m)), m))
+        else:
+            raise TypeError(f"[{where}] each metric must be a name {list(METRICS)} or a "
+                            f"callable, but got {type_name(m)}")
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"[{where}] metric names must be unique, but got {names}")
+    return out
+
+
+def _weighted_mean(values: np.ndarray, weight: Optional[np.ndarray]) -> float:
+    if weight is None:
+        return float(np.mean(values))
+    return float(np.dot(values.astype(np.float64), weight) / np.sum(weight, dtype=np.float64))
+
+
+def _accuracy(output, target, weight, threshold, multilabel) -> float:
+    k = output.shape[1]
+    if target.ndim == 1 and k > 1:
+        correct = np.argmax(output, axis=1) == target
+    elif target.ndim == 1:
+        correct = (output[:, 0] > threshold) == (target > 0.5)
+    elif k > 1 and not multilabel:
+        correct = np.argmax(output, axis=1) == np.argmax(target, axis=1)
+    else:  # one-wide or multi-label: elementwise, averaged per sample
+        correct = ((output > threshold) == (target > 0.5)).mean(axis=1)
+    return _weighted_mean(np.asarray(correct, dtype=np.float64), weight)
+
+
+def _mse_metric(output, target, weight) -> float:
+    if target.ndim == 1:
+        if output.shape[1] != 1:
+            raise ValueError("[mse metric] needs float targets of the output's shape "
+                             f"{output.shape}, but got labels of shape {target.shape}")
+        target = target.reshape(-1, 1)
+    if target.shape != output.shape:
+        raise ValueError(f"[mse metric] target has shape {target.shape}, but the output has "
+                         f"shape {output.shape}")
+    diff = output.astype(np.float64) - target
+    return _weighted_mean((diff * diff).mean(axis=1), weight)
+
+
+def _as_bool(where: str, name: str, value: object) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"[{where}] {name} must be a bool, but got {type_name(value)} {value!r}")
+    return bool(value)
+
+
+class _Dataset:
+    """X, target and weights checked and converted for one network and loss."""
+
+    def __init__(self, where: str, net: Network, X, y, sample_weight, builtin,
+                 names=("X", "y", "sample_weight")) -> None:
+        self.X = as_float_matrix(where, names[0], X, net.dtype, features=net.in_features)
+        rows = self.X.shape[0]
+        self.y = _prepare_target(where, names[1], y, rows, net, builtin, names[0])
+        self.w = check_sample_weight(where, sample_weight, rows, net.dtype, names[0], names[2])
+
+    def subset(self, index: np.ndarray) -> "_Dataset":
+        """The rows `index` as a new dataset (C-contiguous copies)."""
+        part = _Dataset.__new__(_Dataset)
+        part.X = np.take(self.X, index, axis=0)
+        part.y = np.take(self.y, index, axis=0)
+        part.w = None if self.w is None else np.take(self.w, index, axis=0)
+        return part
+
+
+def _measure(net: Network, data: _Dataset, loss_fn, metric_fns, batch_size: int = 0,
+             prefix: str = "") -> Dict[str, float]:
+    """Loss and metrics of the network on a dataset (predict: the training caches
+    are left alone)."""
+    out = net._core.predict(data.X, batch_size)
+    logs = {}
+    if loss_fn is not None:
+        logs[prefix + "loss"] = float(loss_fn(out, data.y, data.w)[0])
+    for name, fn in metric_fns:
+        logs[prefix + name] = float(fn(out, data.y, data.w))
+    return logs
+
+
+# ---- the training step -----------------------------------------------------------
+
+_isfinite = math.isfinite
+
+
+def _train_step(net: Network, Xb: np.ndarray, yb: np.ndarray, loss_fn, optimizer: Optimizer,
+                wb: Optional[np.ndarray]) -> float:
+    """One minibatch: forward, loss, backward, optimizer step. Returns the loss.
+
+    Xb (batch, in_features) is C-contiguous of the network's dtype and stays
+    unchanged until backward has run (forward caches it by reference).
+
+    ``loss_fn`` is either the name of a built-in loss, for which forward, loss
+    and backward are one GIL-free C++ call (``_core.train_step``; for plain SGD
+    the update is fused into the backward sweep as well), or a callable
+    ``(output, target, weight) -> (value, grad)`` run from Python. A non-finite
+    loss returns before the optimizer step (except in the fused SGD path), so the
+    weights usually stay as they were; fit reports the divergence.
+    """
+    core = net._core
+    if loss_fn.__class__ is str:
+        lr = optimizer._fused_sgd_lr()
+        if lr is not None:
+            value = core.train_step(Xb, yb, loss_fn, wb, lr)
+            optimizer._fused_step_taken()
+            return value
+        value = core.train_step(Xb, yb, loss_fn, wb, -1.0)
+        if not _isfinite(value):
+            return value
+    else:
+        value, grad = loss_fn(core.forward(Xb), yb, wb)
+        if not _isfinite(value):
+            return value
+        core.backward(grad, False, False)
+    optimizer.step()
+    return value
+
+
+def _first_nonfinite(net: Network) -> Optional[str]:
+    for name, p, _ in net.parameters():
+        if not _core.all_finite(p):
+            return name
+    return None
+
+
+class _Progress:
+    """One tqdm bar over all minibatches of the fit: the description names the
+    epoch, the postfix shows the running loss of the epoch (refreshed every few
+    batches, so the bar costs next to nothing per step) and, at each epoch's end,
+    its validation loss and metrics."""
+
+    def __init__(self, epochs: int, batches: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.epochs = epochs
+        self.width = len(str(epochs))
+        self.bar = tqdm(total=epochs * batches, unit="batch", dynamic_ncols=True, leave=True,
+                        desc=self._desc(0))
+        self.every = max(1, batches // 10)
+        self.pending = 0
+
+    def _desc(self, epoch: int) -> str:
+        return f"epoch {epoch + 1:>{self.width}}/{self.epochs}"
+
+    def start_epoch(self, epoch: int) -> None:
+        self.bar.set_description_str(self._desc(epoch), refresh=False)
+
+    def update(self, running_loss: float) -> None:
+        self.pending += 1
+        if self.pending >= self.every:
+            self.bar.set_postfix_str(f"loss={running_loss:.4f}", refresh=False)
+            self.bar.update(self.pending)
+            self.pending = 0
+
+    def end_epoch(self, logs: Dict[str, float]) -> None:
+        self.bar.set_postfix_str(_format_logs(logs), refresh=False)
+        self.bar.update(self.pending)
+        self.pending = 0
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _format_logs(logs: Dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k not in ("time", "lr"))
+
+
+# ---- fit -------------------------------------------------------------------------
+
+def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Optimizer] = None,
+        epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed=None,
+        validation_split: float = 0.0, validation_data=None,
+        early_stopping: Optional[int] = None, metrics=None, callbacks=None,
+        sample_weight=None, verbose: bool = False, check_finite: bool = False) -> History:
+    """Trains the network by minibatch gradient descent.
+
+    Args:
+        net: the network; trained in place.
+        X: (samples, in_features) real numbers; converted once to the network's
+            dtype (bprop._validation.as_float_matrix).
+        y: targets checked against the loss: integer labels (samples,) or
+            probability rows for softmax cross-entropy; (samples, out_features)
+            floats for mean squared error and binary cross-entropy ((samples,)
+            for a one-wide network). A user loss gets y's rows as given (float
+            data in the network's dtype).
+        loss: a name from ``bprop.losses.LOSSES`` or a callable
+            ``loss(output, target, sample_weight=None) -> (value, grad_output)``.
+        optimizer: a ``bprop.optim`` optimizer bound to ``net``. None reuses the
+            optimizer of this network's previous fit (so a second call continues
+            where the first stopped: warm start), or makes ``Adam(net, lr=1e-3)``
+            the first time. The optimizer used is remembered on the network.
+        epochs: passes over the training data (>= 1).
+        batch_size: samples per minibatch (>= 1); the last one may be smaller.
+        shuffle: a new permutation of the samples each epoch.
+        seed: int, None or numpy Generator; seeds the shuffling and the
+            validation split (same seed, same batches).
+        validation_split: fraction in [0, 1) held out for validation: the data
+            are permuted once with ``seed`` (if shuffle) and the last
+            ``samples - int(samples * (1 - validation_split))`` rows are held
+            out, as Keras takes the tail (unstratified).
+        validation_data: (X_val, y_val) or (X_val, y_val, sample_weight_val);
+            excludes validation_split.
+        early_stopping: patience in epochs (>= 0), or None. Watches val_loss
+            when there is validation data, else the training loss; stops after
+            ``patience`` epochs in a row without a strict improvement (Keras'
+            rule) and restores the
+            weights of the best epoch (also when the epochs run out). The
+            optimizer state is that of the last epoch.
+        metrics: names from ``METRICS`` or callables
+            ``metric(output, target, sample_weight) -> float``, computed after
+            each epoch on the training data and on the validation data
+            ("val_" + name).
+        callbacks: objects with an optional ``on_epoch_end(epoch, logs)``
+            (epoch 0-based, logs a dict of this epoch's loss, val_loss,
+            metrics, lr and time); returning a true value stops training. The
+            ``bprop.optim`` schedules are such objects.
+        sample_weight: non-negative weights (samples,). Each minibatch's loss is
+            the weighted mean over its samples; a minibatch whose weights are
+            all zero is skipped.
+        verbose: show a tqdm progress bar per epoch with the running loss.
+        check_finite: also check every parameter for NaN/inf after each step
+            (the loss is always checked).
+
+    Returns:
+        History of the epochs run.
+
+    Raises:
+        FloatingPointError: the loss became NaN or inf. The message names the
+            epoch and the first layer whose weights went non-finite; the weights
+            (and optimizer state) are restored to the last finite ones, and the
+            exception's ``history`` attribute holds the completed epochs.
+    """
+    where = "fit"
+    _check_network(where, net)
+    loss_fn, builtin = _get_loss(where, loss)
+    train = _Dataset(where, net, X, y, sample_weight, builtin)
+    epochs = check_int(where, "epochs", epochs, minimum=1)
+    batch_size = check_int(where, "batch_size", batch_size, minimum=1)
+    shuffle = _as_bool(where, "shuffle", shuffle)
+    verbose = _as_bool(where, "verbose", verbose)
+    check_finite = _as_bool(where, "check_finite", check_finite)
+    if isinstance(seed, np.random.Generator):
+        rng = seed
+    else:
+        if seed is not None:
+            seed = check_int(where, "seed", seed, minimum=0)
+        rng = np.random.default_rng(seed)
+    validation_split = check_float(where, "validation_split", validation_split, minimum=0.0,
+                                   maximum=1.0, exclusive_maximum=True)
+    if validation_split > 0 and validation_data is not None:
+        raise ValueError(f"[{where}] give validation_split or validation_data, not both")
+    if early_stopping is not None:
+        early_stopping = check_int(where, "early_stopping", early_stopping, minimum=0)
+    metric_fns = _metric_fns(where, metrics, loss_fn)
+    if callbacks is None:
+        callbacks = []
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"[{where}] callbacks must be a list, but got {type_name(callbacks)}")
+    epoch_hooks = []
+    for i, cb in enumerate(callbacks):
+        hook = getattr(cb, "on_epoch_end", None)
+        if hook is not None:
+            if not callable(hook):
+                raise TypeError(f"[{where}] callbacks[{i}].on_epoch_end must be callable")
+            epoch_hooks.append(hook)
+    if optimizer is None:
+        optimizer = getattr(net, "_fit_optimizer", None)
+        if optimizer is None:
+            optimizer = Adam(net, lr=1e-3)
+    elif not isinstance(optimizer, Optimizer):
+        raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but got "
+                        f"{type_name(optimizer)}")
+    if optimizer.net is not net:
+        raise ValueError(f"[{where}] the optimizer is bound to another network; create it with "
+                         "this one, e.g. bprop.optim.Adam(net)")
+
+    valid: Optional[_Dataset] = None
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise TypeError(f"[{where}] validation_data must be (X_val, y_val) or (X_val, y_val, "
+                            f"sample_weight_val), but got {type_name(validation_data)}")
+        vw = validation_data[2] if len(validation_data) == 3 else None
+        valid = _Dataset(where, net, validation_data[0], validation_data[1], vw, builtin,
+                         ("validation_data[0]", "validation_data[1]", "validation_data[2]"))
+    elif validation_split > 0:
+        n = train.X.shape[0]
+        split_at = int(n * (1.0 - validation_split))
+        if split_at < 1 or split_at >= n:
+            raise ValueError(f"[{where}] validation_split={validation_split} of {n} samples "
+                             f"leaves {split_at} for training and {n - split_at} for "
+                             "validation; both need at least one")
+        order = rng.permutation(n) if shuffle else np.arange(n)
+        valid = train.subset(order[split_at:])
+        train = train.subset(order[:split_at])
+        for part, data in (("training", train), ("validation", valid)):
+            if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
+                raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
+                                 " has only zero sample weights")
+
+    # Everything is checked; from here on the network and optimizer change.
+    net._fit_optimizer = optimizer
+    eval_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
+    step_loss = builtin.name if builtin is not None else eval_loss
+    if verbose:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("[fit] verbose=True needs tqdm: pip install tqdm") from exc
+
+    Xt, yt, wt = train.X, train.y, train.w
+    n = Xt.shape[0]
+    bs = min(batch_size, n)
+    n_batches = -(-n // bs)
+    # Preallocated batch buffers; the last, shorter batch uses views of their heads.
+    bufs = (np.empty((bs,) + Xt.shape[1:], Xt.dtype), np.empty((bs,) + yt.shape[1:], yt.dtype),
+            None if wt is None else np.empty(bs, wt.dtype))
+    tail = n - (n_batches - 1) * bs
+    tail_bufs = tuple(None if b is None else b[:tail] for b in bufs)
+
+    history = History()
+    params = [(name, p) for name, p, _ in net.parameters()]
+    best_value = math.inf
+    best_weights = None
+    stalled = 0
+    monitor = "val_loss" if valid is not None else "loss"
+
+    progress = _Progress(epochs, n_batches) if verbose else None
+    try:
+        for epoch in range(epochs):
+            start = time.perf_counter()
+            # The last finite weights, should this epoch diverge.
+            snapshot = [p.copy() for _, p in params]
+            opt_snapshot = optimizer.state_dict()
+            perm = rng.permutation(n) if shuffle else None
+            if progress is not None:
+                progress.start_epoch(epoch)
+            total = 0.0
+            total_weight = 0.0
+            lr = optimizer.lr
+            for b in range(n_batches):
+                lo = b * bs
+                hi = lo + bs if b < n_batches - 1 else n
+                if perm is not None:
+                    idx = perm[lo:hi]
+                    Xbuf, ybuf, wbuf = bufs if b < n_batches - 1 else tail_bufs
+                    # mode="clip" skips the bounds check (the indices are a permutation)
+                    # and lets take write into the buffer without an extra copy.
+                    Xb = np.take(Xt, idx, axis=0, out=Xbuf, mode="clip")
+                    yb = np.take(yt, idx, axis=0, out=ybuf, mode="clip")
+                    wb = None if wt is None else np.take(wt, idx, axis=0, out=wbuf, mode="clip")
+                else:
+                    Xb, yb = Xt[lo:hi], yt[lo:hi]
+                    wb = None if wt is None else wt[lo:hi]
+                if wb is None:
+                    weight = hi - lo
+                else:
+                    weight = float(wb.sum(dtype=np.float64))
+                    if weight == 0.0:
+                        continue  # nothing to learn from: the weighted mean is 0/0
+                value = _train_step(net, Xb, yb, step_loss, optimizer, wb)
+                if not _isfinite(value) or (check_finite and _first_nonfinite(net) is not None):
+                    _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch,
+                              epochs, b, n_batches, value, lr, progress)
+                total += value * weight
+                total_weight += weight
+                if progress is not None:
+                    progress.update(total / total_weight)
+
+            logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
+            if metric_fns:
+                logs.update(_measure(net, train, None, metric_fns))
+            if valid is not None:
+                logs.update(_measure(net, valid, eval_loss, metric_fns, prefix="val_"))
+            if not _isfinite(logs.get("val_loss", 0.0)):
+                _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs,
+                          n_batches - 1, logs["val_loss"], lr, progress, what="validation loss")
+            logs["lr"] = lr
+            logs["time"] = time.perf_counter() - start
+            history.loss.append(logs["loss"])
+            if valid is not None:
+                history.val_loss.append(logs["val_loss"])
+            for name, _ in metric_fns:
+                history.metrics.setdefault(name, []).append(logs[name])
+                if valid is not None:
+                    history.metrics.setdefault("val_" + name, []).append(logs["val_" + name])
+            history.lr.append(lr)
+            history.time.append(logs["time"])
+            if progress is not None:
+                progress.end_epoch(logs)
+
+            stop = False
+            if early_stopping is not None:
+                if logs[monitor] < best_value:
+                    best_value = logs[monitor]
+                    history.best_epoch = epoch
+                    stalled = 0
+                    if best_weights is None:
+                        best_weights = [p.copy() for _, p in params]
+                    else:
+                        for dst, (_, p) in zip(best_weights, params):
+                            np.copyto(dst, p)
+                else:
+                    stalled += 1
+                    if stalled >= early_stopping:
+                        stop = True
+            for hook in epoch_hooks:
+                if hook(epoch, dict(logs)):
+                    stop = True
+            if stop:
+                history.stopped_early = epoch < epochs - 1
+                break
+    finally:
+        if progress is not None:
+            progress.close()
+
+    if best_weights is not None:
+        for src, (_, p) in zip(best_weights, params):
+            np.copyto(p, src)
+    if verbose:
+        _summary(history, epochs, monitor)
+    return history
+
+
+def _summary(history: History, epochs: int, monitor: str) -> None:
+    from tqdm.auto import tqdm
+
+    logs = {"loss": history.loss[-1]}
+    if history.val_loss:
+        logs["val_loss"] = history.val_loss[-1]
+    logs.update({k: v[-1] for k, v in history.metrics.items()})
+    line = (f"{history.epochs}/{epochs} epochs in {history.total_time:.2f} s: "
+            f"{_format_logs(logs)}")
+    if history.best_epoch is not None:
+        best = (history.val_loss if monitor == "val_loss" else history.loss)[history.best_epoch]
+        line += (f"; {'stopped early, ' if history.stopped_early else ''}restored the weights "
+                 f"of epoch {history.best_epoch + 1} ({monitor}={best:.4g})")
+    tqdm.write(line)
+
+
+def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
+              n_batches, value, lr, progress, what="loss"):
+    """Raises the divergence error after restoring the last finite weights."""
+    bad = _first_nonfinite(net)
+    if bad is None:
+        restored = ("the weights are still finite and were left as they were before the "
+                    "failing step")
+    else:
+        for src, (_, p) in zip(snapshot, params):
+            np.copyto(p, src)
+        optimizer.load_state_dict(opt_snapshot)
+        layer = bad.rsplit(".", 1)[0].replace("layers.", "layer ")
+        restored = (f"{layer} ({bad}) was the first to hold non-finite weights; the weights "
+                    f"and optimizer state from the start of epoch {epoch + 1} (the last finite "
+                    "ones) were restored")
+    where = "validation" if what == "validation loss" else f"batch {batch + 1}/{n_batches}"
+    exc = FloatingPointError(
+        f"[fit] training diverged in epoch {epoch + 1}/{epochs} ({where}): the {what} is "
+        f"{value}; {restored}. Try a smaller learning rate (lr={lr:g}), scaling the inputs, or "
+        "check the data for NaN/inf.")
+    exc.history = history
+    raise exc
+
+
+# ---- evaluate ----------------------------------------------------------------------
+
+def evaluate(net: Network, X, y, loss="softmax_cross_entropy", metrics=None,
+             sample_weight=None, batch_size: Optional[int] = None) -> Dict[str, float]:
+    """Loss and metrics of the network on a dataset, without changing it.
+
+    Args:
+        net: the network.
+        X: (samples, in_features) real numbers.
+        y: targets, checked against the loss as in ``fit``.
+        loss: a name from ``bprop.losses.LOSSES``, a callable, or None for
+            metrics only.
+        metrics: names from ``METRICS`` or callables
+            ``metric(output, target, sample_weight) -> float``.
+        sample_weight: optional non-negative weights (samples,).
+        batch_size: rows per forward chunk (bounds the memory); None for all.
+
+    Returns:
+        {"loss": value, "accuracy": ..., ...}.
+    """
+    where = "evaluate"
+    _check_network(where, net)
+    if loss is None:
+        loss_fn, builtin = None, None
+    else:
+        loss_fn, builtin = _get_loss(where, loss)
+    metric_fns = _metric_fns(where, metrics, loss_fn)
+    if loss_fn is None and not metric_fns:
+        raise ValueError(f"[{where}] nothing to compute: give a loss or metrics")
+    data = _Dataset(where, net, X, y, sample_weight, builtin)
+    size = 0 if batch_size is None else check_int(where, "batch_size", batch_size, minimum=1)
+    if loss_fn is None:
+        step_loss = None
+    else:
+        step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
+    return _measure(net, data, step_loss, metric_fns, size)
+
+
+# ---- gradcheck ---------------------------------------------------------------------
+
+def _float64_copy(net: Network) -> Network:
+    layers = [Dense(L.in_features, L.out_features, L.activation,
+                    negative_slope=L.negative_slope) for L in net.layers]
+    copy = Network(layers, dtype="float64", seed=0)
+    for (_, dst, _), (_, src, _) in zip(copy.parameters(), net.parameters()):
+        dst[...] = src
+    return copy
+
+
+def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-6, *,
+              sample_weight=None, max_checks: Optional[int] = None,
+              seed: int = 0) -> Dict[str, float]:
+    """Checks backpropagation against central finite differences, in float64.
+
+    For each parameter p, the numerical gradient (L(p + eps) - L(p - eps)) / (2 eps)
+    is compared with the gradient of one forward/backward pass on a float64 copy
+    of the network (the network itself is not touched; a float32 network is
+    copied with its weights widened exactly).
+
+    The error of a layer is normwise: max_i |analytic_i - numeric_i| divided by
+    max_i max(|analytic_i|, |numeric_i|), over its weight and bias (0 when both
+    gradients vanish). A correct backward gives about 1e-8 or less for smooth
+    activations; keep inputs away from ReLU's kink.
+
+    Args:
+        net: the network.
+        X: (samples, in_features) inputs; a handful of samples is plenty.
+        y: targets, checked against the loss as in ``fit``.
+        loss: a name from ``bprop.losses.LOSSES`` or a callable.
+        eps: the finite-difference step (> 0).
+        sample_weight: optional weights (samples,).
+        max_checks: check at most this many randomly chosen entries per
+            parameter (None: all of them; 2 forward passes each).
+        seed: seed of that choice.
+
+    Returns:
+        {"layers.0": error, "layers.1": error, ...}.
+    """
+    where = "gradcheck"
+    _check_network(where, net)
+    loss_fn, builtin = _get_loss(where, loss)
+    eps = check_float(where, "eps", eps, minimum=0.0, exclusive_minimum=True)
+    if max_checks is not None:
+        max_checks = check_int(where, "max_checks", max_checks, minimum=1)
+    seed = check_int(where, "seed", seed, minimum=0)
+    net64 = _float64_copy(net)
+    data = _Dataset(where, net64, X, y, sample_weight, builtin)
+    step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net64)
+    core = net64._core
+
+    _, grad_output = step_loss(core.forward(data.X), data.y, data.w)
+    core.backward(grad_output, False, False)
+
+    def value() -> float:
+        return float(step_loss(core.predict(data.X, 0), data.y, data.w)[0])
+
+    rng = np.random.default_rng(seed)
+    result: Dict[str, float] = {}
+    for i, layer in enumerate(net64.layers):
+        worst_diff = 0.0
+        scale = 0.0
+        for p, g in ((layer.weight, layer.grad_weight), (layer.bias, layer.grad_bias)):
+            flat = p.reshape(-1)  # a view of the C++ storage
+            analytic = g.reshape(-1).copy()
+            index = np.arange(flat.size)
+            if max_checks is not None and flat.size > max_checks:
+                index = rng.choice(flat.size, size=max_checks, replace=False)
+            numeric = np.empty(index.size)
+            for j, k in enumerate(index):
+                original = flat[k]
+                flat[k] = original + eps
+                plus = value()
+                flat[k] = original - eps
+                minus = value()
+                flat[k] = original
+                numeric[j] = (plus - minus) / (2 * eps)
+            a = analytic[index]
+            worst_diff = max(worst_diff, float(np.max(np.abs(a - numeric), initial=0.0)))
+            scale = max(scale, float(np.max(np.abs(a), initial=0.0)),
+                        float(np.max(np.abs(numeric), initial=0.0)))
+        result[f"layers.{i}"] = worst_diff / scale if scale > 0 else 0.0
+    return result
