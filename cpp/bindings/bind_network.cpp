@@ -48,7 +48,9 @@ const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
 template <typename T>
 void bind_network_type(py::module_& m, const char* name) {
   using Self = PyNetwork<T>;
-  py::class_<Self>(m, name)
+  // module_local: a portable install holds two builds of this module (baseline and
+  // AVX-512); their types must not collide in pybind11's registry if both load.
+  py::class_<Self>(m, name, py::module_local())
       .def(py::init([](const std::vector<LayerTuple>& layers) {
              return std::make_unique<Self>(to_specs(layers));
            }),

@@ -1,4 +1,6 @@
 // The compiled module bprop._core: only calls the bind_<area> functions.
+// A portable build also compiles it as bprop._core_avx512 over an AVX-512 build of
+// the core; bprop/__init__.py picks one at import (BPROP_MODULE_NAME says which).
 #include <Eigen/Core>
 
 #include "bprop/gemm.hpp"
@@ -7,7 +9,7 @@
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_core, m) {
+PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.doc() = "bprop's C++ core (private; import bprop instead)";
   bprop::python::bind_network(m);
   bprop::python::bind_kernels(m);

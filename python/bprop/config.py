@@ -23,6 +23,7 @@ def get_num_threads() -> int:
 def config() -> dict:
     """How this core was built and how it runs, as a dict."""
     info = dict(_core.build_info())
+    info["module"] = _core.__name__
     info["num_threads"] = get_num_threads()
     return info
 
@@ -30,7 +31,8 @@ def config() -> dict:
 def show_config() -> None:
     """Prints the kernel level, thread count, Eigen version and build flags in use."""
     info = config()
-    print(f"bprop {info['version']}: matrix products {info['gemm']}, "
+    print(f"bprop {info['version']}: core {info['module']} built with {info['arch_flags']}; "
+          f"matrix products {info['gemm']}, "
           f"{info['num_threads']} threads; Eigen {info['eigen_version']} "
-          f"(SIMD {info['simd']}); flags {info['arch_flags']}, {info['build_type']}, "
+          f"(SIMD {info['simd']}); {info['build_type']}, "
           f"gcc {info['compiler']}")
