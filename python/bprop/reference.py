@@ -95,7 +95,7 @@ def activation_backward(activation: str, z: np.ndarray, a: np.ndarray, grad_a: n
     if activation == "tanh":
         return (1 - a * a) * grad_a            # tanh' = 1 - tanh^2
     if activation == "relu":
-        return np.where(z > 0, grad_a, 0).astype(z.dtype)
+        return np.where(z > 0, grad_a, 0)
     if activation == "leaky_relu":
         return np.where(z > 0, grad_a, negative_slope * grad_a)
     if activation == "gelu":
@@ -137,7 +137,10 @@ class Dense:
         self.in_features = check_int("reference.Dense", "in_features", in_features, minimum=1)
         self.out_features = check_int("reference.Dense", "out_features", out_features,
                                       minimum=1)
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        if not isinstance(activation, str):
+            raise TypeError(f"[reference.Dense] activation must be a str, one of {ACTIVATIONS}, "
+                            f"but got {type_name(activation)}")
+        if activation not in ACTIVATIONS:
             raise ValueError(f"[reference.Dense] activation must be one of {ACTIVATIONS}, "
                              f"but got {activation!r}")
         self.activation = activation
@@ -188,6 +191,10 @@ class Dense:
         if arr.dtype.kind not in "iuf" or arr.shape != target.shape:
             raise ValueError(f"[reference.Dense.{name}] must be real numbers of shape "
                              f"{target.shape}, but got dtype {arr.dtype}, shape {arr.shape}")
+        with np.errstate(over="ignore"):
+            arr = arr.astype(target.dtype)  # checked as stored: 1e39 is inf in float32
+        if not np.isfinite(arr).all():
+            raise ValueError(f"[reference.Dense.{name}] must be finite as {target.dtype}")
         target[...] = arr
 
 
@@ -201,7 +208,8 @@ class Network:
             ``bprop.Network`` with the same architecture.
     """
 
-    def __init__(self, layers: Sequence[Dense], dtype="float32", seed: Optional[int] = None) -> None:
+    def __init__(self, layers: Sequence[Dense], dtype="float32",
+                 seed: Optional[int] = None) -> None:
         if not isinstance(layers, (list, tuple)):
             raise TypeError("[reference.Network] layers must be a list of reference.Dense, "
                             f"but got {type_name(layers)}")
@@ -279,7 +287,8 @@ class Network:
         batch = self._layers[0].input.shape[0]
         self._check("backward", "grad_output", grad_output, self.out_features, batch)
         grad_a = grad_output                                    # dL/da of the output layer
-        for layer in reversed(self._layers):
+        for i in range(len(self._layers) - 1, -1, -1):
+            layer = self._layers[i]
             delta = activation_backward(layer.activation, layer.z, layer.output, grad_a,
                                         layer.negative_slope)  # delta = sigma'(z) * dL/da
             grad_W = layer.input.T @ delta                      # dL/dW = a^T delta
@@ -291,7 +300,8 @@ class Network:
                 layer.grad_weight[...] = grad_W
                 layer.grad_bias[...] = grad_b
             layer.delta = _readonly(delta)
-            grad_a = delta @ layer.weight.T                     # dL/da of the layer below
+            if i > 0 or input_grad:  # the first layer's dL/dX only when asked for
+                grad_a = delta @ layer.weight.T             # dL/da of the layer below
         self._has_backward = True
         return grad_a if input_grad else None
 
@@ -300,7 +310,11 @@ class Network:
         lr = check_float("reference.Network.step", "lr", lr, minimum=0.0)
         if not self._has_backward:
             raise RuntimeError("[reference.Network.step] called before backward")
-        lr = self._dtype.type(lr)
+        with np.errstate(over="ignore"):
+            lr = self._dtype.type(lr)
+        if not np.isfinite(lr):
+            raise ValueError(f"[reference.Network.step] lr must be finite as {self._dtype}, "
+                             f"but overflows")
         for layer in self._layers:
             layer.weight[...] -= lr * layer.grad_weight
             layer.bias[...] -= lr * layer.grad_bias
@@ -361,8 +375,8 @@ class Network:
         return iter(self._layers)
 
     def __repr__(self) -> str:
-        lines = [f"reference.Network(dtype={self._dtype.name}, "
-                 f"parameters={self.num_parameters:,})"]
+        lines = [f"reference.Network(dtype={self._dtype.name}, parameters="
+                 + f"{self.num_parameters:,})"]
         lines += [f"  ({i}): {layer!r}" for i, layer in enumerate(self._layers)]
         return "\n".join(lines)
 
@@ -442,8 +456,8 @@ def binary_cross_entropy_with_logits(output: np.ndarray, target, sample_weight=N
     Returns:
         (loss, grad) with grad = w_i (sigmoid(x) - y) / (sum(w) k).
     """
-    batch, wsum, w = _loss_inputs("binary_cross_entropy_with_logits", output, target,
-                                  sample_weight)
+    _, wsum, w = _loss_inputs("binary_cross_entropy_with_logits", output, target,
+                              sample_weight)
     x = output.astype(np.float64)
     y = _same_shape_target("binary_cross_entropy_with_logits", output, target)
     denom = wsum * output.shape[1]
@@ -460,7 +474,7 @@ def mean_squared_error(output: np.ndarray, target, sample_weight=None
     Returns:
         (loss, grad) with grad = 2 w_i (output - target) / (sum(w) k).
     """
-    batch, wsum, w = _loss_inputs("mean_squared_error", output, target, sample_weight)
+    _, wsum, w = _loss_inputs("mean_squared_error", output, target, sample_weight)
     r = output.astype(np.float64) - _same_shape_target("mean_squared_error", output, target)
     denom = wsum * output.shape[1]
     grad = (2 * w / denom)[:, None] * r
