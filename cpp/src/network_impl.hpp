@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -105,6 +106,20 @@ void Network<T>::reserve(Index batch) {
 }
 
 template <typename T>
+bool Network<T>::aliases_cache(const T* data, Index size) const {
+  const auto lo = reinterpret_cast<std::uintptr_t>(data);
+  const auto hi = reinterpret_cast<std::uintptr_t>(data + size);
+  for (const Dense<T>& L : layers_) {
+    for (const StoragePtr<T>* s : {&L.z, &L.output, &L.delta}) {
+      const auto b = reinterpret_cast<std::uintptr_t>((*s)->data());
+      const auto e = reinterpret_cast<std::uintptr_t>((*s)->data() + (*s)->size());
+      if (lo < e && b < hi) return true;
+    }
+  }
+  return false;
+}
+
+template <typename T>
 void Network<T>::clear_cache() {
   input_ = nullptr;
   batch_ = 0;
@@ -119,6 +134,11 @@ ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
   }
   if (X.rows() <= 0) {
     throw std::invalid_argument("[Network.forward] X has 0 rows; expected at least one sample");
+  }
+  if (aliases_cache(X.data(), X.size())) {
+    throw std::invalid_argument("[Network.forward] X is a view of this network's own cache "
+                                "(a layer's z, output or delta), which this forward pass "
+                                "overwrites; pass a copy (X.copy())");
   }
   reserve(X.rows());
   const Index B = X.rows();
@@ -177,6 +197,12 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
             "), but y[" + std::to_string(i) + "] = " + std::to_string(labels[i]));
       }
     }
+  }
+  const Index n_target = labels != nullptr ? 0 : X.rows() * out_features();
+  if ((target != nullptr && aliases_cache(target, n_target)) ||
+      (sample_weight != nullptr && aliases_cache(sample_weight, X.rows()))) {
+    throw std::invalid_argument("[Network.train_step] y or sample_weight is a view of this "
+                                "network's own cache, which the step overwrites; pass a copy");
   }
   forward(X);
   Dense<T>& last = layers_.back();

@@ -50,10 +50,12 @@ def check_float(where: str, name: str, value: object, *, minimum: float | None =
 
 def check_dtype(where: str, dtype: object) -> np.dtype:
     """'float32' or 'float64' (or the NumPy equivalents)."""
-    try:
-        dt = np.dtype(dtype)  # type: ignore[call-overload]
-    except TypeError:
-        dt = None
+    dt = None
+    if dtype is not None:  # np.dtype(None) would be float64
+        try:
+            dt = np.dtype(dtype)  # type: ignore[call-overload]
+        except TypeError:
+            dt = None
     if dt is None or dt.name not in DTYPES or not dt.isnative:
         raise ValueError(f"[{where}] dtype must be 'float32' or 'float64', but got {dtype!r}")
     return DTYPES[dt.name]

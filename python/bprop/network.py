@@ -152,8 +152,12 @@ class Dense:
             raise TypeError(f"[{where}] must be assigned real numbers, but got dtype {arr.dtype}")
         if arr.shape != target.shape:
             raise ValueError(f"[{where}] must have shape {target.shape}, but got {arr.shape}")
+        # check finiteness in the network's dtype: 1e39 is finite in float64, not in float32
+        with np.errstate(over="ignore"):
+            arr = arr.astype(target.dtype)
         if not np.isfinite(arr).all():
-            raise ValueError(f"[{where}] must be finite, but the array holds NaN or inf")
+            raise ValueError(f"[{where}] must be finite in {target.dtype}, but the array holds "
+                             "NaN or inf (or values too large for the dtype)")
         target[...] = arr  # copies into the C++ storage
 
 
@@ -194,6 +198,11 @@ class Network:
                                  f"features, but layer {i - 1} produces "
                                  f"{layers[i - 1].out_features}")
         self._dtype = check_dtype("Network", dtype)
+        limit = float(np.finfo(self._dtype).max)
+        for i, layer in enumerate(layers):
+            if abs(layer.negative_slope) > limit:
+                raise ValueError(f"[Network] layers[{i}].negative_slope = "
+                                 f"{layer.negative_slope} overflows {self._dtype.name}")
         if seed is not None:
             seed = check_int("Network", "seed", seed, minimum=0)
         self._seed = seed
@@ -242,7 +251,8 @@ class Network:
 
     def step(self, lr: float) -> None:
         """Plain SGD on every parameter: W -= lr * dL/dW, b -= lr * dL/db."""
-        lr = check_float("Network.step", "lr", lr, minimum=0.0)
+        lr = check_float("Network.step", "lr", lr, minimum=0.0,
+                         maximum=float(np.finfo(self._dtype).max))
         self._core.step(lr)
 
     def train_step(self, X: np.ndarray, y: np.ndarray, loss="softmax_cross_entropy",

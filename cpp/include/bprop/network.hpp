@@ -107,6 +107,8 @@ class Network {
 
  private:
   void reserve(Index batch);
+  // True if [data, data + size) overlaps a layer's z, output or delta buffer.
+  bool aliases_cache(const T* data, Index size) const;
   // The backward sweep proper, from the output layer's delta (already formed).
   void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr);
 
