@@ -12,6 +12,7 @@ first step.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -313,6 +314,9 @@ def _measure(net: Network, data: _Dataset, loss_fn, metric_fns, batch_size: int 
 
 _isfinite = math.isfinite
 
+# Bytes of shuffled rows gathered per np.take call in fit (a whole number of minibatches).
+_CHUNK_BYTES = 1 << 20
+
 
 def _train_step(net: Network, Xb: np.ndarray, yb: np.ndarray, loss_fn, optimizer: Optimizer,
                 wb: Optional[np.ndarray]) -> float:
@@ -542,11 +546,17 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     n = Xt.shape[0]
     bs = min(batch_size, n)
     n_batches = -(-n // bs)
-    # Preallocated batch buffers; the last, shorter batch uses views of their heads.
-    bufs = (np.empty((bs,) + Xt.shape[1:], Xt.dtype), np.empty((bs,) + yt.shape[1:], yt.dtype),
-            None if wt is None else np.empty(bs, wt.dtype))
-    tail = n - (n_batches - 1) * bs
-    tail_bufs = tuple(None if b is None else b[:tail] for b in bufs)
+    # Shuffled rows are gathered chunk by chunk into preallocated C-contiguous
+    # buffers, a whole number of minibatches (about _CHUNK_BYTES) per np.take, so
+    # that a tiny network does not pay a gather call per step; each minibatch is
+    # then a contiguous slice of the buffers (C-contiguous: rows of a C array).
+    row_bytes = (Xt[:1].nbytes + yt[:1].nbytes + (0 if wt is None else wt.itemsize))
+    chunk_rows = bs * max(1, min(n_batches, _CHUNK_BYTES // max(1, bs * row_bytes)))
+    chunk_rows = min(chunk_rows, n)
+    if shuffle:
+        Xbuf = np.empty((chunk_rows,) + Xt.shape[1:], Xt.dtype)
+        ybuf = np.empty((chunk_rows,) + yt.shape[1:], yt.dtype)
+        wbuf = None if wt is None else np.empty(chunk_rows, wt.dtype)
 
     history = History()
     params = [(name, p) for name, p, _ in net.parameters()]
@@ -568,34 +578,43 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             total = 0.0
             total_weight = 0.0
             lr = optimizer.lr
-            for b in range(n_batches):
-                lo = b * bs
-                hi = lo + bs if b < n_batches - 1 else n
+            b = -1
+            for c_lo in range(0, n, chunk_rows):
+                c_hi = min(c_lo + chunk_rows, n)
                 if perm is not None:
-                    idx = perm[lo:hi]
-                    Xbuf, ybuf, wbuf = bufs if b < n_batches - 1 else tail_bufs
+                    idx = perm[c_lo:c_hi]
+                    m = c_hi - c_lo
                     # mode="clip" skips the bounds check (the indices are a permutation)
-                    # and lets take write into the buffer without an extra copy.
-                    Xb = np.take(Xt, idx, axis=0, out=Xbuf, mode="clip")
-                    yb = np.take(yt, idx, axis=0, out=ybuf, mode="clip")
-                    wb = None if wt is None else np.take(wt, idx, axis=0, out=wbuf, mode="clip")
+                    # and lets take write straight into the buffer, without a temporary.
+                    Xc = np.take(Xt, idx, axis=0, out=Xbuf[:m], mode="clip")
+                    yc = np.take(yt, idx, axis=0, out=ybuf[:m], mode="clip")
+                    wc = (None if wt is None
+                          else np.take(wt, idx, axis=0, out=wbuf[:m], mode="clip"))
                 else:
-                    Xb, yb = Xt[lo:hi], yt[lo:hi]
-                    wb = None if wt is None else wt[lo:hi]
-                if wb is None:
-                    weight = hi - lo
-                else:
-                    weight = float(wb.sum(dtype=np.float64))
-                    if weight == 0.0:
-                        continue  # nothing to learn from: the weighted mean is 0/0
-                value = _train_step(net, Xb, yb, step_loss, optimizer, wb)
-                if not _isfinite(value) or (check_finite and _first_nonfinite(net) is not None):
-                    _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch,
-                              epochs, b, n_batches, value, lr, progress)
-                total += value * weight
-                total_weight += weight
-                if progress is not None:
-                    progress.update(total / total_weight)
+                    Xc, yc = Xt[c_lo:c_hi], yt[c_lo:c_hi]
+                    wc = None if wt is None else wt[c_lo:c_hi]
+                for lo in range(0, c_hi - c_lo, bs):
+                    b += 1
+                    hi = lo + bs
+                    Xb = Xc[lo:hi]
+                    yb = yc[lo:hi]
+                    if wc is None:
+                        wb = None
+                        weight = Xb.shape[0]
+                    else:
+                        wb = wc[lo:hi]
+                        weight = float(wb.sum(dtype=np.float64))
+                        if weight == 0.0:
+                            continue  # nothing to learn from: the weighted mean is 0/0
+                    value = _train_step(net, Xb, yb, step_loss, optimizer, wb)
+                    if not _isfinite(value) or (check_finite
+                                                and _first_nonfinite(net) is not None):
+                        _diverged(net, optimizer, params, snapshot, opt_snapshot, history,
+                                  epoch, epochs, b, n_batches, value, lr, progress)
+                    total += value * weight
+                    total_weight += weight
+                    if progress is not None:
+                        progress.update(total / total_weight)
 
             logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
@@ -665,7 +684,7 @@ def _summary(history: History, epochs: int, monitor: str) -> None:
         best = (history.val_loss if monitor == "val_loss" else history.loss)[history.best_epoch]
         line += (f"; {'stopped early, ' if history.stopped_early else ''}restored the weights "
                  f"of epoch {history.best_epoch + 1} ({monitor}={best:.4g})")
-    tqdm.write(line)
+    tqdm.write(line, file=sys.stderr)  # where the bar is
 
 
 def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,

@@ -1,0 +1,58 @@
+"""python -m bprop demo: a few epochs in-process, and once through the command line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+import bprop
+from bprop.__main__ import main
+
+pytest.importorskip("sklearn")
+
+
+def test_demo_trains_reports_and_plots(tmp_path, capsys):
+    png = tmp_path / "curve.png"
+    ckpt = tmp_path / "digits.safetensors"
+    code = main(["demo", "--epochs", "8", "--hidden", "32", "--seed", "1", "--plot", str(png),
+                 "--save", str(ckpt)])
+    assert code == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "network 64-32-10" in out and "8 epochs, batch 32" in out
+    accuracy = float(re.search(r"test accuracy: ([0-9.]+)%", out).group(1))
+    assert accuracy > 85.0
+    assert re.search(r"training time: [0-9.]+ s", out)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "epoch 8/8" in captured.err  # the progress bar
+    net = bprop.load(ckpt)
+    assert [L.out_features for L in net.layers] == [32, 10]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "rmsprop"])
+def test_demo_optimizers(optimizer, capsys):
+    lr = "0.1" if optimizer == "sgd" else "0.003"
+    assert main(["demo", "--epochs", "3", "--optimizer", optimizer, "--lr", lr, "--no-plot",
+                 "--no-progress", "--hidden", "32", "16", "--dtype", "float64"]) == 0
+    captured = capsys.readouterr()
+    assert "network 64-32-16-10" in captured.out and "float64" in captured.out
+    assert captured.err == ""
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--batch-size", "0"], ["--hidden", "0"],
+                                  ["--lr", "-1"]])
+def test_demo_refuses_bad_options(argv, capsys):
+    assert main(["demo", "--no-plot", *argv]) == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_command_line_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "bprop", "demo", "--epochs", "2", "--no-progress", "--no-plot"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy:" in result.stdout
+    assert list(tmp_path.iterdir()) == []
