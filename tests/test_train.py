@@ -311,6 +311,19 @@ def test_each_epoch_sees_every_sample_once(data, small):
     assert not np.array_equal(epochs[0], np.arange(120))
 
 
+def test_gathering_in_chunks_does_not_change_the_batches(data, small, monkeypatch, rng):
+    X, y = data
+    w = rng.random(120)
+    runs = []
+    for chunk_bytes in (1 << 20, 1, 2000):  # one chunk; one batch per chunk; 4 batches
+        monkeypatch.setattr(bprop.train, "_CHUNK_BYTES", chunk_bytes)
+        net = small()
+        bprop.fit(net, X, y, epochs=2, batch_size=9, seed=4, sample_weight=w)
+        runs.append(params_of(net))
+    assert_same_params(runs[0], runs[1])
+    assert_same_params(runs[0], runs[2])
+
+
 # ---- callbacks -----------------------------------------------------------------------------
 
 def test_callbacks_see_every_epoch_and_can_stop(data, small):

@@ -93,9 +93,19 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _file_mode() -> int:
-    # mkstemp creates 0600; give the checkpoint the mode open() would (0666 - umask).
-    mask = os.umask(0)
-    os.umask(mask)
+    """0666 minus the umask: the mode open() gives a new file (mkstemp makes 0600)."""
+    mask = None
+    try:  # Linux: read the umask without changing it (os.umask would, for all threads)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    mask = int(line.split()[1], 8)
+                    break
+    except (OSError, ValueError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

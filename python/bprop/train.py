@@ -1,12 +1,13 @@
 """Training loop, evaluation and gradient checking.
 
-``fit`` runs minibatch training over a dataset held in memory: per epoch one
-permutation of the sample indices, and per minibatch a vectorised gather
-(``np.take``) of the rows into preallocated C-contiguous buffers of the
-network's dtype, then one ``_train_step`` (forward, loss, backward, optimizer
-step), which for the built-in losses is five-odd calls into C++ and no NumPy
-work at all. Inputs and targets are checked and converted once, before the
-first step.
+``fit`` runs minibatch training over a dataset held in memory. Per epoch it
+draws one permutation of the sample indices and gathers the shuffled rows with
+``np.take`` into preallocated C-contiguous buffers of the network's dtype, about
+1 MiB (a whole number of minibatches) per call; each minibatch is then a
+contiguous slice of those buffers, and one ``_train_step`` (forward, loss,
+backward, optimizer step) runs on it: for the built-in losses a single C++ call
+plus one kernel call per parameter, with no NumPy work and no Python per sample.
+Inputs and targets are checked and converted once, before the first step.
 """
 
 from __future__ import annotations
