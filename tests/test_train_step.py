@@ -117,3 +117,54 @@ def test_train_step_rejects_a_missing_optimizer():
     net = make(ARCHS[0])
     with pytest.raises(TypeError, match=r"\[Network.train_step\] optimizer must be"):
         net.train_step(np.ones((2, 5)), np.array([0, 1]), loss="softmax_cross_entropy")
+
+
+OPTIMIZERS = [
+    lambda net: bprop.optim.SGD(net, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    lambda net: bprop.optim.SGD(net, lr=0.05, momentum=0.9, nesterov=True),
+    lambda net: bprop.optim.Adam(net, lr=1e-2),
+    lambda net: bprop.optim.AdamW(net, lr=1e-2, weight_decay=0.1),
+    lambda net: bprop.optim.RMSprop(net, lr=1e-2, momentum=0.5, centered=True),
+]
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_optimizer_inside_the_sweep_equals_optimizer_step(make_opt, arch):
+    """The one-call path (the optimizer's kernel applied per layer inside the
+    backward sweep) against forward, loss, backward, opt.step()."""
+    rng = np.random.default_rng(4)
+    a, b = make(arch), make(arch)
+    opt_a, opt_b = make_opt(a), make_opt(b)
+    X = rng.standard_normal((7, arch[0][0]))
+    y = rng.integers(0, arch[-1][1], 7).astype(np.int64)
+    for _ in range(4):
+        va = a.train_step(X, y, loss="softmax_cross_entropy", optimizer=opt_a)
+        vb = four_calls(b, X, y, "softmax_cross_entropy", None)
+        opt_b.step()
+        assert va == pytest.approx(vb, rel=1e-13)
+    assert opt_a.step_count == opt_b.step_count == 4
+    for pa, pb in zip(weights(a), weights(b)):
+        np.testing.assert_array_equal(pa, pb)  # the same kernel on the same gradient
+    for (name, sa), (_, sb) in zip(opt_a.state_dict()["state"].items(),
+                                   opt_b.state_dict()["state"].items()):
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k], err_msg=f"{name}.{k}")
+
+
+def test_a_non_finite_loss_updates_nothing():
+    net = make(ARCHS[0])
+    opt = bprop.optim.Adam(net, lr=1e-2)
+    before = weights(net)
+    X = np.full((4, 5), np.inf)
+    value = net.train_step(X, np.array([0, 1, 2, 0]), loss="softmax_cross_entropy", optimizer=opt)
+    assert not np.isfinite(value)
+    assert opt.step_count == 0
+    for p, q in zip(before, weights(net)):
+        np.testing.assert_array_equal(p, q)
+
+
+def test_an_optimizer_of_another_network_is_refused():
+    a, b = make(ARCHS[0]), make(ARCHS[0])
+    with pytest.raises(ValueError, match="optimizer was built for another network"):
+        a.train_step(np.ones((2, 5)), np.array([0, 1]), optimizer=bprop.optim.Adam(b))

@@ -27,6 +27,91 @@ struct PyNetwork {
   std::shared_mutex mutex;  // predict() shares it; every other call holds it alone
 };
 
+/// An optimizer's hyperparameters and state arrays, prepared once (when the
+/// optimizer binds or its hyperparameters change) so that a training step passes
+/// one object. Holds references to the state arrays.
+template <typename T>
+struct UpdatePlan {
+  Update<T> update;
+  std::vector<Index> sizes;  // elements per parameter, checked against the network
+  std::vector<py::object> keep;
+};
+
+template <typename T>
+T* optional_state(py::handle obj, Index size, const char* name) {
+  if (obj.is_none()) return nullptr;
+  auto a = strict_array<T>(obj, "UpdatePlan", name,
+                           static_cast<int>(py::reinterpret_borrow<py::array>(obj).ndim()));
+  require_writeable(a, "UpdatePlan", name);
+  if (a.size() != size) {
+    throw py::value_error(std::string("[UpdatePlan] ") + name + " has " +
+                          std::to_string(a.size()) + " elements, expected " +
+                          std::to_string(size));
+  }
+  return a.mutable_data();
+}
+
+template <typename T>
+void bind_update_plan(py::module_& m, const char* name) {
+  using Plan = UpdatePlan<T>;
+  py::class_<Plan>(m, name, py::module_local())
+      .def(py::init([](const std::string& rule, py::dict h, const std::vector<Index>& sizes,
+                       const std::vector<py::tuple>& states) {
+             auto plan = std::make_unique<Plan>();
+             UpdateSpec& s = plan->update.spec;
+             if (rule == "sgd") {
+               s.rule = UpdateRule::sgd;
+             } else if (rule == "adam") {
+               s.rule = UpdateRule::adam;
+             } else if (rule == "rmsprop") {
+               s.rule = UpdateRule::rmsprop;
+             } else {
+               throw py::value_error("[UpdatePlan] rule must be 'sgd', 'adam' or 'rmsprop', "
+                                     "but got '" + rule + "'");
+             }
+             auto get = [&](const char* key, double fallback) {
+               return h.contains(key) ? h[key].cast<double>() : fallback;
+             };
+             auto flag = [&](const char* key) {
+               return h.contains(key) ? h[key].cast<bool>() : false;
+             };
+             s.lr = get("lr", 0);
+             s.weight_decay = get("weight_decay", 0);
+             s.momentum = get("momentum", 0);
+             s.dampening = get("dampening", 0);
+             s.nesterov = flag("nesterov");
+             s.beta1 = get("beta1", 0.9);
+             s.beta2 = get("beta2", 0.999);
+             s.eps = get("eps", 1e-8);
+             s.decoupled = flag("decoupled");
+             s.alpha = get("alpha", 0.99);
+             s.centered = flag("centered");
+             if (states.size() != sizes.size()) {
+               throw py::value_error("[UpdatePlan] states and sizes differ in length");
+             }
+             for (std::size_t i = 0; i < states.size(); ++i) {
+               const py::tuple& st = states[i];
+               if (st.size() != 3) throw py::value_error("[UpdatePlan] each state is (a, b, c)");
+               UpdateState<T> u;
+               u.a = optional_state<T>(st[0], sizes[i], "state a");
+               u.b = optional_state<T>(st[1], sizes[i], "state b");
+               u.c = optional_state<T>(st[2], sizes[i], "state c");
+               const bool needs_a = s.rule != UpdateRule::sgd || s.momentum != 0;
+               const bool needs_b = s.rule == UpdateRule::adam ||
+                                    (s.rule == UpdateRule::rmsprop && s.centered);
+               const bool needs_c = s.rule == UpdateRule::rmsprop && s.momentum > 0;
+               if ((needs_a && !u.a) || (needs_b && !u.b) || (needs_c && !u.c)) {
+                 throw py::value_error("[UpdatePlan] a state array this rule needs is missing");
+               }
+               plan->update.states.push_back(u);
+               for (int k = 0; k < 3; ++k) plan->keep.push_back(st[k]);
+             }
+             plan->sizes = sizes;
+             return plan;
+           }),
+           py::arg("rule"), py::arg("hyperparameters"), py::arg("sizes"), py::arg("states"));
+}
+
 std::vector<LayerSpec> to_specs(const std::vector<LayerTuple>& layers) {
   std::vector<LayerSpec> specs;
   specs.reserve(layers.size());
@@ -117,8 +202,29 @@ void bind_network_type(py::module_& m, const char* name) {
       .def(
           "train_step",
           [](Self& s, py::handle X_obj, py::handle y_obj, const std::string& loss_name,
-             py::handle w_obj, double sgd_lr) {
+             py::handle w_obj, double sgd_lr, py::handle plan_obj, std::int64_t t) {
             const char* where = "Network.train_step";
+            Update<T>* update = nullptr;
+            if (!plan_obj.is_none()) {
+              auto& plan = plan_obj.cast<UpdatePlan<T>&>();
+              std::size_t i = 0;
+              for (Index l = 0; l < s.net.num_layers(); ++l) {
+                const Dense<T>& L = s.net.layer(l);
+                for (Index n : {L.in() * L.out(), L.out()}) {
+                  if (i >= plan.sizes.size() || plan.sizes[i] != n) {
+                    throw py::value_error(std::string("[") + where + "] the optimizer was "
+                                          "built for a different network");
+                  }
+                  ++i;
+                }
+              }
+              if (i != plan.sizes.size()) {
+                throw py::value_error(std::string("[") + where + "] the optimizer was built "
+                                      "for a different network");
+              }
+              plan.update.t = t;
+              update = &plan.update;
+            }
             auto X = strict_array<T>(X_obj, where, "X", 2);
             const Index rows = X.shape(0), cols = X.shape(1);
             Loss loss;
@@ -172,16 +278,17 @@ void bind_network_type(py::module_& m, const char* name) {
               py::gil_scoped_release nogil;
               std::unique_lock lock(s.mutex);
               value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
-                                       target, sw, static_cast<T>(sgd_lr));
+                                       target, sw, static_cast<T>(sgd_lr), update);
               py::gil_scoped_acquire gil;
               s.input = X;
             }
             return value;
           },
           py::arg("X"), py::arg("y"), py::arg("loss"), py::arg("sample_weight") = py::none(),
-          py::arg("sgd_lr") = -1.0,
-          "forward + loss + backward in one call; with sgd_lr >= 0 the SGD update is fused "
-          "into the backward sweep. Returns the loss.")
+          py::arg("sgd_lr") = -1.0, py::arg("plan") = py::none(), py::arg("t") = 1,
+          "forward + loss + backward (+ update) in one call: with sgd_lr >= 0 plain SGD is "
+          "fused into the backward sweep; else with an UpdatePlan the optimizer steps each "
+          "layer inside the sweep (step number t). Returns the loss.")
       .def(
           "step",
           [](Self& s, double lr) {
@@ -265,6 +372,8 @@ void bind_network_type(py::module_& m, const char* name) {
 }  // namespace
 
 void bind_network(py::module_& m) {
+  bind_update_plan<float>(m, "UpdatePlan32");
+  bind_update_plan<double>(m, "UpdatePlan64");
   bind_network_type<float>(m, "Network32");
   bind_network_type<double>(m, "Network64");
 }

@@ -167,6 +167,25 @@ void rmsprop_update(T* param, const T* grad, T* square_avg, T* grad_avg, T* buf,
 }
 
 template <typename T>
+void apply_update(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
+                  const UpdateState<T>& state, Index n) {
+  switch (s.rule) {
+    case UpdateRule::sgd:
+      sgd_update<T>(param, grad, state.a, n, T(s.lr), T(s.momentum), T(s.dampening), s.nesterov,
+                    T(s.weight_decay), t == 1);
+      return;
+    case UpdateRule::adam:
+      adam_update<T>(param, grad, state.a, state.b, n, T(s.lr), T(s.beta1), T(s.beta2), T(s.eps),
+                     T(s.weight_decay), t, s.decoupled);
+      return;
+    case UpdateRule::rmsprop:
+      rmsprop_update<T>(param, grad, state.a, state.b, state.c, n, T(s.lr), T(s.alpha), T(s.eps),
+                        T(s.weight_decay), T(s.momentum), s.centered);
+      return;
+  }
+}
+
+template <typename T>
 bool all_finite(const T* x, Index n) {
   return Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>(x, n).allFinite();
 }
@@ -181,7 +200,9 @@ bool all_finite(const T* x, Index n) {
   template void adam_update<T>(T*, const T*, T*, T*, Index, T, T, T, T, T, std::int64_t,     \
                                bool);                                                        \
   template void rmsprop_update<T>(T*, const T*, T*, T*, T*, Index, T, T, T, T, T, bool);     \
-  template bool all_finite<T>(const T*, Index);
+  template bool all_finite<T>(const T*, Index);                                               \
+  template void apply_update<T>(const UpdateSpec&, std::int64_t, T*, const T*,               \
+                                const UpdateState<T>&, Index);
 
 BPROP_INSTANTIATE(float)
 BPROP_INSTANTIATE(double)

@@ -179,15 +179,27 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
   activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
                          last.z->data(), last.output->data(), grad_output.data(),
                          last.delta->data(), batch_, last.out());
-  sweep(accumulate, grad_input, T(-1));
+  sweep(accumulate, grad_input, T(-1), nullptr);
   has_grad_ = true;
 }
 
 template <typename T>
 double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
-                              const T* target, const T* sample_weight, T sgd_lr) {
+                              const T* target, const T* sample_weight, T sgd_lr,
+                              const Update<T>* update) {
   if (sgd_lr >= T(0) && !std::isfinite(sgd_lr)) {
     throw std::invalid_argument("[Network.train_step] lr must be finite");
+  }
+  if (update != nullptr) {
+    if (update->states.size() != 2 * layers_.size()) {
+      throw std::invalid_argument("[Network.train_step] the optimizer holds state for " +
+                                  std::to_string(update->states.size()) +
+                                  " parameters, but the network has " +
+                                  std::to_string(2 * layers_.size()));
+    }
+    if (update->t < 1) {
+      throw std::invalid_argument("[Network.train_step] the step number must be >= 1");
+    }
   }
   if (loss == Loss::softmax_cross_entropy && labels != nullptr) {
     for (Index i = 0; i < X.rows(); ++i) {
@@ -224,13 +236,19 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
   }
   activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
                          last.z->data(), last.output->data(), grad, grad, B, K);
-  sweep(false, nullptr, sgd_lr);
+  if (!std::isfinite(value)) {
+    sweep(false, nullptr, T(-1), nullptr);  // gradients for inspection, no update
+    has_grad_ = true;
+    return value;
+  }
+  sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update);
   has_grad_ = sgd_lr < T(0);
   return value;
 }
 
 template <typename T>
-void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr) {
+void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
+                       const Update<T>* update) {
   const Index B = batch_;
   const bool fused = sgd_lr >= T(0);
   // The reverse network: one visit per layer, from the output back to the input.
@@ -260,6 +278,14 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr) {
         gb.noalias() += D.colwise().sum();
       } else {
         gb.noalias() = D.colwise().sum();
+      }
+      if (update != nullptr) {
+        // the optimizer's step for this layer, while its gradient is in cache
+        const auto i = static_cast<std::size_t>(2 * l);
+        apply_update<T>(update->spec, update->t, L.weight->data(), L.grad_weight->data(),
+                        update->states[i], L.in() * L.out());
+        apply_update<T>(update->spec, update->t, L.bias->data(), L.grad_bias->data(),
+                        update->states[i + 1], L.out());
       }
     }
     if (l > 0) {

@@ -288,13 +288,23 @@ class Network:
         if not isinstance(loss, str):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
+        if getattr(optimizer, "net", None) is not self:
+            raise ValueError("[Network.train_step] optimizer was built for another network")
         fused_lr = getattr(optimizer, "_fused_sgd_lr", lambda: None)()
+        plan = getattr(optimizer, "_plan", None)
         if fused_lr is not None:
             value = self._core.train_step(X, y, loss, sample_weight, fused_lr)
-            optimizer._fused_step_taken()
+        elif plan is not None:
+            # the optimizer steps each layer inside the backward sweep
+            value = self._core.train_step(X, y, loss, sample_weight, -1.0, plan,
+                                          optimizer.step_count + 1)
         else:
             value = self._core.train_step(X, y, loss, sample_weight, -1.0)
-            optimizer.step()
+            if math.isfinite(value):
+                optimizer.step()
+            return value
+        if math.isfinite(value):  # a non-finite loss updates nothing
+            optimizer._fused_step_taken()
         return value
 
     def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:

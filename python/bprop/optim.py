@@ -55,6 +55,16 @@ def _check_betas(where: str, betas: object) -> Tuple[float, float]:
     return (b1, b2)
 
 
+def _check_fits_dtype(where: str, hyper: Dict[str, Any], dtype: np.dtype) -> None:
+    """The kernels compute in the network's dtype: a number that is finite in
+    float64 but not in float32 (lr=1e39) would turn every weight into inf/NaN."""
+    limit = float(np.finfo(dtype).max)
+    for name, value in hyper.items():
+        if isinstance(value, float) and abs(value) > limit:
+            raise ValueError(f"[{where}] {name} must be <= {limit} (the largest "
+                             f"{np.dtype(dtype).name}), but got {value}")
+
+
 class Optimizer:
     """Base class: binds to a network and keeps the per-parameter state.
 
@@ -68,7 +78,7 @@ class Optimizer:
             raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
         self._net = net
         self._params = [(name, p, g) for name, p, g in net.parameters()]
-        self._hyper = self._check(where, hyper)
+        self._hyper = self._checked(where, hyper)
         self._step_count = 0
         self._state = self._zero_state()
         self._bind()
@@ -76,6 +86,11 @@ class Optimizer:
     # ---- what subclasses provide -------------------------------------------------
     def _check(self, where: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
         raise NotImplementedError
+
+    def _checked(self, where: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
+        out = self._check(where, hyper)
+        _check_fits_dtype(where, out, self._net.dtype)
+        return out
 
     def _state_names(self) -> Tuple[str, ...]:
         raise NotImplementedError
@@ -101,7 +116,10 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._hyper["lr"] = check_float(f"{type(self).__name__}.lr", "lr", value, minimum=0.0)
+        where = f"{type(self).__name__}.lr"
+        lr = check_float(where, "lr", value, minimum=0.0)
+        _check_fits_dtype(where, {"lr": lr}, self._net.dtype)
+        self._hyper["lr"] = lr
         self._bind()
 
     @property
@@ -126,6 +144,16 @@ class Optimizer:
         raise NotImplementedError
 
     # ---- the fused path of Network.train_step / fit ------------------------------
+    def _make_plan(self, rule: str, spec: Dict[str, Any], keys: Tuple[Optional[str], ...]) -> None:
+        """Builds the core's UpdatePlan: the same update as ``_update``, which
+        Network.train_step applies inside the backward sweep, layer by layer, right
+        after each gradient is formed. ``keys`` names the state arrays a, b, c."""
+        plan_type = _core.UpdatePlan32 if self._net.dtype == np.float32 else _core.UpdatePlan64
+        sizes = [p.size for _, p, _ in self._params]
+        states = [tuple(self._state[name].get(k) if k else None for k in keys)
+                  for name, _, _ in self._params]
+        self._plan = plan_type(rule, spec, sizes, states)
+
     def _fused_sgd_lr(self) -> Optional[float]:
         """The lr if this step is plain SGD (which the core can fuse into the
         backward sweep), else None."""
@@ -174,7 +202,7 @@ class Optimizer:
             raise ValueError(f"[{where}] hyperparameters must be a dict with the keys "
                              f"{sorted(self._hyper)}, but got {got}")
         try:
-            hyper = self._check(where, dict(hyper))
+            hyper = self._checked(where, dict(hyper))
         except TypeError as exc:
             raise ValueError(str(exc)) from None
         # The state arrays needed depend on the hyperparameters (momentum, centered).
@@ -272,6 +300,10 @@ class SGD(Optimizer):
         # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core can apply
         # inside the backward sweep without storing dL/dW.
         self._fused_lr = h["lr"] if h["momentum"] == 0 and h["weight_decay"] == 0 else None
+        self._make_plan("sgd", dict(lr=h["lr"], momentum=h["momentum"],
+                                    dampening=h["dampening"], nesterov=h["nesterov"],
+                                    weight_decay=h["weight_decay"]),
+                        ("momentum_buffer" if h["momentum"] != 0 else None, None, None))
 
     def _fused_sgd_lr(self):
         return self._fused_lr
@@ -321,6 +353,10 @@ class Adam(Optimizer):
         self._calls = [(p, g, self._state[name]["exp_avg"], self._state[name]["exp_avg_sq"])
                        for name, p, g in self._params]
         self._args = (h["lr"], h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"])
+        self._make_plan("adam", dict(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
+                                     eps=h["eps"], weight_decay=h["weight_decay"],
+                                     decoupled=self._decoupled),
+                        ("exp_avg", "exp_avg_sq", None))
 
     def _update(self, t):
         lr, b1, b2, eps, wd = self._args
@@ -402,6 +438,11 @@ class RMSprop(Optimizer):
                                 s.get("momentum_buffer", empty)))
         self._args = (h["lr"], h["alpha"], h["eps"], h["weight_decay"], h["momentum"],
                       h["centered"])
+        self._make_plan("rmsprop", dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                                        weight_decay=h["weight_decay"], momentum=h["momentum"],
+                                        centered=h["centered"]),
+                        ("square_avg", "grad_avg" if h["centered"] else None,
+                         "momentum_buffer" if h["momentum"] > 0 else None))
 
     def _update(self, t):
         lr, alpha, eps, wd, momentum, centered = self._args

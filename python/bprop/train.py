@@ -284,7 +284,12 @@ class _Dataset:
 
     def __init__(self, where: str, net: Network, X, y, sample_weight, builtin,
                  names=("X", "y", "sample_weight")) -> None:
-        self.X = as_float_matrix(where, names[0], X, net.dtype, features=net.in_features)
+        with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused below
+            self.X = as_float_matrix(where, names[0], X, net.dtype, features=net.in_features)
+        if not _core.all_finite(self.X):
+            i, j = np.argwhere(~np.isfinite(self.X))[0]
+            raise ValueError(f"[{where}] {names[0]} must be finite in {net.dtype.name}, but "
+                             f"{names[0]}[{i}, {j}] = {self.X[i, j]}")
         rows = self.X.shape[0]
         self.y = _prepare_target(where, names[1], y, rows, net, builtin, names[0])
         self.w = check_sample_weight(where, sample_weight, rows, net.dtype, names[0], names[2])
@@ -339,6 +344,14 @@ def _train_step(net: Network, Xb: np.ndarray, yb: np.ndarray, loss_fn, optimizer
         if lr is not None:
             value = core.train_step(Xb, yb, loss_fn, wb, lr)
             optimizer._fused_step_taken()
+            return value
+        plan = getattr(optimizer, "_plan", None)
+        if plan is not None:
+            # the optimizer steps each layer inside the backward sweep; a non-finite
+            # loss updates nothing
+            value = core.train_step(Xb, yb, loss_fn, wb, -1.0, plan, optimizer._step_count + 1)
+            if _isfinite(value):
+                optimizer._fused_step_taken()
             return value
         value = core.train_step(Xb, yb, loss_fn, wb, -1.0)
         if not _isfinite(value):
@@ -407,7 +420,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed=None,
         validation_split: float = 0.0, validation_data=None,
         early_stopping: Optional[int] = None, metrics=None, callbacks=None,
-        sample_weight=None, verbose: bool = False, check_finite: bool = False) -> History:
+        sample_weight=None, verbose: bool = False, check_finite: bool = False,
+        comm=None) -> History:
     """Trains the network by minibatch gradient descent.
 
     Args:
@@ -456,9 +470,13 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         verbose: show a tqdm progress bar per epoch with the running loss.
         check_finite: also check every parameter for NaN/inf after each step
             (the loss is always checked).
+        comm: an mpi4py communicator (e.g. ``MPI.COMM_WORLD``) for data-parallel
+            training: every rank calls fit with the same arguments and the
+            whole dataset, trains on its share of each minibatch and steps with
+            the summed gradient; batch_size is global. See bprop.distributed.
 
     Returns:
-        History of the epochs run.
+        History of the epochs run (the same on every rank under comm).
 
     Raises:
         FloatingPointError: the loss became NaN or inf. The message names the
@@ -466,6 +484,15 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             (and optimizer state) are restored to the last finite ones, and the
             exception's ``history`` attribute holds the completed epochs.
     """
+    if comm is not None:
+        args = dict(locals())  # the arguments, before any other name is bound
+        from .distributed import _DataParallel, run_fit
+
+        if not isinstance(comm, _DataParallel):
+            # This same fit, called back with comm wrapped, inside the error
+            # handling that keeps one failing rank from hanging the others.
+            return run_fit(fit, args)
+    dist = comm
     where = "fit"
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
@@ -542,6 +569,13 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             import tqdm  # noqa: F401
         except ImportError as exc:
             raise ImportError("[fit] verbose=True needs tqdm: pip install tqdm") from exc
+    measure, train_step = _measure, _train_step
+    if dist is not None:
+        dist.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
+                   shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
+                   metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
+                   check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
+        measure, train_step = dist.measure, dist.train_step
 
     Xt, yt, wt = train.X, train.y, train.w
     n = Xt.shape[0]
@@ -607,7 +641,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                         weight = float(wb.sum(dtype=np.float64))
                         if weight == 0.0:
                             continue  # nothing to learn from: the weighted mean is 0/0
-                    value = _train_step(net, Xb, yb, step_loss, optimizer, wb)
+                    value = train_step(net, Xb, yb, step_loss, optimizer, wb)
                     if not _isfinite(value) or (check_finite
                                                 and _first_nonfinite(net) is not None):
                         _diverged(net, optimizer, params, snapshot, opt_snapshot, history,
@@ -619,14 +653,16 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
             logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
-                logs.update(_measure(net, train, None, metric_fns))
+                logs.update(measure(net, train, None, metric_fns))
             if valid is not None:
-                logs.update(_measure(net, valid, eval_loss, metric_fns, prefix="val_"))
+                logs.update(measure(net, valid, eval_loss, metric_fns, prefix="val_"))
             if not _isfinite(logs.get("val_loss", 0.0)):
                 _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs,
                           n_batches - 1, logs["val_loss"], lr, progress, what="validation loss")
             logs["lr"] = lr
             logs["time"] = time.perf_counter() - start
+            if dist is not None:
+                logs["time"] = dist.slowest(logs["time"])  # one History on every rank
             history.loss.append(logs["loss"])
             if valid is not None:
                 history.val_loss.append(logs["val_loss"])
@@ -657,6 +693,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             for hook in epoch_hooks:
                 if hook(epoch, dict(logs)):
                     stop = True
+            if dist is not None:
+                stop = dist.any(stop)  # a callback that stops one rank stops them all
             if stop:
                 history.stopped_early = epoch < epochs - 1
                 break
@@ -688,6 +726,28 @@ def _summary(history: History, epochs: int, monitor: str) -> None:
     tqdm.write(line, file=sys.stderr)  # where the bar is
 
 
+def _locate_nonfinite(net: Network, value: float) -> str:
+    """Where the failing step's first non-finite value arose, read from the caches
+    it left: the forward pass from the input up, then (if the loss was finite) the
+    backward pass from the output down, then the update."""
+    for i, layer in enumerate(net.layers):
+        for name in ("z", "output"):
+            a = getattr(layer, name)
+            if a is not None and not _core.all_finite(a):
+                return f"forward pass, layer {i} ({name})"
+    if not _isfinite(value):
+        return "the loss, of a finite output"
+    for i in reversed(range(len(net.layers))):
+        layer = net.layers[i]
+        pairs = [("delta", layer.delta)]
+        if net._core.has_backward:  # stored gradients (the fused SGD step stores none)
+            pairs += [("grad_weight", layer.grad_weight), ("grad_bias", layer.grad_bias)]
+        for name, a in pairs:
+            if a is not None and not _core.all_finite(a):
+                return f"backward pass, layer {i} ({name})"
+    return "the optimizer's update, of finite gradients"
+
+
 def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
               n_batches, value, lr, progress, what="loss"):
     """Raises the divergence error after restoring the last finite weights."""
@@ -704,10 +764,13 @@ def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, ep
                     f"and optimizer state from the start of epoch {epoch + 1} (the last finite "
                     "ones) were restored")
     where = "validation" if what == "validation loss" else f"batch {batch + 1}/{n_batches}"
+    origin = ""
+    if what == "loss":
+        origin = f" The first non-finite value of that step: {_locate_nonfinite(net, value)}."
     exc = FloatingPointError(
         f"[fit] training diverged in epoch {epoch + 1}/{epochs} ({where}): the {what} is "
-        f"{value}; {restored}. Try a smaller learning rate (lr={lr:g}), scaling the inputs, or "
-        "check the data for NaN/inf.")
+        f"{value}; {restored}.{origin} Try a smaller learning rate (lr={lr:g}), scaling the "
+        "inputs, or check the data for NaN/inf.")
     exc.history = history
     raise exc
 

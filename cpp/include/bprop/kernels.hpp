@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "bprop/types.hpp"
 
@@ -54,6 +55,48 @@ void adam_update(T* param, const T* grad, T* m, T* v, Index n, T lr, T beta1, T 
 template <typename T>
 void rmsprop_update(T* param, const T* grad, T* square_avg, T* grad_avg, T* buf, Index n,
                     T lr, T alpha, T eps, T weight_decay, T momentum, bool centered);
+
+// ---- an optimizer as the core applies it inside the backward sweep ----------
+
+enum class UpdateRule { sgd, adam, rmsprop };
+
+/// Hyperparameters of one optimizer; which fields matter depends on the rule.
+struct UpdateSpec {
+  UpdateRule rule = UpdateRule::sgd;
+  double lr = 0, weight_decay = 0;
+  double momentum = 0, dampening = 0;  // sgd (momentum also rmsprop)
+  bool nesterov = false;               // sgd
+  double beta1 = 0.9, beta2 = 0.999;   // adam
+  double eps = 1e-8;                   // adam, rmsprop
+  bool decoupled = false;              // adam: AdamW
+  double alpha = 0.99;                 // rmsprop
+  bool centered = false;               // rmsprop
+};
+
+/// The state arrays of one parameter, owned by the caller:
+/// sgd: a = momentum buffer; adam: a = exp_avg, b = exp_avg_sq;
+/// rmsprop: a = square_avg, b = grad_avg, c = momentum buffer.
+template <typename T>
+struct UpdateState {
+  T* a = nullptr;
+  T* b = nullptr;
+  T* c = nullptr;
+};
+
+/// An optimizer step to take: the rule, the step number t >= 1 (Adam's bias
+/// correction; SGD's first momentum step) and one state per parameter, in the
+/// order W0, b0, W1, b1, ...
+template <typename T>
+struct Update {
+  UpdateSpec spec;
+  std::int64_t t = 1;
+  std::vector<UpdateState<T>> states;
+};
+
+/// Applies `spec` at step t to the n values of one parameter with its state.
+template <typename T>
+void apply_update(const UpdateSpec& spec, std::int64_t t, T* param, const T* grad,
+                  const UpdateState<T>& state, Index n);
 
 /// True if all n values are finite.
 template <typename T>

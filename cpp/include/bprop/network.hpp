@@ -77,19 +77,22 @@ class Network {
   /// backward pass, std::invalid_argument for a negative or non-finite lr.
   void step(T lr);
 
-  /// One training step in one call: forward, loss, backward.
+  /// One training step in one call: forward, loss, backward, update.
   ///
-  /// The loss gradient is written straight into the output layer's delta. With
-  /// `sgd_lr` >= 0 the plain SGD update is fused into the backward sweep: each
-  /// layer's dL/da for the layer below is formed first, then W -= lr a^T delta is
-  /// one matrix product accumulating into W, so dL/dW is never stored (the
-  /// gradient buffers are left as they were and has_backward() becomes false).
-  /// With `sgd_lr` < 0 the gradients are stored as by backward() and no update is
-  /// made (an optimizer applies them afterwards).
+  /// The loss gradient is written straight into the output layer's delta. The
+  /// update, if any, is made inside the backward sweep, layer by layer, once the
+  /// layer's dL/da for the layer below has been formed from the old weights:
+  ///  - `sgd_lr` >= 0: plain SGD, W -= lr a^T delta as one matrix product
+  ///    accumulating into W, so dL/dW is never stored (the gradient buffers are
+  ///    left as they were and has_backward() becomes false);
+  ///  - else `update` not null: dL/dW and dL/db are stored, then the optimizer's
+  ///    fused kernel updates the parameter while they are still in cache;
+  ///  - else: the gradients are stored as by backward() and nothing is updated.
+  /// A non-finite loss stores the gradients and updates nothing.
   /// Targets: `labels` (batch) for softmax cross-entropy, else `target`
   /// (batch, out_features); `sample_weight` (batch) or null. Returns the loss.
   double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
-                    const T* sample_weight, T sgd_lr);
+                    const T* sample_weight, T sgd_lr, const Update<T>* update = nullptr);
 
   /// Forward pass that leaves the training caches alone, batch_size rows at a
   /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
@@ -110,7 +113,7 @@ class Network {
   // True if [data, data + size) overlaps a layer's z, output or delta buffer.
   bool aliases_cache(const T* data, Index size) const;
   // The backward sweep proper, from the output layer's delta (already formed).
-  void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr);
+  void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update);
 
   std::vector<Dense<T>> layers_;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
