@@ -11,17 +11,31 @@ safetensors metadata (string to string) holds:
   "negative_slope"}, one per layer;
 * ``sha256``: digest of every tensor's name, dtype, shape and bytes, so that a
   flipped bit anywhere in the data is detected;
-* ``optimizer`` (optional): JSON {"class", "hyperparameters", "step"}.
+* ``metadata_sha256``: digest of format, format_version, dtype and architecture,
+  so that an edited negative_slope or width is detected too;
+* ``optimizer`` (optional): JSON {"class", "hyperparameters", "step"}, and
+  ``optimizer_sha256``, its digest (checked only when the optimizer is loaded,
+  so that a damaged optimizer state does not keep the network from loading).
 
 ``save`` writes atomically: the bytes go to a temporary file in the same folder,
 which is flushed and fsynced and then renamed over the target with
 ``os.replace`` (and the folder is fsynced); if anything fails, the temporary
-file is removed and an existing checkpoint stays as it was.
+file is removed and an existing checkpoint stays as it was. A save killed
+outright (SIGKILL, power loss) cannot remove its temporary file; such files are
+named ``.<name>.<8 random characters>.tmp`` (hidden, never read by ``load``),
+and the next save to the same path removes those whose writer is gone: each
+writer holds an flock on its file, which the kernel releases when the process
+dies, so a file that can be locked is stale (on platforms without fcntl they
+stay).
 
 ``load`` checks the whole file (header size, JSON, metadata, architecture,
-every tensor's name, dtype, shape and byte range, the digest) before it builds a
-network, and raises :class:`CheckpointError` for anything truncated, corrupted
-or foreign.
+every tensor's name, dtype, shape and byte range, the digests) before it builds
+a network, and raises :class:`CheckpointError` for anything truncated, corrupted
+or foreign. Nothing is allocated from sizes the file declares before they are
+checked against the file: the header size is bounded (100 MiB and the file's
+length) before it is read, and each tensor's element count (computed in Python
+integers, which cannot overflow) must equal its byte range, which must lie in
+the file; so the network built at the end is never larger than the file.
 
     net.save("model.safetensors", optimizer=opt)
     net = bprop.load("model.safetensors")
@@ -34,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 from typing import Any, Dict, List, Tuple, Union
@@ -42,6 +57,11 @@ import numpy as np
 
 from ._validation import type_name
 from .network import ACTIVATIONS, Dense, Network
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporary files are not cleaned up
+    fcntl = None
 
 __all__ = ["CheckpointError", "save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -79,6 +99,27 @@ def _digest(tensors: Dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _metadata_digest(meta: Dict[str, str], keys: Tuple[str, ...]) -> str:
+    """sha256 of the metadata entries `keys` (absent ones count as null)."""
+    text = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+_NETWORK_KEYS = ("format", "format_version", "dtype", "architecture")
+_OPTIMIZER_KEYS = ("optimizer",)
+
+
+def _check_path(where: str, path: object) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"[{where}] path must be a str or os.PathLike, but got "
+                        f"{type_name(path)} {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"[{where}] path must name a file with a str, but got "
+                        f"{type_name(path)} {path!r}")
+    return path
+
+
 def _fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -109,10 +150,58 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+_TMP_SUFFIX = ".tmp"
+
+
+def _remove_stale_temporaries(folder: str, prefix: str) -> None:
+    """Removes the temporary files of saves to the same path that were killed
+    before they could clean up: those nobody holds a lock on."""
+    if fcntl is None:
+        return
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(_TMP_SUFFIX))
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        full = os.path.join(folder, name)
+        try:
+            fd = os.open(full, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live save is writing it
+            continue
+        try:
+            os.unlink(full)  # while locked: its writer cannot be starting now
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _locked_temporary(folder: str, prefix: str) -> Tuple[int, str]:
+    """A new temporary file in `folder`, locked for as long as it is open."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=_TMP_SUFFIX)
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink > 0:
+            return fd, tmp
+        # a concurrent save's cleanup took it for stale between mkstemp and flock
+        os.close(fd)
+
+
 def _atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    prefix = "." + os.path.basename(path) + "."
+    _remove_stale_temporaries(folder, prefix)
+    fd, tmp = _locked_temporary(folder, prefix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -143,7 +232,7 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
     where = "save"
     if not isinstance(net, Network):
         raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
-    path = os.fspath(path)
+    path = _check_path(where, path)
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but "
@@ -175,6 +264,8 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
         metadata["optimizer"] = json.dumps({"class": sd["optimizer"],
                                             "hyperparameters": sd["hyperparameters"],
                                             "step": sd["step"]})
+        metadata["optimizer_sha256"] = _metadata_digest(metadata, _OPTIMIZER_KEYS)
+    metadata["metadata_sha256"] = _metadata_digest(metadata, _NETWORK_KEYS)
     metadata["sha256"] = _digest(tensors)
     _atomic_write(path, st.save(tensors, metadata=metadata))
 
@@ -205,6 +296,8 @@ def _read_header(path: str, data: bytes) -> Tuple[Dict[str, Any], int]:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "the header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise _fail(path, "the header is not a JSON object")
     return header, 8 + size
@@ -215,6 +308,8 @@ def _parse_architecture(path: str, text: str) -> List[Tuple[int, int, str, float
         layers = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _fail(path, f"the architecture metadata is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "the architecture metadata nests too deeply") from None
     if not isinstance(layers, list) or not layers:
         raise _fail(path, "the architecture metadata must be a non-empty list of layers")
     specs = []
@@ -248,6 +343,8 @@ def _parse_optimizer(path: str, text: str) -> Dict[str, Any]:
         info = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _fail(path, f"the optimizer metadata is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "the optimizer metadata nests too deeply") from None
     if not isinstance(info, dict) or set(info) != {"class", "hyperparameters", "step"}:
         raise _fail(path, "the optimizer metadata must be an object with the keys "
                           "['class', 'hyperparameters', 'step']")
@@ -289,7 +386,7 @@ def load(path: PathLike, *, with_optimizer: bool = False):
     if not isinstance(with_optimizer, (bool, np.bool_)):
         raise TypeError(f"[{where}] with_optimizer must be a bool, but got "
                         f"{type_name(with_optimizer)}")
-    path = os.fspath(path)
+    path = _check_path(where, path)
     st = _require_safetensors(where)
     with open(path, "rb") as f:
         data = f.read()
@@ -356,6 +453,10 @@ def load(path: PathLike, *, with_optimizer: bool = False):
     if _digest(tensors) != meta["sha256"]:
         raise _fail(path, "the sha256 digest of its tensors does not match the metadata: the "
                           "data are corrupted")
+    if meta.get("metadata_sha256") != _metadata_digest(meta, _NETWORK_KEYS):
+        what = "lacks" if "metadata_sha256" not in meta else "does not match"
+        raise _fail(path, f"the digest of its metadata (dtype, architecture) {what} "
+                          "metadata_sha256: the header is corrupted")
     for name, a in tensors.items():
         if not np.isfinite(a).all():
             raise _fail(path, f"tensor {name!r} holds NaN or inf")
@@ -387,6 +488,9 @@ def load(path: PathLike, *, with_optimizer: bool = False):
             optimizer.load_state_dict(sd)
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"the optimizer state does not load ({exc})") from None
+        if meta.get("optimizer_sha256") != _metadata_digest(meta, _OPTIMIZER_KEYS):
+            raise _fail(path, "the digest of its optimizer metadata does not match "
+                              "optimizer_sha256: the header is corrupted")
     if with_optimizer:
         return net, optimizer
     return net

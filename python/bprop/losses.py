@@ -46,7 +46,13 @@ def _as_output(where: str, name: str, output: object) -> np.ndarray:
     if (type(output) is np.ndarray and output.dtype in _FLOAT_DTYPES
             and output.flags.c_contiguous and output.ndim == 2 and output.shape[0] > 0):
         return output  # the common case, without further work
-    arr = np.asarray(output)
+    if output is None:
+        raise TypeError(f"[{where}] {name} must be a float32 or float64 array, but got None")
+    try:
+        arr = np.asarray(output)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"[{where}] {name} must be a rectangular 2-D array, but got a ragged "
+                         f"{type_name(output)}") from exc
     if arr.dtype.kind not in "iuf" or arr.dtype.kind == "f" and arr.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"[{where}] {name} must be a float32 or float64 array, but has dtype "
                         f"{arr.dtype}")
