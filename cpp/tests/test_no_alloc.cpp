@@ -14,6 +14,7 @@
 
 #include "bprop/gemm.hpp"
 #include "bprop/network.hpp"
+#include "bprop/kernels.hpp"
 
 extern "C" {
 void* __libc_malloc(std::size_t);
@@ -60,8 +61,27 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
   std::vector<T> grad(static_cast<std::size_t>(batch * net.out_features()));
   bprop::ConstMatrixMap<T> Xm(X.data(), batch, net.in_features());
 
+  // Adam's state, owned by the caller as bprop.optim owns it
+  std::vector<std::vector<T>> adam_state;
+  bprop::Update<T> adam;
+  adam.spec.rule = bprop::UpdateRule::adam;
+  adam.spec.lr = 1e-3;
+  for (bprop::Index l = 0; l < net.num_layers(); ++l) {
+    for (bprop::Index n : {net.layer(l).in() * net.layer(l).out(), net.layer(l).out()}) {
+      adam_state.emplace_back(static_cast<std::size_t>(n));
+      adam_state.emplace_back(static_cast<std::size_t>(n));
+      bprop::UpdateState<T> st;
+      st.a = adam_state[adam_state.size() - 2].data();
+      st.b = adam_state.back().data();
+      adam.states.push_back(st);
+    }
+  }
   auto steps = [&](int n) {
     for (int i = 0; i < n; ++i) {
+      // the one-call step with Adam inside the backward sweep
+      adam.t = i + 1;
+      net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(-1),
+                     &adam);
       // the one-call step with fused SGD, then the separate calls
       net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(0.01));
       auto out = net.forward(Xm);
