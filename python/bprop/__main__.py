@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="train a ReLU network on scikit-learn's digits and report test accuracy",
         description="Trains a 64-<hidden>-10 ReLU network on scikit-learn's bundled digits "
-                    "data (features / 16, 25%% stratified hold-out) and prints the test "
+                    "data (features / 16, 25% stratified hold-out) and prints the test "
                     "accuracy and the training time.")
     demo.add_argument("--hidden", type=int, nargs="+", default=[128], metavar="N",
                       help="hidden layer widths (default: 128)")
