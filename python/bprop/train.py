@@ -469,7 +469,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             all zero is skipped.
         verbose: show a tqdm progress bar per epoch with the running loss.
         check_finite: also check every parameter for NaN/inf after each step
-            (the loss is always checked).
+            (the loss is always checked, the parameters once per epoch), so
+            that the step that made them non-finite is the one reported.
         comm: an mpi4py communicator (e.g. ``MPI.COMM_WORLD``) for data-parallel
             training: every rank calls fit with the same arguments and the
             whole dataset, trains on its share of each minibatch and steps with
@@ -480,7 +481,9 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
     Raises:
         FloatingPointError: the loss became NaN or inf. The message names the
-            epoch and the first layer whose weights went non-finite; the weights
+            epoch and the first layer whose weights went non-finite, and where
+            the failing step's first non-finite value arose (forward pass,
+            loss, backward pass or update; with the layer); the weights
             (and optimizer state) are restored to the last finite ones, and the
             exception's ``history`` attribute holds the completed epochs.
     """
@@ -651,6 +654,11 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                     if progress is not None:
                         progress.update(total / total_weight)
 
+            if not check_finite and _first_nonfinite(net) is not None:
+                # A finite loss (a float32 loss is summed in float64) can leave non-finite
+                # weights behind; caught here, while the snapshot is still finite.
+                _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch,
+                          epochs, b, n_batches, value, lr, progress)
             logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
                 logs.update(measure(net, train, None, metric_fns))
@@ -737,12 +745,12 @@ def _locate_nonfinite(net: Network, value: float) -> str:
                 return f"forward pass, layer {i} ({name})"
     if not _isfinite(value):
         return "the loss, of a finite output"
+    if not net._core.has_backward:
+        return "backward pass or SGD update (the fused SGD step keeps no gradients to inspect)"
     for i in reversed(range(len(net.layers))):
         layer = net.layers[i]
-        pairs = [("delta", layer.delta)]
-        if net._core.has_backward:  # stored gradients (the fused SGD step stores none)
-            pairs += [("grad_weight", layer.grad_weight), ("grad_bias", layer.grad_bias)]
-        for name, a in pairs:
+        for name in ("delta", "grad_weight", "grad_bias"):
+            a = getattr(layer, name)
             if a is not None and not _core.all_finite(a):
                 return f"backward pass, layer {i} ({name})"
     return "the optimizer's update, of finite gradients"
