@@ -13,11 +13,11 @@ from . import losses, optim  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
 from .train import History, evaluate, fit, gradcheck  # noqa: E402
 
-from .config import get_num_threads, set_num_threads, show_config  # noqa: E402
+from ._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402
 
 __version__ = _core.build_info()["version"]
 
 __all__ = ["ACTIVATIONS", "Dense", "Network", "__version__",
            "losses", "optim", "fit", "evaluate", "gradcheck", "History",
            "save", "load", "CheckpointError",
-           "show_config", "set_num_threads", "get_num_threads"]
+           "config", "show_config", "set_num_threads", "get_num_threads"]
