@@ -38,9 +38,8 @@ step(); step()
 count, start = 0, time.perf_counter()
 while time.perf_counter() - start < seconds:
     step(); count += 1
-info = bprop.config()
 print(json.dumps({"time": (time.perf_counter() - start) / count,
-                  "core": info["module"] + " " + info["arch_flags"]}))
+                  "core": bprop._core.__name__ + " " + bprop._core.build_info()["arch_flags"]}))
 """
 
 
