@@ -1,0 +1,904 @@
+"""scikit-learn estimators over bprop: ``MLPClassifier`` and ``MLPRegressor``.
+
+Drop-in counterparts of ``sklearn.neural_network.MLPClassifier`` and
+``MLPRegressor`` (same parameters, attributes and methods) whose forward pass,
+loss and backward sweep run in bprop's C++ core::
+
+    from bprop.sklearn import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,)))
+    clf.fit(X_train, y_train).score(X_test, y_test)
+
+The objective is scikit-learn's, term for term:
+
+* multi-class: softmax cross-entropy over ``len(classes_)`` outputs (softmax
+  output, integer labels, bprop's fused kernel);
+* binary: one sigmoid output trained with binary cross-entropy on the logit
+  (``binary_cross_entropy_with_logits``), as scikit-learn's single logistic
+  output; ``predict_proba`` returns the two columns (1 - p, p);
+* multi-label (y a 2-D indicator matrix): one sigmoid output per label, the
+  cross-entropies summed over the labels and averaged over the samples;
+* regression: half the squared error, identity output, any number of outputs
+  (the gradient is that of ``0.5 * sum over outputs of the sample mean``, as in
+  scikit-learn; ``loss_curve_`` reports the mean over outputs, as scikit-learn).
+
+``alpha`` is an explicit L2 term on the weights only (not the intercepts), as
+scikit-learn defines it: each minibatch adds ``0.5 * alpha * ||W||^2 / n_b`` to
+the loss and ``alpha * W / n_b`` to dL/dW, where n_b is the minibatch size (the
+sum of its sample weights when ``sample_weight`` is given). It is added to the
+gradient views between the core's backward sweep and the optimizer's step, so
+the optimizers' own ``weight_decay`` stays 0.
+
+Differences from scikit-learn, all by design:
+
+* ``dtype``: float64 unless X arrives as float32 (scikit-learn's rule), or
+  forced with ``dtype="float32"`` / ``"float64"``.
+* ``solver="adam"`` uses ``bprop.optim.Adam``, whose epsilon sits outside the
+  bias correction of the second moment (torch's form): the same update up to a
+  factor ``sqrt(1 - beta_2**t)`` on epsilon. ``solver="sgd"`` uses
+  ``bprop.optim.SGD`` with momentum in torch's form, equal to scikit-learn's
+  velocity form for a constant learning rate. ``solver="rmsprop"`` (extra)
+  uses ``bprop.optim.RMSprop`` with ``learning_rate_init`` and ``epsilon``.
+* ``activation`` also accepts bprop's names ("sigmoid", "leaky_relu", "gelu").
+* Sparse input is refused (bprop is dense): convert with ``X.toarray()``.
+* ``sample_weight`` must be non-negative; a minibatch whose weights are all 0
+  is skipped.
+* Early stopping holds out a stratified validation set for any single-label
+  classification (scikit-learn stratifies only binary problems), falling back
+  to an unstratified split when a class is too small.
+* A fit whose loss becomes NaN or inf raises ``ValueError`` and leaves the
+  weights as they were before the call.
+
+Initial weights are drawn as scikit-learn draws them (uniform in
+``+-sqrt(6 / (fan_in + fan_out))``, 2 instead of 6 for logistic units, the
+intercepts too) from ``random_state``, which also drives the shuffling and the
+validation split.
+
+Needs scikit-learn >= 1.6 (``pip install 'bprop[sklearn]'`` or
+``pip install scikit-learn``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from numbers import Integral, Real
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+try:
+    import scipy.optimize
+    from scipy.special import expit
+    from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, is_classifier
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import accuracy_score, r2_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import LabelBinarizer
+    from sklearn.utils import check_random_state, column_or_1d
+    from sklearn.utils._param_validation import Interval, Options, StrOptions
+    from sklearn.utils.metaestimators import available_if
+    from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
+    from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("bprop.sklearn needs scikit-learn >= 1.6 (and SciPy): "
+                      f"pip install 'scikit-learn>=1.6' ({exc})") from exc
+
+from . import optim
+from .losses import binary_cross_entropy_with_logits, mean_squared_error, softmax_cross_entropy
+from .network import Dense, Network
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+#: scikit-learn's activation names (and bprop's) -> bprop's.
+_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
+                "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu"}
+_STOCHASTIC_SOLVERS = ("adam", "sgd", "rmsprop")
+_DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+class _Penalty:
+    """Turns the gradient of bprop's loss, left in the network's gradient views by
+    ``backward``, into the gradient of scikit-learn's objective:
+
+        dL/dW <- scale * dL/dW + decay * W,  dL/db <- scale * dL/db
+
+    with decay = alpha / n_b, and ``scale`` converting bprop's loss (a mean over
+    all outputs) into scikit-learn's (summed over the outputs). ``apply`` returns
+    the L2 term of the loss, 0.5 * decay * ||W||^2, measured before the update.
+    """
+
+    def __init__(self, net: Network, scale: float) -> None:
+        self.scale = scale
+        self.weights = [(layer.weight, layer.grad_weight) for layer in net.layers]
+        self.bias_grads = [layer.grad_bias for layer in net.layers]
+
+    def apply(self, decay: float) -> float:
+        scale = self.scale
+        squares = 0.0
+        for W, G in self.weights:
+            if scale != 1.0:
+                G *= scale
+            if decay:
+                flat = W.reshape(-1)
+                squares += float(np.dot(flat, flat))
+                G += decay * W
+        if scale != 1.0:
+            for g in self.bias_grads:
+                g *= scale
+        return 0.5 * decay * squares
+
+
+_LOSSES = {"softmax_cross_entropy": softmax_cross_entropy,
+           "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
+           "mean_squared_error": mean_squared_error}
+
+
+class _BaseMLP(BaseEstimator):
+    """What MLPClassifier and MLPRegressor share: parameters, the network, the
+    training loops (stochastic and L-BFGS), pickling."""
+
+    _parameter_constraints: Dict[str, List[Any]] = {
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions(set(_ACTIVATIONS))],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam", "rmsprop"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "power_t": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "momentum": [Interval(Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "beta_1": [Interval(Real, 0, 1, closed="left")],
+        "beta_2": [Interval(Real, 0, 1, closed="left")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"),
+                             Options(Real, {np.inf})],
+        "max_fun": [Interval(Integral, 1, None, closed="left")],
+        "dtype": [StrOptions(set(_DTYPES)), None],
+    }
+
+    def __init__(self, hidden_layer_sizes: Any = (100,), activation: str = "relu", *,
+                 solver: str = "adam", alpha: float = 0.0001, batch_size: Any = "auto",
+                 learning_rate: str = "constant", learning_rate_init: float = 0.001,
+                 power_t: float = 0.5, max_iter: int = 200, shuffle: bool = True,
+                 random_state: Any = None, tol: float = 1e-4, verbose: bool = False,
+                 warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, n_iter_no_change: Any = 10, max_fun: int = 15000,
+                 dtype: Optional[str] = None) -> None:
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+        self.dtype = dtype
+
+    # ---- what the subclasses provide ------------------------------------------------
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
+                        dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _targets(self, y: np.ndarray, dtype: np.dtype) -> Tuple[np.ndarray, int]:
+        """The training target in the form the loss kernel takes, and the width
+        of the output layer."""
+        raise NotImplementedError
+
+    def _loss_name(self) -> str:
+        raise NotImplementedError
+
+    def _loss_scales(self, n_outputs: int) -> Tuple[float, float]:
+        """(loss scale, gradient scale): scikit-learn's loss = loss scale * bprop's
+        loss; its gradient = gradient scale * bprop's gradient."""
+        raise NotImplementedError
+
+    def _predict_with(self, net: Network, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _score(self, net: Network, X: np.ndarray, y: Any,
+               sample_weight: Optional[np.ndarray]) -> float:
+        raise NotImplementedError
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _where(self, method: str) -> str:
+        return f"[{type(self).__name__}.{method}]"
+
+    def _hidden_sizes(self) -> List[int]:
+        sizes = self.hidden_layer_sizes
+        if not hasattr(sizes, "__iter__"):
+            sizes = [sizes]
+        sizes = list(sizes)
+        if any(not isinstance(s, (Integral, np.integer)) or isinstance(s, bool) for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must hold positive integers, got {sizes}.")
+        if any(s <= 0 for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be > 0, got {sizes}.")
+        return [int(s) for s in sizes]
+
+    def _input_dtype(self, first_pass: bool) -> Any:
+        """What validate_data converts X to: the network's dtype once there is a
+        network, the forced dtype, or scikit-learn's rule (keep float32 and
+        float64, make anything else float64)."""
+        if not first_pass:
+            return self._net.dtype
+        if self.dtype is not None:
+            return _DTYPES[self.dtype]
+        return (np.float64, np.float32)
+
+    def _check_solver(self) -> bool:
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError(f"partial_fit is only available for stochastic optimizers. "
+                                 f"{self.solver} is not stochastic.")
+        return True
+
+    def _build_network(self, layer_units: List[int], dtype: np.dtype,
+                       random_state: np.random.RandomState) -> Network:
+        """A network with scikit-learn's initial weights, drawn from random_state."""
+        hidden = _ACTIVATIONS[self.activation]
+        n = len(layer_units) - 1
+        layers = [Dense(layer_units[i], layer_units[i + 1],
+                        activation=hidden if i < n - 1 else "identity") for i in range(n)]
+        net = Network(layers, dtype=dtype, seed=0)
+        factor = 2.0 if hidden == "sigmoid" else 6.0
+        for layer in net.layers:
+            bound = math.sqrt(factor / (layer.in_features + layer.out_features))
+            layer.weight = random_state.uniform(-bound, bound,
+                                                (layer.in_features, layer.out_features))
+            layer.bias = random_state.uniform(-bound, bound, layer.out_features)
+        return net
+
+    def _make_optimizer(self, net: Network) -> optim.Optimizer:
+        lr = float(self.learning_rate_init)
+        if self.solver == "sgd":
+            momentum = float(self.momentum)
+            return optim.SGD(net, lr=lr, momentum=momentum,
+                             nesterov=bool(self.nesterovs_momentum) and momentum > 0)
+        if self.solver == "rmsprop":
+            return optim.RMSprop(net, lr=lr, eps=float(self.epsilon))
+        return optim.Adam(net, lr=lr, betas=(float(self.beta_1), float(self.beta_2)),
+                          eps=float(self.epsilon))
+
+    def _bind_views(self) -> None:
+        """coefs_ and intercepts_ are the network's own weight and bias views."""
+        self.coefs_ = [layer.weight for layer in self._net.layers]
+        self.intercepts_ = [layer.bias for layer in self._net.layers]
+
+    def _validate_predict_input(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=self._net.dtype, order="C")
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "_net")
+
+    # ---- fit --------------------------------------------------------------------------
+    def _fit(self, X: Any, y: Any, sample_weight: Any = None,
+             incremental: bool = False) -> "_BaseMLP":
+        hidden = self._hidden_sizes()
+        first_pass = not hasattr(self, "_net") or (not self.warm_start and not incremental)
+        X, y = self._validate_input(X, y, incremental, reset=first_pass,
+                                    dtype=self._input_dtype(first_pass))
+        dtype = X.dtype if first_pass else self._net.dtype
+        X = np.ascontiguousarray(X, dtype=dtype)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=dtype,
+                                                 ensure_non_negative=True)
+            sample_weight = np.ascontiguousarray(sample_weight, dtype=dtype)
+        target, n_outputs = self._targets(y, dtype)
+        layer_units = [X.shape[1], *hidden, n_outputs]
+        random_state = check_random_state(self.random_state)
+
+        if first_pass:
+            net = self._build_network(layer_units, dtype, random_state)
+            state: Dict[str, Any] = {"n_iter_": 0, "t_": 0, "n_outputs_": n_outputs,
+                                     "n_layers_": len(layer_units), "_optimizer": None,
+                                     "_no_improvement_count": 0}
+            state["_best_params"] = [p.copy() for _, p, _ in net.parameters()]
+            snapshot = None
+        else:
+            net = self._net
+            expected = [L.in_features for L in net.layers] + [net.out_features]
+            if layer_units != expected:
+                raise ValueError(
+                    f"{self._where('partial_fit' if incremental else 'fit')} the network has "
+                    f"layer sizes {expected}, but hidden_layer_sizes={hidden} and the data ask "
+                    f"for {layer_units}; refit with warm_start=False to start a new network")
+            if _ACTIVATIONS[self.activation] != net.layers[0].activation and len(net) > 1:
+                raise ValueError(
+                    f"{self._where('partial_fit' if incremental else 'fit')} the network was "
+                    f"built with activation={net.layers[0].activation!r}, but activation="
+                    f"{self.activation!r}; refit with warm_start=False to start a new network")
+            state = {k: getattr(self, k) for k in (
+                "n_iter_", "t_", "n_outputs_", "n_layers_", "_optimizer",
+                "_no_improvement_count", "_best_params") if hasattr(self, k)}
+            for k in ("loss_curve_", "validation_scores_"):
+                if getattr(self, k, None) is not None:
+                    state[k] = list(getattr(self, k))
+            for k in ("best_loss_", "best_validation_score_"):
+                if hasattr(self, k):
+                    state[k] = getattr(self, k)
+            state.setdefault("_best_params", [p.copy() for _, p, _ in net.parameters()])
+            snapshot = [p.copy() for _, p, _ in net.parameters()]
+        if self.solver in _STOCHASTIC_SOLVERS:
+            # the records of the stopping rule (kept across warm starts, as scikit-learn
+            # does; started when there are none, e.g. after an lbfgs fit)
+            state.setdefault("loss_curve_", [])
+            if self.early_stopping:
+                if state.get("validation_scores_") is None:
+                    state.update(validation_scores_=[], best_validation_score_=-np.inf)
+                state["best_loss_"] = None
+            else:
+                if state.get("best_loss_") is None:
+                    state["best_loss_"] = np.inf
+                state.update(validation_scores_=None, best_validation_score_=None)
+
+        try:
+            if self.solver in _STOCHASTIC_SOLVERS:
+                self._fit_stochastic(net, state, X, target, y, sample_weight, incremental,
+                                     random_state)
+            else:
+                self._fit_lbfgs(net, state, X, target, sample_weight)
+        except BaseException:
+            if snapshot is not None:
+                for (_, p, _), saved in zip(net.parameters(), snapshot):
+                    np.copyto(p, saved)
+            raise
+        # Everything succeeded: commit.
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._net = net
+        self.out_activation_ = self._out_activation()
+        self._bind_views()
+        return self
+
+    def _fit_stochastic(self, net: Network, state: Dict[str, Any], X: np.ndarray,
+                        target: np.ndarray, y_original: np.ndarray,
+                        sample_weight: Optional[np.ndarray], incremental: bool,
+                        random_state: np.random.RandomState) -> None:
+        where = self._where("partial_fit" if incremental else "fit")
+        optimizer = state.get("_optimizer")
+        if not incremental or optimizer is None or optimizer.net is not net:
+            optimizer = self._make_optimizer(net)
+        state["_optimizer"] = optimizer
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+
+        X_val = y_val = w_val = None
+        if self.early_stopping:
+            X, target, sample_weight, X_val, y_val, w_val = self._validation_split(
+                X, target, y_original, sample_weight, random_state)
+        n = X.shape[0]
+        if self.batch_size == "auto":
+            batch_size = min(200, n)
+        else:
+            if self.batch_size > n:
+                warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is "
+                              "going to be clipped", UserWarning, stacklevel=4)
+            batch_size = int(np.clip(self.batch_size, 1, n))
+
+        loss_scale, grad_scale = self._loss_scales(net.out_features)
+        penalty = _Penalty(net, grad_scale)
+        loss_fn = _LOSSES[self._loss_name()]
+        alpha = float(self.alpha)
+        params = [p for _, p, _ in net.parameters()]
+        best_params = state["_best_params"]
+        tol = float(self.tol)
+        lr_init = float(self.learning_rate_init)
+        sgd = self.solver == "sgd"
+
+        state["n_iter_"] = 0
+        order = np.arange(n)
+        for _ in range(self.max_iter):
+            if self.shuffle:
+                # each epoch reshuffles the last order, drawing as sklearn.utils.shuffle
+                order = order[random_state.permutation(n)]
+                Xe = np.take(X, order, axis=0)
+                te = np.take(target, order, axis=0)
+                we = None if sample_weight is None else np.take(sample_weight, order)
+            else:
+                Xe, te, we = X, target, sample_weight
+            accumulated = 0.0
+            counted = 0
+            for lo in range(0, n, batch_size):
+                hi = min(lo + batch_size, n)
+                wb = None if we is None else we[lo:hi]
+                weight_sum = float(hi - lo) if wb is None else float(wb.sum(dtype=np.float64))
+                if weight_sum == 0.0:
+                    continue  # nothing to learn from a batch of zero weights
+                # forward, loss and backward, then scikit-learn's gradient, then the update
+                value, grad = loss_fn(net.forward(Xe[lo:hi]), te[lo:hi], wb)
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"{where} training diverged in epoch {state['n_iter_'] + 1}: the loss "
+                        f"is {value}; the weights were left as they were before this call. "
+                        "The input data may contain large values and need to be preprocessed "
+                        "(e.g. StandardScaler), or learning_rate_init "
+                        f"(={self.learning_rate_init}) is too large.")
+                net.backward(grad)
+                value = loss_scale * value + penalty.apply(alpha / weight_sum)
+                optimizer.step()
+                accumulated += value * (hi - lo)
+                counted += hi - lo
+            state["n_iter_"] += 1
+            loss = accumulated / counted if counted else 0.0
+            state["loss_"] = loss
+            state["t_"] += n
+            state["loss_curve_"].append(loss)
+            if self.verbose:
+                print(f"Iteration {state['n_iter_']}, loss = {loss:.8f}")
+
+            # scikit-learn's rule: no improvement by tol, of the validation score
+            # (early stopping) or of the training loss
+            if self.early_stopping:
+                score = self._score(net, X_val, y_val, w_val)
+                state["validation_scores_"].append(score)
+                if self.verbose:
+                    print(f"Validation score: {score:f}")
+                if score < state["best_validation_score_"] + tol:
+                    state["_no_improvement_count"] += 1
+                else:
+                    state["_no_improvement_count"] = 0
+                if score > state["best_validation_score_"]:
+                    state["best_validation_score_"] = score
+                    for dst, p in zip(best_params, params):
+                        np.copyto(dst, p)
+            else:
+                if loss > state["best_loss_"] - tol:
+                    state["_no_improvement_count"] += 1
+                else:
+                    state["_no_improvement_count"] = 0
+                if loss < state["best_loss_"]:
+                    state["best_loss_"] = loss
+
+            if sgd and self.learning_rate == "invscaling":
+                optimizer.lr = lr_init / (state["t_"] + 1) ** float(self.power_t)
+
+            if state["_no_improvement_count"] > self.n_iter_no_change:
+                if self.early_stopping:
+                    msg = (f"Validation score did not improve more than tol={tol:f} for "
+                           f"{self.n_iter_no_change} consecutive epochs.")
+                else:
+                    msg = (f"Training loss did not improve more than tol={tol:f} for "
+                           f"{self.n_iter_no_change} consecutive epochs.")
+                if sgd and self.learning_rate == "adaptive" and optimizer.lr > 1e-6:
+                    optimizer.lr = optimizer.lr / 5.0
+                    state["_no_improvement_count"] = 0
+                    if self.verbose:
+                        print(f"{msg} Setting learning rate to {optimizer.lr:f}")
+                else:
+                    if self.verbose:
+                        print(f"{msg} Stopping.")
+                    break
+            if incremental:
+                break
+            if state["n_iter_"] == self.max_iter:
+                warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
+                              "reached and the optimization hasn't converged yet.",
+                              ConvergenceWarning, stacklevel=4)
+
+        if self.early_stopping:
+            for src, p in zip(best_params, params):
+                np.copyto(p, src)
+
+    def _validation_split(self, X: np.ndarray, target: np.ndarray, y_original: np.ndarray,
+                          sample_weight: Optional[np.ndarray],
+                          random_state: np.random.RandomState) -> Tuple[Any, ...]:
+        """Holds out validation_fraction of the samples (stratified for
+        single-label classification when every class can be split)."""
+        arrays = [X, target, y_original] + ([] if sample_weight is None else [sample_weight])
+        stratify = None
+        if is_classifier(self) and np.ndim(y_original) == 1:
+            stratify = y_original
+        try:
+            parts = train_test_split(*arrays, random_state=random_state,
+                                     test_size=self.validation_fraction, stratify=stratify)
+        except ValueError:
+            if stratify is None:
+                raise
+            parts = train_test_split(*arrays, random_state=random_state,
+                                     test_size=self.validation_fraction)
+        X_train, X_val, t_train, _, _, y_val = parts[:6]
+        w_train = w_val = None
+        if sample_weight is not None:
+            w_train, w_val = parts[6], parts[7]
+        if X_val.shape[0] < 2:
+            raise ValueError("The validation set is too small. Increase 'validation_fraction' "
+                             "or the size of your dataset.")
+        return (np.ascontiguousarray(X_train), np.ascontiguousarray(t_train),
+                None if w_train is None else np.ascontiguousarray(w_train),
+                X_val, y_val, w_val)
+
+    def _fit_lbfgs(self, net: Network, state: Dict[str, Any], X: np.ndarray,
+                   target: np.ndarray, sample_weight: Optional[np.ndarray]) -> None:
+        """Full-batch L-BFGS-B (SciPy) on scikit-learn's objective; the loss and
+        its gradient come from one forward/backward sweep of the core."""
+        loss_fn = _LOSSES[self._loss_name()]
+        loss_scale, grad_scale = self._loss_scales(net.out_features)
+        weight_sum = (float(X.shape[0]) if sample_weight is None
+                      else float(sample_weight.sum(dtype=np.float64)))
+        penalty = _Penalty(net, grad_scale)
+        decay = float(self.alpha) / weight_sum
+        views = [(p, g) for _, p, g in net.parameters()]
+        sizes = np.cumsum([0] + [p.size for p, _ in views])
+        packed_grad = np.empty(int(sizes[-1]))
+
+        def loss_and_grad(theta: np.ndarray) -> Tuple[float, np.ndarray]:
+            for (p, _), lo, hi in zip(views, sizes[:-1], sizes[1:]):
+                p[...] = theta[lo:hi].reshape(p.shape)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = net.forward(X)
+                if not np.isfinite(out).all():
+                    return math.inf, np.zeros_like(theta)
+                value, grad = loss_fn(out, target, sample_weight)
+                net.backward(grad)
+            l2 = penalty.apply(decay)
+            for (_, g), lo, hi in zip(views, sizes[:-1], sizes[1:]):
+                packed_grad[lo:hi] = g.reshape(-1)
+            return loss_scale * value + l2, packed_grad.copy()
+
+        theta0 = np.concatenate([p.reshape(-1) for p, _ in views]).astype(np.float64)
+        result = scipy.optimize.minimize(
+            loss_and_grad, theta0, method="L-BFGS-B", jac=True,
+            options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol})
+        if result.status != 0:
+            message = result.message
+            if isinstance(message, bytes):
+                message = message.decode("latin1")
+            warnings.warn(f"lbfgs failed to converge after {result.nit} iteration(s) "
+                          f"(status={result.status}): {message}. Increase the number of "
+                          "iterations (max_iter) or the number of function evaluations "
+                          "(max_fun), or scale the data.", ConvergenceWarning, stacklevel=4)
+        for (p, _), lo, hi in zip(views, sizes[:-1], sizes[1:]):
+            p[...] = result.x[lo:hi].reshape(p.shape)
+        if not all(np.isfinite(p).all() for p, _ in views):
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             "contain large values and need to be preprocessed.")
+        state["n_iter_"] = min(int(result.nit), int(self.max_iter))
+        state["loss_"] = float(result.fun)
+
+    # ---- pickling: the network lives in C++; pickle its description and weights ------
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(super().__getstate__())
+        net = state.pop("_net", None)
+        optimizer = state.pop("_optimizer", None)
+        if net is not None:
+            state["_net_layers"] = [layer._spec() for layer in net.layers]
+            state["_net_dtype"] = net.dtype.name
+            state["_net_params"] = [p.copy() for _, p, _ in net.parameters()]
+            state.pop("coefs_", None)
+            state.pop("intercepts_", None)
+            state["_optimizer_state"] = (None if optimizer is None
+                                         else optimizer.state_dict())
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        specs = state.pop("_net_layers", None)
+        dtype = state.pop("_net_dtype", None)
+        params = state.pop("_net_params", None)
+        opt_state = state.pop("_optimizer_state", None)
+        super().__setstate__(state)
+        if specs is None:
+            return
+        layers = [Dense(n_in, n_out, activation=act, negative_slope=slope)
+                  for n_in, n_out, act, slope in specs]
+        net = Network(layers, dtype=dtype, seed=0)
+        for (_, p, _), saved in zip(net.parameters(), params):
+            p[...] = saved
+        self._net = net
+        self._optimizer = None
+        if opt_state is not None:
+            optimizer = optim.OPTIMIZERS[opt_state["optimizer"]](
+                net, **opt_state["hyperparameters"])
+            optimizer.load_state_dict(opt_state)
+            self._optimizer = optimizer
+        self._bind_views()
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multi-layer perceptron classifier trained by bprop, with scikit-learn's API.
+
+    Parameters, attributes and methods are those of
+    ``sklearn.neural_network.MLPClassifier``; see the module docstring for the
+    objective and the few differences.
+
+    Args:
+        hidden_layer_sizes: widths of the hidden layers, e.g. (100,) or (64, 32).
+        activation: hidden activation, "identity", "logistic", "tanh" or "relu"
+            (or bprop's "sigmoid", "leaky_relu", "gelu").
+        solver: "adam", "sgd", "rmsprop" (minibatch) or "lbfgs" (full batch).
+        alpha: L2 strength on the weights (see the module docstring).
+        batch_size: minibatch size, or "auto" = min(200, n_samples).
+        learning_rate: schedule of "sgd": "constant", "invscaling" or "adaptive".
+        learning_rate_init: initial learning rate of the minibatch solvers.
+        power_t: exponent of "invscaling".
+        max_iter: epochs (minibatch solvers) or iterations (lbfgs).
+        shuffle: shuffle the samples every epoch.
+        random_state: seed or RandomState of the initial weights, the shuffling
+            and the validation split.
+        tol: improvement below which an epoch counts as no improvement.
+        verbose: print the loss of every epoch.
+        warm_start: continue from the previous fit's weights.
+        momentum: momentum of "sgd".
+        nesterovs_momentum: Nesterov momentum for "sgd".
+        early_stopping: hold out validation_fraction of the data and stop when
+            its accuracy stops improving; keeps the best weights.
+        validation_fraction: share of the data held out by early_stopping.
+        beta_1, beta_2, epsilon: Adam's hyperparameters (epsilon also RMSprop's).
+        n_iter_no_change: epochs without improvement before stopping.
+        max_fun: maximum loss evaluations of "lbfgs".
+        dtype: None (float32 for float32 input, else float64), "float32" or
+            "float64": the network's dtype.
+
+    Attributes:
+        classes_: (n_classes,) class labels.
+        loss_: loss of the last epoch (L2 term included).
+        best_loss_: lowest epoch loss (None with early_stopping).
+        loss_curve_: loss of every epoch (minibatch solvers).
+        validation_scores_: validation accuracy per epoch (early_stopping).
+        best_validation_score_: best validation accuracy (early_stopping).
+        t_: training samples seen.
+        coefs_: weights per layer, (fan_in, fan_out) each: views of the network's
+            storage (write in place to change the model).
+        intercepts_: biases per layer, (fan_out,) each, views as well.
+        n_features_in_, feature_names_in_: as every scikit-learn estimator.
+        n_iter_: epochs run by the last fit (iterations for lbfgs).
+        n_layers_: number of layers, input and output included.
+        n_outputs_: width of the output layer.
+        out_activation_: "softmax" (multi-class) or "logistic" (binary, multi-label).
+    """
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
+        """Fits the network to X (n_samples, n_features) and y: labels
+        (n_samples,) or a multi-label indicator matrix (n_samples, n_labels).
+
+        Args:
+            X: training inputs (n_samples, n_features).
+            y: targets.
+            sample_weight: optional non-negative weights (n_samples,).
+
+        Returns:
+            self.
+        """
+        self._validate_params()
+        self._fit(X, y, sample_weight=sample_weight, incremental=False)
+        return self
+
+    @available_if(lambda est: est._check_solver())
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None,
+                    classes: Any = None) -> "MLPClassifier":
+        """One epoch over (X, y), continuing from the current weights.
+
+        Args:
+            X: inputs (n_samples, n_features).
+            y: labels (n_samples,) or indicator matrix.
+            sample_weight: optional non-negative weights (n_samples,).
+            classes: every class of the whole dataset; required on the first call.
+
+        Returns:
+            self.
+        """
+        self._validate_params()
+        if not hasattr(self, "classes_"):
+            if classes is None:
+                raise ValueError("classes must be passed on the first call to partial_fit.")
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+            self.classes_ = self._label_binarizer.classes_
+        elif classes is not None and not np.array_equal(self.classes_, unique_labels(classes)):
+            raise ValueError(f"`classes={classes!r}` is not the same as on last call to "
+                             f"partial_fit, was: {self.classes_!r}")
+        self._fit(X, y, sample_weight=sample_weight, incremental=True)
+        return self
+
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
+                        dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
+        X, y = validate_data(self, X, y, multi_output=True, dtype=dtype, order="C",
+                             reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        check_classification_targets(y)
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start and not incremental:
+                if set(classes) != set(self.classes_):
+                    raise ValueError("warm_start can only be used where `y` has the same "
+                                     "classes as in the previous call to fit. Previously got "
+                                     f"{self.classes_}, `y` has {classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. `self.classes_` has "
+                                 f"{self.classes_}. 'y' has {classes}.")
+        return X, y
+
+    def _multiclass(self) -> bool:
+        return self._label_binarizer.y_type_ == "multiclass"
+
+    def _out_activation(self) -> str:
+        return "softmax" if self._multiclass() else "logistic"
+
+    def _targets(self, y: np.ndarray, dtype: np.dtype) -> Tuple[np.ndarray, int]:
+        indicator = self._label_binarizer.transform(y)
+        if self._multiclass():
+            # class indices for the fused softmax cross-entropy
+            return np.ascontiguousarray(np.argmax(indicator, axis=1), dtype=np.int64), \
+                indicator.shape[1]
+        return np.ascontiguousarray(indicator, dtype=dtype), indicator.shape[1]
+
+    def _loss_name(self) -> str:
+        return ("softmax_cross_entropy" if self._multiclass()
+                else "binary_cross_entropy_with_logits")
+
+    def _loss_scales(self, n_outputs: int) -> Tuple[float, float]:
+        if self._multiclass():
+            return 1.0, 1.0
+        # bprop averages the binary cross-entropy over the labels; scikit-learn sums
+        return float(n_outputs), float(n_outputs)
+
+    def _proba(self, net: Network, X: np.ndarray) -> np.ndarray:
+        """Probabilities of the output units: softmax or sigmoid of the logits."""
+        logits = net.predict(X)
+        if self._multiclass():
+            logits -= logits.max(axis=1, keepdims=True)
+            np.exp(logits, out=logits)
+            logits /= logits.sum(axis=1, keepdims=True)
+            return logits
+        return expit(logits)
+
+    def _predict_with(self, net: Network, X: np.ndarray) -> np.ndarray:
+        proba = self._proba(net, X)
+        if proba.shape[1] == 1:
+            proba = proba.ravel()
+        return self._label_binarizer.inverse_transform(proba)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted classes: (n_samples,) labels, or (n_samples, n_labels) for
+        multi-label targets."""
+        X = self._validate_predict_input(X)
+        return self._predict_with(self._net, X)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n_samples, n_classes), columns ordered as classes_
+        (for multi-label targets, one independent probability per label)."""
+        X = self._validate_predict_input(X)
+        proba = self._proba(self._net, X)
+        if proba.shape[1] == 1 and not self._label_binarizer.y_type_.startswith("multilabel"):
+            p = proba.ravel()
+            return np.column_stack([1 - p, p])
+        return proba
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        """log(predict_proba(X)), as scikit-learn computes it."""
+        proba = self.predict_proba(X)
+        with np.errstate(divide="ignore"):
+            return np.log(proba, out=proba)
+
+    def _score(self, net: Network, X: np.ndarray, y: Any,
+               sample_weight: Optional[np.ndarray]) -> float:
+        y_pred = self._predict_with(net, X)
+        return float(accuracy_score(y, y_pred, sample_weight=sample_weight))
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor trained by bprop, with scikit-learn's API.
+
+    Parameters, attributes and methods are those of
+    ``sklearn.neural_network.MLPRegressor`` (squared error); see
+    :class:`MLPClassifier` for the parameters and the module docstring for the
+    objective. ``out_activation_`` is "identity"; y may have several columns
+    (multi-output regression); ``validation_scores_`` hold R^2.
+    """
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPRegressor":
+        """Fits the network to X (n_samples, n_features) and y (n_samples,) or
+        (n_samples, n_outputs).
+
+        Args:
+            X: training inputs.
+            y: real targets.
+            sample_weight: optional non-negative weights (n_samples,).
+
+        Returns:
+            self.
+        """
+        self._validate_params()
+        self._fit(X, y, sample_weight=sample_weight, incremental=False)
+        return self
+
+    @available_if(lambda est: est._check_solver())
+    def partial_fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPRegressor":
+        """One epoch over (X, y), continuing from the current weights.
+
+        Args:
+            X: inputs (n_samples, n_features).
+            y: targets (n_samples,) or (n_samples, n_outputs).
+            sample_weight: optional non-negative weights (n_samples,).
+
+        Returns:
+            self.
+        """
+        self._validate_params()
+        self._fit(X, y, sample_weight=sample_weight, incremental=True)
+        return self
+
+    def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
+                        dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
+        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=dtype,
+                             order="C", reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    def _out_activation(self) -> str:
+        return "identity"
+
+    def _targets(self, y: np.ndarray, dtype: np.dtype) -> Tuple[np.ndarray, int]:
+        target = y.reshape(-1, 1) if y.ndim == 1 else y
+        return np.ascontiguousarray(target, dtype=dtype), target.shape[1]
+
+    def _loss_name(self) -> str:
+        return "mean_squared_error"
+
+    def _loss_scales(self, n_outputs: int) -> Tuple[float, float]:
+        # bprop: mean((o - t)^2) over all elements, gradient 2 (o - t) / (k n);
+        # scikit-learn reports half of it and steps along (o - t) / n.
+        return 0.5, 0.5 * n_outputs
+
+    def _predict_with(self, net: Network, X: np.ndarray) -> np.ndarray:
+        out = net.predict(X)
+        return out.ravel() if out.shape[1] == 1 else out
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predictions (n_samples,) or (n_samples, n_outputs)."""
+        X = self._validate_predict_input(X)
+        return self._predict_with(self._net, X)
+
+    def _score(self, net: Network, X: np.ndarray, y: Any,
+               sample_weight: Optional[np.ndarray]) -> float:
+        y_pred = self._predict_with(net, X)
+        if not np.isfinite(y_pred).all():
+            return float("nan")
+        return float(r2_score(y, y_pred, sample_weight=sample_weight))
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags
