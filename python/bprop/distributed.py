@@ -1,0 +1,359 @@
+"""Data-parallel training over MPI: ``bprop.fit(..., comm=MPI.COMM_WORLD)``.
+
+Run the same script on every rank, each holding the whole dataset::
+
+    # train.py; run with: mpiexec -n 4 python -m mpi4py train.py
+    from mpi4py import MPI
+    import bprop
+
+    net = bprop.Network([bprop.Dense(784, 256, "relu"), bprop.Dense(256, 10)], seed=0)
+    opt = bprop.optim.Adam(net, lr=1e-3)
+    history = bprop.fit(net, X, y, optimizer=opt, batch_size=256, seed=0,
+                        comm=MPI.COMM_WORLD)
+    if MPI.COMM_WORLD.rank == 0:
+        net.save("model.safetensors")
+
+What each rank does (the minibatch size and the epochs are global: 4 ranks and
+``batch_size=256`` make the same 256-sample steps as one process does):
+
+* Before training, the ranks allgather a small signature (parameter names,
+  shapes and dtypes, the layers, the optimizer and its hyperparameters, the
+  data's shapes and a checksum of sampled rows, the settings of fit and the
+  state of the shuffling generator) and compare it with rank 0's; any
+  difference raises the same ValueError on every rank. Then rank 0's weights
+  and optimizer state are broadcast in place into the other ranks' buffers.
+* Every rank draws the same permutation (``seed=None`` becomes a seed drawn on
+  rank 0; a Generator gets rank 0's state), so all ranks see the same global
+  minibatches. Rank r of R takes rows [lo_r, hi_r) of each minibatch, split as
+  ``np.array_split`` does (sizes differ by at most one; a rank may get none).
+* It computes the gradient of the mean loss over its rows, scaled by its share
+  of the minibatch, n_r / n (with sample weights, sum(w_r) / sum(w)): the sum
+  of the ranks' gradients is then exactly the gradient of the minibatch's mean
+  loss. The scaling is applied to dL/d(output) (batch, out_features) before the
+  backward sweep, so it costs nothing per parameter. A rank without rows (or
+  with zero weights only) contributes zero gradients.
+* The gradients are summed with one ``comm.Allreduce(MPI.IN_PLACE, grad,
+  op=MPI.SUM)`` per parameter, straight in the C++ gradient buffers (no copy),
+  and the loss with one more (a float64 scalar). Every rank then takes the same
+  optimizer step; the fused SGD update of single-process fit is never used,
+  since the gradient must be summed before the update.
+* Validation loss and metrics: each rank predicts its share of the rows, the
+  outputs are allgathered, and every rank computes the loss and metrics on the
+  whole output, so any metric (not only means) comes out exact and identical.
+  The epoch's time is the slowest rank's, the stop decision any rank's: the
+  History is the same on every rank.
+* Only rank 0 shows the progress bar (``verbose``); saving is the script's
+  business (``if comm.rank == 0``).
+
+Failures: an error raised on some ranks before the signatures are compared
+(say, invalid data on one of them) is reported on every rank (the others raise
+RuntimeError naming the rank). Errors raised on every rank alike (a mismatch,
+divergence: the loss checked is the summed one) are raised normally. Any other
+exception during training would leave the other ranks waiting in a collective
+forever, so fit prints its traceback and calls ``comm.Abort(1)``, which ends
+every rank with a non-zero status. Run scripts with ``python -m mpi4py`` so that
+an exception outside fit aborts the job as well instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import traceback
+import zlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._validation import type_name
+
+__all__ = ["shard_bounds"]
+
+# Methods fit calls on a communicator (mpi4py's Intracomm has them all).
+_COMM_METHODS = ("Get_rank", "Get_size", "Allreduce", "Allgatherv", "Bcast", "allgather",
+                 "bcast", "Abort")
+
+# Rows sampled per array for the data checksum of the signature.
+_CHECKSUM_ROWS = 1024
+
+# What to do when the ranks' signatures differ, by part.
+_HINTS = {
+    "network": "Build the same architecture on every rank (rank 0's weights are then "
+               "broadcast, so the seeds may differ).",
+    "optimizer": "Build the same optimizer with the same hyperparameters on every rank "
+                 "(rank 0's state is then broadcast).",
+    "data": "Every rank passes the whole dataset, the same on every rank: each trains on "
+            "its share of every minibatch.",
+    "settings": "Call fit with the same arguments on every rank.",
+    "shuffling generator": "Pass the same seed on every rank (or seed=None: rank 0 then "
+                           "draws one for all).",
+}
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError("[fit] comm= needs mpi4py and an MPI library: pip install mpi4py "
+                          "mpich (or pip install 'bprop[mpi]')") from exc
+    return MPI
+
+
+def shard_bounds(rows: int, rank: int, size: int) -> Tuple[int, int]:
+    """The rows [lo, hi) of a minibatch of `rows` that rank `rank` of `size`
+    trains on: contiguous, in rank order, sizes differing by at most one (the
+    first ``rows % size`` ranks get one more), as ``np.array_split``."""
+    q, rem = divmod(rows, size)
+    lo = rank * q + min(rank, rem)
+    return lo, lo + q + (1 if rank < rem else 0)
+
+
+def _collective(exc: BaseException) -> BaseException:
+    """Marks an exception that every rank raises at the same point (so fit may
+    raise it instead of aborting)."""
+    exc._bprop_collective = True  # type: ignore[attr-defined]
+    return exc
+
+
+def _checksum(crc: int, arr: Optional[np.ndarray]) -> int:
+    if arr is None:
+        return zlib.crc32(b"none", crc)
+    crc = zlib.crc32(repr((arr.shape, arr.dtype.str)).encode(), crc)
+    n = arr.shape[0]
+    if n == 0:
+        return crc
+    rows = np.unique(np.linspace(0, n - 1, min(n, _CHECKSUM_ROWS)).astype(np.int64))
+    return zlib.crc32(np.ascontiguousarray(np.take(arr, rows, axis=0)).tobytes(), crc)
+
+
+def _describe(data) -> str:
+    if data is None:
+        return "none"
+    w = "none" if data.w is None else f"{data.w.shape}"
+    return (f"X {data.X.shape} {data.X.dtype.name}, y {data.y.shape} {data.y.dtype.name}, "
+            f"sample_weight {w}")
+
+
+class _DataParallel:
+    """One data-parallel fit over a communicator; made by ``run_fit`` and
+    passed to ``train.fit`` as its ``comm``."""
+
+    def __init__(self, comm: Any) -> None:
+        missing = [m for m in _COMM_METHODS if not callable(getattr(comm, m, None))]
+        if missing:
+            raise TypeError(f"[fit] comm must be an mpi4py communicator such as "
+                            f"MPI.COMM_WORLD, but got {type_name(comm)} (without "
+                            f"{', '.join(missing)})")
+        self.MPI = _mpi()
+        self.comm = comm
+        self.rank = int(comm.Get_rank())
+        self.size = int(comm.Get_size())
+        # "setup": checking arguments, no collective entered since the seed;
+        # "started": inside or past the signature exchange.
+        self.phase = "setup"
+        self._loss_sum = np.zeros(1, dtype=np.float64)
+        self._scalar = np.zeros(1, dtype=np.float64)
+        self._kernels: Dict[str, Callable] = {}
+
+    # ---- before fit checks its arguments ---------------------------------------------
+    def shared_seed(self, seed: Any) -> Any:
+        """The shuffling seed every rank uses: None becomes a Generator seeded on
+        rank 0, a Generator takes rank 0's state. Other seeds are left alone (an
+        int that differs between ranks is caught by the signature check)."""
+        mine = None
+        if self.rank == 0:
+            if seed is None:
+                mine = ("entropy", np.random.SeedSequence().entropy)
+            elif isinstance(seed, np.random.Generator):
+                mine = ("state", seed.bit_generator.state)
+            else:
+                mine = ("given", None)
+        kind, value = self.comm.bcast(mine, root=0)
+        if kind == "entropy" and seed is None:
+            return np.random.default_rng(value)
+        if kind == "state" and isinstance(seed, np.random.Generator) and self.rank != 0:
+            try:
+                seed.bit_generator.state = value
+            except (TypeError, ValueError):
+                pass  # another kind of bit generator: the signature check reports it
+        return seed
+
+    # ---- once fit has checked its arguments -----------------------------------------
+    def start(self, net, optimizer, rng: np.random.Generator, train, valid,
+              **settings: Any) -> None:
+        """Compares the ranks' signatures, then broadcasts rank 0's weights and
+        optimizer state in place. Raises the same error on every rank when a rank
+        failed its argument checks or the signatures differ."""
+        self.phase = "started"
+        params = list(net.parameters())
+        crc = 0
+        for data in (train, valid):
+            for arr in (None, None, None) if data is None else (data.X, data.y, data.w):
+                crc = _checksum(crc, arr)
+        state = zlib.crc32(repr(rng.bit_generator.state).encode())
+        signature = {
+            "network": tuple([f"{name} {tuple(p.shape)} {p.dtype.name}" for name, p, _ in params]
+                             + [f"layers.{i} {L!r}" for i, L in enumerate(net.layers)]),
+            "optimizer": (repr(optimizer),),
+            "data": (f"training {_describe(train)}", f"validation {_describe(valid)}",
+                     f"rows with checksum {crc:08x}"),
+            "settings": tuple(f"{k}={v!r}" for k, v in sorted(settings.items())),
+            "shuffling generator": (f"a generator in state {state:08x}",),
+        }
+        gathered = self.comm.allgather(("ok", signature))
+        self._check_gathered(gathered)
+        for _, p, _ in params:
+            self.comm.Bcast(p, root=0)
+        # The optimizer's state (same names and shapes: the signature matched).
+        for arrays in optimizer._state.values():
+            for a in arrays.values():
+                self.comm.Bcast(a, root=0)
+        optimizer._step_count = self.comm.bcast(optimizer._step_count, root=0)
+        self._grads = [g for _, _, g in params]
+        self._dtype = net.dtype
+        self._mpi_dtype = self.MPI.FLOAT if net.dtype == np.float32 else self.MPI.DOUBLE
+
+    def _check_gathered(self, gathered: List[Tuple[str, Any]]) -> None:
+        where = f"fit, rank {self.rank} of {self.size}"
+        failed = [(r, info) for r, (status, info) in enumerate(gathered) if status == "error"]
+        if failed:
+            ranks = ", ".join(str(r) for r, _ in failed)
+            details = "; ".join(f"rank {r}: {info}" for r, info in failed)
+            raise _collective(RuntimeError(
+                f"[{where}] rank{'s' if len(failed) > 1 else ''} {ranks} failed before "
+                f"training, so no rank trains: {details}"))
+        reference = gathered[0][1]
+        for r, (_, signature) in enumerate(gathered[1:], start=1):
+            for key, ours in reference.items():
+                theirs = signature[key]
+                if theirs == ours:
+                    continue
+                i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                         min(len(ours), len(theirs)))
+                a = ours[i] if i < len(ours) else "nothing more"
+                b = theirs[i] if i < len(theirs) else "nothing more"
+                raise _collective(ValueError(
+                    f"[{where}] the ranks disagree on the {key}: rank 0 has {a}, but rank {r} "
+                    f"has {b}. {_HINTS[key]}"))
+
+    def report_failure(self, exc: BaseException) -> None:
+        """Called for an error raised before this rank reached ``start``: takes part
+        in the signature exchange so that the other ranks raise instead of waiting."""
+        self.phase = "started"
+        self.comm.allgather(("error", f"{type(exc).__name__}: {exc}"))
+
+    # ---- per step --------------------------------------------------------------------
+    def _kernel(self, loss) -> Callable:
+        if not isinstance(loss, str):
+            return loss  # fit's wrapped user loss: (output, target, weight) -> (value, grad)
+        kernel = self._kernels.get(loss)
+        if kernel is None:
+            from .losses import LOSSES, _builtin
+
+            kernel = self._kernels[loss] = _builtin(LOSSES[loss]).kernel
+        return kernel
+
+    def train_step(self, net, Xb: np.ndarray, yb: np.ndarray, loss, optimizer,
+                   wb: Optional[np.ndarray]) -> float:
+        """One global minibatch (batch, in_features): this rank's share of the
+        gradient, the allreduce, the optimizer step. Returns the minibatch's mean
+        loss, the same on every rank (NaN/inf without a step, as ``_train_step``)."""
+        n = Xb.shape[0]
+        lo, hi = shard_bounds(n, self.rank, self.size)
+        if wb is None:
+            share = (hi - lo) / n
+            ws = None
+        else:
+            ws = wb[lo:hi]
+            share = float(ws.sum(dtype=np.float64)) / float(wb.sum(dtype=np.float64))
+        core = net._core
+        if share > 0:
+            value, grad = self._kernel(loss)(core.forward(Xb[lo:hi]), yb[lo:hi], ws)
+            # dL/d(output) of the minibatch's mean loss, restricted to these rows
+            core.backward(grad * share, False, False)
+            self._loss_sum[0] = value * share
+        else:
+            if not core.has_backward:  # gives the optimizer its gradient buffers' first use
+                core.forward(Xb[:1])
+                core.backward(np.zeros((1, net.out_features), self._dtype), False, False)
+            for g in self._grads:
+                g.fill(0)
+            self._loss_sum[0] = 0.0
+        MPI = self.MPI
+        for g in self._grads:
+            self.comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+        self.comm.Allreduce(MPI.IN_PLACE, self._loss_sum, op=MPI.SUM)
+        value = float(self._loss_sum[0])
+        if math.isfinite(value):
+            optimizer.step()
+        return value
+
+    # ---- per epoch -------------------------------------------------------------------
+    def measure(self, net, data, loss_fn, metric_fns: Sequence[Tuple[str, Callable]],
+                batch_size: int = 0, prefix: str = "") -> Dict[str, float]:
+        """``train._measure`` with the forward pass split over the ranks: each
+        predicts its rows, the outputs are allgathered, every rank computes the
+        loss and metrics on the whole output."""
+        n, k = data.X.shape[0], net.out_features
+        bounds = [shard_bounds(n, r, self.size) for r in range(self.size)]
+        lo, hi = bounds[self.rank]
+        out = np.empty((n, k), dtype=self._dtype)
+        mine = (net._core.predict(data.X[lo:hi], batch_size) if hi > lo
+                else np.empty((0, k), dtype=self._dtype))
+        counts = [(b - a) * k for a, b in bounds]
+        displs = [a * k for a, _ in bounds]
+        self.comm.Allgatherv(mine, [out, counts, displs, self._mpi_dtype])
+        logs = {}
+        if loss_fn is not None:
+            logs[prefix + "loss"] = float(loss_fn(out, data.y, data.w)[0])
+        for name, fn in metric_fns:
+            logs[prefix + name] = float(fn(out, data.y, data.w))
+        return logs
+
+    def slowest(self, seconds: float) -> float:
+        """The largest of the ranks' values (the epoch's wall time)."""
+        self._scalar[0] = seconds
+        self.comm.Allreduce(self.MPI.IN_PLACE, self._scalar, op=self.MPI.MAX)
+        return float(self._scalar[0])
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a callback's stop)."""
+        self._scalar[0] = 1.0 if flag else 0.0
+        self.comm.Allreduce(self.MPI.IN_PLACE, self._scalar, op=self.MPI.MAX)
+        return bool(self._scalar[0] > 0)
+
+    # ---- failures ----------------------------------------------------------------------
+    def abort(self, exc: BaseException) -> None:
+        """Prints the traceback tagged with the rank and ends every rank."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        sys.stderr.write(f"[bprop.distributed] rank {self.rank} of {self.size}: fit raised "
+                         f"{type(exc).__name__} while the other ranks may be waiting in a "
+                         f"collective; calling comm.Abort(1) to end every rank.\n{text}")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.comm.Abort(1)
+
+
+def _raised_by_every_rank(exc: BaseException) -> bool:
+    if getattr(exc, "_bprop_collective", False):
+        return True
+    # fit's divergence check reads the summed loss and the (identical) weights
+    return isinstance(exc, FloatingPointError) and hasattr(exc, "history")
+
+
+def run_fit(fit: Callable[..., Any], args: Dict[str, Any]) -> Any:
+    """Runs ``fit(**args)`` with ``args["comm"]`` (a communicator) replaced by a
+    ``_DataParallel``, handling failures as the module docstring describes."""
+    dp = _DataParallel(args["comm"])
+    args = dict(args, comm=dp)
+    args["seed"] = dp.shared_seed(args.get("seed"))
+    if dp.rank != 0:
+        args["verbose"] = False  # one progress bar
+    try:
+        return fit(**args)
+    except BaseException as exc:
+        if dp.phase == "setup":
+            dp.report_failure(exc)
+        elif not _raised_by_every_rank(exc):
+            dp.abort(exc)
+        raise

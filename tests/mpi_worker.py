@@ -1,0 +1,235 @@
+"""Runs under mpiexec for tests/test_distributed.py (not collected by pytest).
+
+    mpiexec -n N python -m mpi4py tests/mpi_worker.py SCENARIO
+
+Scenarios:
+    correctness  data-parallel fit against single-process fit on the full
+                 minibatches, several cases; rank 0 prints one RESULT line (JSON)
+    errors       mismatched networks, seeds and data: every rank's exception
+    fault        rank 1 raises in its second training step; fit must abort all
+    fault-outside rank 1 raises outside fit while rank 0 trains (the script runs
+                 under ``python -m mpi4py``, which aborts on an uncaught exception)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+
+import numpy as np
+from mpi4py import MPI
+
+import bprop
+from bprop import optim
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+
+def network(seed, hidden=8, n_in=5, n_out=3, activation="tanh"):
+    return bprop.Network([bprop.Dense(n_in, hidden, activation), bprop.Dense(hidden, n_out)],
+                         dtype="float64", seed=seed)
+
+
+def user_mse(output, target, sample_weight=None):
+    diff = output - target
+    return float(np.mean(diff * diff)), 2.0 * diff / diff.size
+
+
+def data(n, loss, seed, n_in=5, n_out=3):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, n_in))
+    if loss == "softmax_cross_entropy":
+        y = rng.integers(0, n_out, n)
+    elif loss == "binary_cross_entropy_with_logits":
+        y = (rng.random((n, n_out)) < 0.5).astype(np.float64)
+    else:
+        y = rng.standard_normal((n, n_out))
+    return X, y
+
+
+# (name, optimizer, fit arguments). Each trains 5 steps unless it says otherwise; the
+# comments give the minibatch sizes and how 4 ranks split them.
+CASES = [
+    # 47 rows, batch 10: 10 10 10 10 7; 10 -> 3 3 2 2, 7 -> 2 2 2 1. Fused SGD in the reference.
+    ("sgd", lambda net: optim.SGD(net, lr=0.5),
+     dict(n=47, loss="softmax_cross_entropy", batch_size=10, metrics=["accuracy"], val=11)),
+    # 41 rows, batch 10: the last minibatch has 1 row, three of four ranks get none
+    ("adam", lambda net: optim.Adam(net, lr=0.05),
+     dict(n=41, loss="mean_squared_error", batch_size=10, metrics=["mse"], val=7)),
+    # 55 rows, validation_split 0.2 -> 44 for training, batch 9: 9 9 9 9 8; weights with zeros
+    ("adam-weighted", lambda net: optim.Adam(net, lr=0.05, weight_decay=0.01),
+     dict(n=55, loss="binary_cross_entropy_with_logits", batch_size=9, metrics=["accuracy"],
+          validation_split=0.2, weighted=True)),
+    # 13 rows, batch 3: 3 3 3 3 1; with 4 ranks one rank has no row in every step
+    ("sgd-nesterov-batch3", lambda net: optim.SGD(net, lr=0.1, momentum=0.9, nesterov=True),
+     dict(n=13, loss="softmax_cross_entropy", batch_size=3)),
+    # a loss of the user's, run from Python
+    ("adam-user-loss", lambda net: optim.Adam(net, lr=0.05),
+     dict(n=47, loss=user_mse, batch_size=10)),
+    # 3 epochs of 20 rows in batches of 7 (9 steps), reshuffled each epoch, early stopping
+    ("adam-3-epochs", lambda net: optim.Adam(net, lr=0.05),
+     dict(n=20, loss="mean_squared_error", batch_size=7, epochs=3, early_stopping=1,
+          val=9)),
+]
+
+
+def fit_case(spec, make_opt, net, comm_arg, seed=0):
+    spec = dict(spec)
+    n, loss = spec.pop("n"), spec.pop("loss")
+    loss_name = loss if isinstance(loss, str) else "mean_squared_error"
+    X, y = data(n, loss_name, 1)
+    kwargs = dict(loss=loss, batch_size=spec.pop("batch_size"), epochs=spec.pop("epochs", 1),
+                  seed=seed, metrics=spec.pop("metrics", None),
+                  early_stopping=spec.pop("early_stopping", None),
+                  validation_split=spec.pop("validation_split", 0.0))
+    if spec.pop("weighted", False):
+        w = np.random.default_rng(2).random(n)
+        w[::4] = 0.0
+        kwargs["sample_weight"] = w
+    val = spec.pop("val", 0)
+    if val:
+        kwargs["validation_data"] = data(val, loss_name, 3)
+    assert not spec, spec
+    opt = make_opt(net)
+    history = bprop.fit(net, X, y, optimizer=opt, comm=comm_arg, **kwargs)
+    return history, opt
+
+
+def weights(net):
+    return [p.copy() for _, p, _ in net.parameters()]
+
+
+def correctness():
+    results = {}
+    for name, make_opt, spec in CASES:
+        # Every rank starts from other weights: rank 0's must be broadcast.
+        net = network(seed=100 + rank)
+        history, opt = fit_case(spec, make_opt, net, comm)
+        ref = network(seed=100)
+        ref_history, _ = fit_case(spec, make_opt, ref, None)
+        diff = max(float(np.max(np.abs(a - b))) for a, b in zip(weights(net), weights(ref)))
+        h = history.history
+        h_ref = ref_history.history
+        hist_diff = max(
+            (abs(u - v) for k in h_ref if k != "time" for u, v in zip(h[k], h_ref[k])),
+            default=0.0)
+        same_keys = sorted(h) == sorted(h_ref) and all(len(h[k]) == len(h_ref[k]) for k in h)
+        # Identical bits on every rank: weights, optimizer state and the whole History.
+        fingerprint = zlib.crc32(b"".join(p.tobytes() for p in weights(net)))
+        fingerprint = zlib.crc32(repr(h).encode(), fingerprint)
+        for arrays in opt.state_dict()["state"].values():
+            for a in arrays.values():
+                fingerprint = zlib.crc32(a.tobytes(), fingerprint)
+        prints = comm.allgather(fingerprint)
+        diffs = comm.allgather((diff, hist_diff))
+        results[name] = {
+            "max_abs_diff": max(d for d, _ in diffs),
+            "history_max_abs_diff": max(d for _, d in diffs),
+            "history_keys_match": bool(comm.allreduce(int(not same_keys)) == 0),
+            "identical_on_all_ranks": len(set(prints)) == 1,
+            "steps": opt.step_count,
+            "epochs": history.epochs,
+        }
+    # seed=None: rank 0 draws the seed, every rank shuffles alike
+    net = network(seed=100 + rank)
+    X, y = data(29, "softmax_cross_entropy", 5)
+    bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=0.05), batch_size=6, epochs=2, comm=comm)
+    prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
+    results["seed-none"] = {"identical_on_all_ranks": len(set(prints)) == 1}
+    if rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+
+
+def capture(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+def errors():
+    X, y = data(30, "softmax_cross_entropy", 1)
+    outcomes = {}
+
+    def wider_on_rank_1():
+        net = network(seed=0, hidden=9 if rank == 1 else 8)
+        bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), epochs=1, seed=0, comm=comm)
+
+    def seed_per_rank():
+        net = network(seed=0)
+        bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), epochs=1, seed=rank, comm=comm)
+
+    def lr_per_rank():
+        net = network(seed=0)
+        bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=0.1 * (rank + 1)), epochs=1, seed=0,
+                  comm=comm)
+
+    def bad_labels_on_rank_1():
+        net = network(seed=0)
+        labels = y.copy()
+        if rank == 1:
+            labels[4] = 7
+        bprop.fit(net, X, labels, optimizer=optim.SGD(net, lr=0.1), epochs=1, seed=0,
+                  comm=comm)
+
+    def bad_everywhere():
+        net = network(seed=0)
+        bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), epochs=0, comm=comm)
+
+    def data_per_rank():
+        net = network(seed=0)
+        bprop.fit(net, X + rank, y, optimizer=optim.SGD(net, lr=0.1), epochs=1, seed=0,
+                  comm=comm)
+
+    def diverges():
+        # the summed loss overflows: every rank raises the same FloatingPointError
+        net = network(seed=0, activation="relu")
+        bprop.fit(net, X * 1e3, np.eye(3)[y], loss="mse", optimizer=optim.SGD(net, lr=1e10),
+                  batch_size=10, epochs=5, seed=0, comm=comm)
+
+    def still_trains():
+        net = network(seed=rank)
+        bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), epochs=1, seed=0, comm=comm)
+        prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
+        assert len(set(prints)) == 1
+
+    for fn in (wider_on_rank_1, seed_per_rank, lr_per_rank, data_per_rank,
+               bad_labels_on_rank_1, bad_everywhere, diverges, still_trains):
+        outcomes[fn.__name__] = comm.allgather(capture(fn))
+    if rank == 0:
+        print("RESULT " + json.dumps(outcomes), flush=True)
+
+
+def fault():
+    calls = [0]
+
+    def failing_loss(output, target, sample_weight=None):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 2:
+            raise RuntimeError("injected failure in step 2 on rank 1")
+        return user_mse(output, target, sample_weight)
+
+    X, y = data(64, "mean_squared_error", 1)
+    net = network(seed=0)
+    bprop.fit(net, X, y, loss=failing_loss, optimizer=optim.Adam(net), batch_size=8,
+              epochs=1000, seed=0, comm=comm)
+    print(f"rank {rank}: fit returned", flush=True)  # must not happen
+
+
+def fault_outside():
+    X, y = data(64, "mean_squared_error", 1)
+    net = network(seed=0)
+    if rank == 1:
+        raise RuntimeError("injected failure outside fit on rank 1")
+    bprop.fit(net, X, y, loss="mse", optimizer=optim.Adam(net), batch_size=8, epochs=1000,
+              seed=0, comm=comm)
+    print(f"rank {rank}: fit returned", flush=True)  # must not happen
+
+
+if __name__ == "__main__":
+    bprop.set_num_threads(1)  # several ranks share two cores
+    {"correctness": correctness, "errors": errors, "fault": fault,
+     "fault-outside": fault_outside}[sys.argv[1]]()
