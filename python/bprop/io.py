@@ -203,12 +203,17 @@ def _atomic_write(path: str, data: bytes) -> None:
     _remove_stale_temporaries(folder, prefix)
     fd, tmp = _locked_temporary(folder, prefix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
+        try:
+            # the descriptor stays open, and the file locked, until it is renamed:
+            # a cleanup running meanwhile must not take it for a killed save's
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _file_mode())
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)
     except BaseException:
         try:
             os.unlink(tmp)
