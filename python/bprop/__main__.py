@@ -53,8 +53,9 @@ def demo(args: argparse.Namespace) -> int:
     from bprop import optim
 
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        # scikit-learn ships no type information (and may be absent)
+        from sklearn.datasets import load_digits  # type: ignore[import, unused-ignore]
+        from sklearn.model_selection import train_test_split  # type: ignore[import, unused-ignore]
     except ImportError:
         print("the demo needs scikit-learn: pip install scikit-learn "
               "(or pip install 'bprop[demo]')", file=sys.stderr)

@@ -1,0 +1,206 @@
+"""Type stubs of bprop's compiled core, ``bprop._core`` (cpp/bindings/).
+
+Written by hand from the bindings: pybind11 sees arguments taken as
+``py::handle`` as ``Any``, while the bindings accept exactly one dtype per
+network (Network32: float32, Network64: float64) in C-contiguous arrays, and
+the kernels take float32 or float64 arrays, all of one dtype per call. The stubs
+say so. tests/test_typing.py checks them against the module (mypy.stubtest).
+
+Layer indices are positional (pybind11 names them arg0).
+"""
+
+from typing import Literal, Optional, Sequence, Tuple, TypedDict, TypeVar, Union, overload
+
+import numpy as np
+import numpy.typing as npt
+
+_F32 = npt.NDArray[np.float32]
+_F64 = npt.NDArray[np.float64]
+_Labels = npt.NDArray[np.int64]
+# One dtype per call: every array argument of a kernel has the parameter's dtype.
+_Floats = TypeVar("_Floats", npt.NDArray[np.float32], npt.NDArray[np.float64])
+
+#: (in_features, out_features, activation, negative_slope)
+_LayerSpec = Tuple[int, int, str, float]
+
+class _BuildInfo(TypedDict):
+    version: str
+    eigen_version: str
+    simd: str
+    arch_flags: str
+    build_type: str
+    gemm: str
+    openmp: bool
+    compiler: str
+
+# (a, b, c) state arrays of one parameter: momentum buffer (sgd); exp_avg,
+# exp_avg_sq (adam); square_avg, grad_avg, momentum_buffer (rmsprop); None
+# where the rule needs none.
+_State32 = Tuple[Optional[_F32], Optional[_F32], Optional[_F32]]
+_State64 = Tuple[Optional[_F64], Optional[_F64], Optional[_F64]]
+
+class UpdatePlan32:
+    """An optimizer's update (rule, hyperparameters and state arrays of each
+    parameter), applied by ``Network32.train_step`` inside the backward sweep."""
+
+    def __init__(
+        self,
+        rule: Literal["sgd", "adam", "rmsprop"],
+        hyperparameters: dict[str, Union[float, bool]],
+        sizes: Sequence[int],
+        states: Sequence[_State32],
+    ) -> None: ...
+
+class UpdatePlan64:
+    """``UpdatePlan32`` for float64 networks."""
+
+    def __init__(
+        self,
+        rule: Literal["sgd", "adam", "rmsprop"],
+        hyperparameters: dict[str, Union[float, bool]],
+        sizes: Sequence[int],
+        states: Sequence[_State64],
+    ) -> None: ...
+
+class Network32:
+    """Network<float>: the layers' parameters, gradients and caches in C++."""
+
+    def __init__(self, layers: Sequence[_LayerSpec]) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_parameters(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def has_forward(self) -> bool: ...
+    @property
+    def has_backward(self) -> bool: ...
+    @property
+    def batch(self) -> int: ...
+    def layer_spec(self, i: int, /) -> _LayerSpec: ...
+    def forward(self, X: _F32) -> _F32:
+        """(batch, in_features) -> (batch, out_features); caches a and z per layer."""
+    @overload
+    def backward(self, grad_output: _F32, accumulate: bool = False,
+                 input_grad: Literal[False] = False) -> None: ...
+    @overload
+    def backward(self, grad_output: _F32, accumulate: bool,
+                 input_grad: Literal[True]) -> _F32: ...
+    @overload
+    def backward(self, grad_output: _F32, accumulate: bool = False, *,
+                 input_grad: Literal[True]) -> _F32: ...
+    @overload
+    def backward(self, grad_output: _F32, accumulate: bool = False,
+                 input_grad: bool = False) -> Optional[_F32]: ...
+    def train_step(
+        self,
+        X: _F32,
+        y: Union[_Labels, _F32],
+        loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
+                      "mean_squared_error"],
+        sample_weight: Optional[_F32] = None,
+        sgd_lr: float = -1.0,
+        plan: Optional[UpdatePlan32] = None,
+        t: int = 1,
+    ) -> float:
+        """Forward, loss and backward (and the update) in one call; returns the loss."""
+    def step(self, lr: float) -> None: ...
+    def predict(self, X: _F32, batch_size: int = 0) -> _F32: ...
+    def clear_cache(self) -> None: ...
+    def weight(self, i: int, /) -> _F32: ...
+    def bias(self, i: int, /) -> _F32: ...
+    def grad_weight(self, i: int, /) -> _F32: ...
+    def grad_bias(self, i: int, /) -> _F32: ...
+    def input(self, i: int, /) -> Optional[_F32]: ...
+    def z(self, i: int, /) -> Optional[_F32]: ...
+    def output(self, i: int, /) -> Optional[_F32]: ...
+    def delta(self, i: int, /) -> Optional[_F32]: ...
+
+class Network64:
+    """Network<double>: ``Network32`` in float64."""
+
+    def __init__(self, layers: Sequence[_LayerSpec]) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_parameters(self) -> int: ...
+    @property
+    def in_features(self) -> int: ...
+    @property
+    def out_features(self) -> int: ...
+    @property
+    def has_forward(self) -> bool: ...
+    @property
+    def has_backward(self) -> bool: ...
+    @property
+    def batch(self) -> int: ...
+    def layer_spec(self, i: int, /) -> _LayerSpec: ...
+    def forward(self, X: _F64) -> _F64:
+        """(batch, in_features) -> (batch, out_features); caches a and z per layer."""
+    @overload
+    def backward(self, grad_output: _F64, accumulate: bool = False,
+                 input_grad: Literal[False] = False) -> None: ...
+    @overload
+    def backward(self, grad_output: _F64, accumulate: bool,
+                 input_grad: Literal[True]) -> _F64: ...
+    @overload
+    def backward(self, grad_output: _F64, accumulate: bool = False, *,
+                 input_grad: Literal[True]) -> _F64: ...
+    @overload
+    def backward(self, grad_output: _F64, accumulate: bool = False,
+                 input_grad: bool = False) -> Optional[_F64]: ...
+    def train_step(
+        self,
+        X: _F64,
+        y: Union[_Labels, _F64],
+        loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
+                      "mean_squared_error"],
+        sample_weight: Optional[_F64] = None,
+        sgd_lr: float = -1.0,
+        plan: Optional[UpdatePlan64] = None,
+        t: int = 1,
+    ) -> float:
+        """Forward, loss and backward (and the update) in one call; returns the loss."""
+    def step(self, lr: float) -> None: ...
+    def predict(self, X: _F64, batch_size: int = 0) -> _F64: ...
+    def clear_cache(self) -> None: ...
+    def weight(self, i: int, /) -> _F64: ...
+    def bias(self, i: int, /) -> _F64: ...
+    def grad_weight(self, i: int, /) -> _F64: ...
+    def grad_bias(self, i: int, /) -> _F64: ...
+    def input(self, i: int, /) -> Optional[_F64]: ...
+    def z(self, i: int, /) -> Optional[_F64]: ...
+    def output(self, i: int, /) -> Optional[_F64]: ...
+    def delta(self, i: int, /) -> Optional[_F64]: ...
+
+# ---- losses: (mean loss, dL/d(output)) ------------------------------------------------
+
+def softmax_cross_entropy(logits: _Floats, target: Union[_Labels, _Floats],
+                          sample_weight: Optional[_Floats] = None) -> Tuple[float, _Floats]: ...
+def binary_cross_entropy_with_logits(logits: _Floats, target: _Floats,
+                                     sample_weight: Optional[_Floats] = None
+                                     ) -> Tuple[float, _Floats]: ...
+def mean_squared_error(output: _Floats, target: _Floats,
+                       sample_weight: Optional[_Floats] = None) -> Tuple[float, _Floats]: ...
+
+# ---- optimizer updates, in place on param and the state arrays ------------------------
+
+def sgd_update(param: _Floats, grad: _Floats, momentum_buffer: _Floats, lr: float,
+               momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+               first: bool) -> None: ...
+def adam_update(param: _Floats, grad: _Floats, exp_avg: _Floats, exp_avg_sq: _Floats,
+                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                step: int, decoupled: bool) -> None: ...
+def rmsprop_update(param: _Floats, grad: _Floats, square_avg: _Floats, grad_avg: _Floats,
+                   momentum_buffer: _Floats, lr: float, alpha: float, eps: float,
+                   weight_decay: float, momentum: float, centered: bool) -> None: ...
+def all_finite(a: _Floats) -> bool: ...
+
+# ---- configuration --------------------------------------------------------------------
+
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def build_info() -> _BuildInfo: ...
