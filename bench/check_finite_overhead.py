@@ -28,8 +28,8 @@ import numpy as np
 import bprop
 from bprop import optim, train
 
-STEP_CHECK = ("if not _isfinite(value) or (check_finite\n"
-              "                                                and _first_nonfinite(net) is not None):")
+STEP_CHECK = ("if not _isfinite(value) or (check_finite\n" + " " * 48
+              + "and _first_nonfinite(net) is not None):")
 EPOCH_CHECK = "if not check_finite and _first_nonfinite(net) is not None:"
 
 

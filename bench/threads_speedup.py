@@ -66,7 +66,7 @@ def main() -> None:
                 seq.append(time.perf_counter() - t0)
                 cpu = []
 
-                def timed():
+                def timed(job=job, cpu=cpu):
                     c0 = time.thread_time()
                     job()
                     cpu.append(time.thread_time() - c0)
@@ -80,8 +80,9 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 par.append(wall)
                 busy.append(sum(cpu) / wall)
+            median = np.median(seq) / np.median(par)
             print(f"{name:>8}: sequential {min(seq):.3f} s, parallel {min(par):.3f} s, "
-                  f"speed-up {min(seq) / min(par):.2f}x (median {np.median(seq) / np.median(par):.2f}x); "
+                  f"speed-up {min(seq) / min(par):.2f}x (median {median:.2f}x); "
                   f"CPU/wall in parallel {max(busy):.2f} best, {np.median(busy):.2f} median")
     finally:
         bprop.set_num_threads(threads_before)

@@ -49,7 +49,8 @@ def _fingerprint(net, opt, history):
     """Every bit fit produces: weights, optimizer state and step, history."""
     out = [p.tobytes() for _, p, _ in net.parameters()]
     sd = opt.state_dict()
-    out += [sd["state"][p][k].tobytes() for p in sorted(sd["state"]) for k in sorted(sd["state"][p])]
+    out += [sd["state"][p][k].tobytes()
+            for p in sorted(sd["state"]) for k in sorted(sd["state"][p])]
     out += [repr(sd["step"]), repr(history.loss), repr(history.val_loss),
             repr(history.metrics)]
     return out

@@ -221,7 +221,7 @@ def test_the_gil_is_released_during_core_calls():
                 call()
             finished.set()
 
-        def count():
+        def count(counts=counts):
             started.wait()
             n = 0
             while not finished.is_set():
