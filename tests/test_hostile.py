@@ -520,3 +520,22 @@ def test_file_system_errors_are_os_errors_and_leave_nothing(tmp_path):
         bprop.save(net, tmp_path / "folder")
     assert sorted(os.listdir(tmp_path)) == ["folder"]
     assert os.listdir(tmp_path / "folder") == []
+
+
+def test_forward_backward_and_losses_accept_read_only_arrays():
+    """Nothing writes into its input: a read-only C-contiguous array of the right
+    dtype is taken as it is (forward caches it by reference), with the same bits."""
+    net = bprop.Network([bprop.Dense(*s) for s in SPECS], dtype="float64", seed=4)
+    X = np.random.default_rng(5).standard_normal((6, 4))
+    G = np.ones((6, 3))
+    out = net.forward(X)
+    dX = net.backward(G, input_grad=True)
+    grads = [g.copy() for _, _, g in net.parameters()]
+    Xr, Gr = _read_only(X), _read_only(G)
+    assert net.forward(Xr).tobytes() == out.tobytes()
+    assert np.shares_memory(net[0].input, Xr)
+    assert net.backward(Gr, input_grad=True).tobytes() == dX.tobytes()
+    assert all(a.tobytes() == g.tobytes() for a, (_, _, g) in zip(grads, net.parameters()))
+    y = _read_only(np.array([0, 1, 2, 0, 1, 2]))
+    assert losses.softmax_cross_entropy(_read_only(out), y)[1].tobytes() == \
+        losses.softmax_cross_entropy(out, [0, 1, 2, 0, 1, 2])[1].tobytes()
