@@ -140,6 +140,12 @@ class _BaseMLP(BaseEstimator):
     """What MLPClassifier and MLPRegressor share: parameters, the network, the
     training loops (stochastic and L-BFGS), pickling."""
 
+    # fitted state (declared for type checkers; set by fit)
+    _net: Network
+    _optimizer: Optional[optim.Optimizer]
+    coefs_: List[np.ndarray]
+    intercepts_: List[np.ndarray]
+
     _parameter_constraints: Dict[str, List[Any]] = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions(set(_ACTIVATIONS))],
@@ -457,6 +463,7 @@ class _BaseMLP(BaseEstimator):
             # scikit-learn's rule: no improvement by tol, of the validation score
             # (early stopping) or of the training loss
             if self.early_stopping:
+                assert X_val is not None
                 score = self._score(net, X_val, y_val, w_val)
                 state["validation_scores_"].append(score)
                 if self.verbose:
