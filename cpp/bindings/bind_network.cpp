@@ -130,6 +130,34 @@ const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
   return self.net.layer(i);
 }
 
+/// The update of an UpdatePlan, after checking that it was built for this
+/// network's parameter sizes; sets its step number t.
+template <typename T>
+Update<T>& checked_plan(PyNetwork<T>& s, py::handle plan_obj, std::int64_t t,
+                        const char* where) {
+  if (!py::isinstance<UpdatePlan<T>>(plan_obj)) {
+    throw py::type_error(std::string("[") + where + "] the optimizer's plan is for another "
+                         "dtype than this " + dtype_name<T>() + " network");
+  }
+  auto& plan = plan_obj.cast<UpdatePlan<T>&>();
+  std::size_t i = 0;
+  bool match = true;
+  for (Index l = 0; l < s.net.num_layers() && match; ++l) {
+    const Dense<T>& L = s.net.layer(l);
+    for (Index n : {L.in() * L.out(), L.out()}) {
+      match = match && i < plan.sizes.size() && plan.sizes[i] == n;
+      ++i;
+    }
+  }
+  if (!match || i != plan.sizes.size()) {
+    throw py::value_error(std::string("[") + where + "] the optimizer was built for a "
+                          "different network");
+  }
+  if (t < 1) throw py::value_error(std::string("[") + where + "] the step number must be >= 1");
+  plan.update.t = t;
+  return plan.update;
+}
+
 template <typename T>
 void bind_network_type(py::module_& m, const char* name) {
   using Self = PyNetwork<T>;
@@ -205,26 +233,7 @@ void bind_network_type(py::module_& m, const char* name) {
              py::handle w_obj, double sgd_lr, py::handle plan_obj, std::int64_t t) {
             const char* where = "Network.train_step";
             Update<T>* update = nullptr;
-            if (!plan_obj.is_none()) {
-              auto& plan = plan_obj.cast<UpdatePlan<T>&>();
-              std::size_t i = 0;
-              for (Index l = 0; l < s.net.num_layers(); ++l) {
-                const Dense<T>& L = s.net.layer(l);
-                for (Index n : {L.in() * L.out(), L.out()}) {
-                  if (i >= plan.sizes.size() || plan.sizes[i] != n) {
-                    throw py::value_error(std::string("[") + where + "] the optimizer was "
-                                          "built for a different network");
-                  }
-                  ++i;
-                }
-              }
-              if (i != plan.sizes.size()) {
-                throw py::value_error(std::string("[") + where + "] the optimizer was built "
-                                      "for a different network");
-              }
-              plan.update.t = t;
-              update = &plan.update;
-            }
+            if (!plan_obj.is_none()) update = &checked_plan(s, plan_obj, t, where);
             auto X = strict_array<T>(X_obj, where, "X", 2);
             const Index rows = X.shape(0), cols = X.shape(1);
             Loss loss;
@@ -289,6 +298,17 @@ void bind_network_type(py::module_& m, const char* name) {
           "forward + loss + backward (+ update) in one call: with sgd_lr >= 0 plain SGD is "
           "fused into the backward sweep; else with an UpdatePlan the optimizer steps each "
           "layer inside the sweep (step number t). Returns the loss.")
+      .def(
+          "apply_plan",
+          [](Self& s, py::handle plan_obj, std::int64_t t) {
+            Update<T>& update = checked_plan(s, plan_obj, t, "Optimizer.step");
+            py::gil_scoped_release nogil;
+            std::unique_lock lock(s.mutex);
+            s.net.apply_optimizer(update);
+          },
+          py::arg("plan"), py::arg("t"),
+          "One optimizer step on every parameter from the stored gradients, under the "
+          "network's lock (Optimizer.step).")
       .def(
           "step",
           [](Self& s, double lr) {

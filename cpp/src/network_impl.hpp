@@ -126,20 +126,27 @@ void Network<T>::clear_cache() {
 }
 
 template <typename T>
-ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
+void Network<T>::check_input(ConstMatrixMap<T> X, const char* where) const {
   if (X.cols() != in_features()) {
-    throw std::invalid_argument("[Network.forward] X has " + std::to_string(X.cols()) +
-                                " features, but layer 0 expects " +
+    throw std::invalid_argument(std::string("[") + where + "] X has " +
+                                std::to_string(X.cols()) + " features, but layer 0 expects " +
                                 std::to_string(in_features()));
   }
   if (X.rows() <= 0) {
-    throw std::invalid_argument("[Network.forward] X has 0 rows; expected at least one sample");
+    throw std::invalid_argument(std::string("[") + where +
+                                "] X has 0 rows; expected at least one sample");
   }
   if (aliases_cache(X.data(), X.size())) {
-    throw std::invalid_argument("[Network.forward] X is a view of this network's own cache "
-                                "(a layer's z, output or delta), which this forward pass "
-                                "overwrites; pass a copy (X.copy())");
+    throw std::invalid_argument(std::string("[") + where +
+                                "] X is a view of this network's own cache (a layer's z, "
+                                "output or delta), which this call overwrites; pass a copy "
+                                "(X.copy())");
   }
+}
+
+template <typename T>
+ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
+  check_input(X, "Network.forward");
   reserve(X.rows());
   const Index B = X.rows();
   const T* a = X.data();
@@ -210,6 +217,7 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
       }
     }
   }
+  check_input(X, "Network.train_step");
   const Index n_target = labels != nullptr ? 0 : X.rows() * out_features();
   if ((target != nullptr && aliases_cache(target, n_target)) ||
       (sample_weight != nullptr && aliases_cache(sample_weight, X.rows()))) {
@@ -311,6 +319,24 @@ void Network<T>::step(T lr) {
     VectorMap<T> b(L.bias->data(), L.out());
     W.noalias() -= lr * ConstMatrixMap<T>(L.grad_weight->data(), L.in(), L.out());
     b.noalias() -= lr * ConstVectorMap<T>(L.grad_bias->data(), L.out());
+  }
+}
+
+template <typename T>
+void Network<T>::apply_optimizer(const Update<T>& update) {
+  if (!has_grad_) {
+    throw std::logic_error("[Optimizer.step] the network has no gradients yet: call "
+                           "net.forward and net.backward before step()");
+  }
+  if (update.states.size() != 2 * layers_.size() || update.t < 1) {
+    throw std::invalid_argument("[Optimizer.step] the optimizer was built for another network");
+  }
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
+    Dense<T>& L = layers_[l];
+    apply_update<T>(update.spec, update.t, L.weight->data(), L.grad_weight->data(),
+                           update.states[2 * l], L.in() * L.out());
+    apply_update<T>(update.spec, update.t, L.bias->data(), L.grad_bias->data(),
+                           update.states[2 * l + 1], L.out());
   }
 }
 

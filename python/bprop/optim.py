@@ -1,11 +1,12 @@
 """Optimizers and learning-rate schedules.
 
 An optimizer is bound to one network. ``step()`` updates every parameter in
-place from the gradient of the last ``backward``, one fused C++ pass per
-parameter (``bprop._core.sgd_update`` / ``adam_update`` / ``rmsprop_update``):
-no NumPy temporaries, and the argument tuples of those calls are built once, so
-a step costs one Python-level call per parameter. The update rules follow the
-papers as ``torch.optim`` implements them (same defaults, same state).
+place from the gradient of the last ``backward``: one C++ call, under the
+network's lock, that makes one fused pass per parameter (the kernels
+``bprop._core.sgd_update`` / ``adam_update`` / ``rmsprop_update``), with no NumPy
+temporaries. The same update runs inside the backward sweep when training goes
+through ``Network.train_step`` or ``fit``. The update rules follow the papers as
+``torch.optim`` implements them (same defaults, same state).
 
     opt = bprop.optim.Adam(net, lr=1e-3)
     out = net.forward(Xb)
@@ -69,7 +70,8 @@ class Optimizer:
     """Base class: binds to a network and keeps the per-parameter state.
 
     Subclasses define ``_state_names()`` (the state arrays each parameter needs
-    under the current hyperparameters), ``_check(hyper)`` and ``_update(t)``.
+    under the current hyperparameters), ``_check(hyper)`` and ``_bind()``, which
+    describes the update to the core as an UpdatePlan (``_make_plan``).
     """
 
     def __init__(self, net: Network, hyper: Dict[str, Any]) -> None:
@@ -96,7 +98,7 @@ class Optimizer:
         raise NotImplementedError
 
     def _bind(self) -> None:
-        """Precomputes the argument tuples of the kernel calls (one per parameter)."""
+        """Builds the core's UpdatePlan for the current hyperparameters and state."""
         raise NotImplementedError
 
     # ---- shared machinery -----------------------------------------------------------
@@ -137,17 +139,16 @@ class Optimizer:
         if not self._net._core.has_backward:
             raise RuntimeError(f"[{type(self).__name__}.step] the network has no gradients "
                                "yet: call net.forward and net.backward before step()")
+        # one C++ call under the network's lock: a concurrent predict never sees a
+        # half-updated network
+        self._net._core.apply_plan(self._plan, self._step_count + 1)
         self._step_count += 1
-        self._update(self._step_count)
-
-    def _update(self, t: int) -> None:
-        raise NotImplementedError
 
     # ---- the fused path of Network.train_step / fit ------------------------------
     def _make_plan(self, rule: str, spec: Dict[str, Any], keys: Tuple[Optional[str], ...]) -> None:
-        """Builds the core's UpdatePlan: the same update as ``_update``, which
-        Network.train_step applies inside the backward sweep, layer by layer, right
-        after each gradient is formed. ``keys`` names the state arrays a, b, c."""
+        """Builds the core's UpdatePlan, which ``step()`` applies to every parameter
+        and Network.train_step inside the backward sweep, layer by layer, right after
+        each gradient is formed. ``keys`` names the state arrays a, b, c."""
         plan_type = _core.UpdatePlan32 if self._net.dtype == np.float32 else _core.UpdatePlan64
         sizes = [p.size for _, p, _ in self._params]
         states = [tuple(self._state[name].get(k) if k else None for k in keys)
@@ -291,12 +292,6 @@ class SGD(Optimizer):
 
     def _bind(self):
         h = self._hyper
-        self._calls = []
-        for name, p, g in self._params:
-            # Without momentum the kernel never reads the buffer; an empty one will do.
-            buf = self._state[name].get("momentum_buffer", np.empty(0, dtype=p.dtype))
-            self._calls.append((p, g, buf))
-        self._args = (h["lr"], h["momentum"], h["dampening"], h["nesterov"], h["weight_decay"])
         # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core can apply
         # inside the backward sweep without storing dL/dW.
         self._fused_lr = h["lr"] if h["momentum"] == 0 and h["weight_decay"] == 0 else None
@@ -307,13 +302,6 @@ class SGD(Optimizer):
 
     def _fused_sgd_lr(self):
         return self._fused_lr
-
-    def _update(self, t):
-        lr, momentum, dampening, nesterov, wd = self._args
-        first = t == 1
-        kernel = _core.sgd_update
-        for p, g, buf in self._calls:
-            kernel(p, g, buf, lr, momentum, dampening, nesterov, wd, first)
 
 
 class Adam(Optimizer):
@@ -350,20 +338,10 @@ class Adam(Optimizer):
 
     def _bind(self):
         h = self._hyper
-        self._calls = [(p, g, self._state[name]["exp_avg"], self._state[name]["exp_avg_sq"])
-                       for name, p, g in self._params]
-        self._args = (h["lr"], h["betas"][0], h["betas"][1], h["eps"], h["weight_decay"])
         self._make_plan("adam", dict(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
                                      eps=h["eps"], weight_decay=h["weight_decay"],
                                      decoupled=self._decoupled),
                         ("exp_avg", "exp_avg_sq", None))
-
-    def _update(self, t):
-        lr, b1, b2, eps, wd = self._args
-        decoupled = self._decoupled
-        kernel = _core.adam_update
-        for p, g, m, v in self._calls:
-            kernel(p, g, m, v, lr, b1, b2, eps, wd, t, decoupled)
 
 
 class AdamW(Adam):
@@ -430,25 +408,11 @@ class RMSprop(Optimizer):
 
     def _bind(self):
         h = self._hyper
-        self._calls = []
-        for name, p, g in self._params:
-            s = self._state[name]
-            empty = np.empty(0, dtype=p.dtype)  # never read by the kernel
-            self._calls.append((p, g, s["square_avg"], s.get("grad_avg", empty),
-                                s.get("momentum_buffer", empty)))
-        self._args = (h["lr"], h["alpha"], h["eps"], h["weight_decay"], h["momentum"],
-                      h["centered"])
         self._make_plan("rmsprop", dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
                                         weight_decay=h["weight_decay"], momentum=h["momentum"],
                                         centered=h["centered"]),
                         ("square_avg", "grad_avg" if h["centered"] else None,
                          "momentum_buffer" if h["momentum"] > 0 else None))
-
-    def _update(self, t):
-        lr, alpha, eps, wd, momentum, centered = self._args
-        kernel = _core.rmsprop_update
-        for p, g, sq, ga, buf in self._calls:
-            kernel(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered)
 
 
 #: Optimizer classes by name (used by fit's warm start and by checkpoints).

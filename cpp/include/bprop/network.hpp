@@ -94,6 +94,11 @@ class Network {
   double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
                     const T* sample_weight, T sgd_lr, const Update<T>* update = nullptr);
 
+  /// Applies an optimizer's update to every parameter from the stored gradients
+  /// (the path of Optimizer.step()). Throws std::logic_error before any backward
+  /// pass, std::invalid_argument if `update` holds state for another shape.
+  void apply_optimizer(const Update<T>& update);
+
   /// Forward pass that leaves the training caches alone, batch_size rows at a
   /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
   /// from several threads at once as long as no thread changes the parameters.
@@ -110,6 +115,8 @@ class Network {
 
  private:
   void reserve(Index batch);
+  // Throws std::invalid_argument, tagged with `where`, for a batch forward cannot take.
+  void check_input(ConstMatrixMap<T> X, const char* where) const;
   // True if [data, data + size) overlaps a layer's z, output or delta buffer.
   bool aliases_cache(const T* data, Index size) const;
   // The backward sweep proper, from the output layer's delta (already formed).
