@@ -55,9 +55,15 @@ void eigen_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, 
 }
 
 #ifdef BPROP_WITH_OPENBLAS
-bool fits_blasint(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
+// Products smaller than this (m * n * k) run in Eigen's single-threaded kernel:
+// OpenBLAS would split them over its thread pool, whose wake-up costs more than
+// it saves at this size and collapses when the machine is oversubscribed.
+Index g_serial_work = Index(1) << 20;
+
+bool use_openblas(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
   const Index limit = std::numeric_limits<int>::max();
-  return m <= limit && n <= limit && k <= limit && lda <= limit && ldb <= limit && ldc <= limit;
+  return m * n * k >= g_serial_work && m <= limit && n <= limit && k <= limit &&
+         lda <= limit && ldb <= limit && ldc <= limit;
 }
 #endif
 
@@ -68,7 +74,7 @@ void gemm<float>(bool trans_a, bool trans_b, Index m, Index n, Index k, float al
                  const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
                  Index ldc) {
 #ifdef BPROP_WITH_OPENBLAS
-  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
+  if (use_openblas(m, n, k, lda, ldb, ldc)) {
     scipy_cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
                       int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
                       int(ldc));
@@ -83,7 +89,7 @@ void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double 
                   const double* A, Index lda, const double* B, Index ldb, double beta,
                   double* C, Index ldc) {
 #ifdef BPROP_WITH_OPENBLAS
-  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
+  if (use_openblas(m, n, k, lda, ldb, ldc)) {
     scipy_cblas_dgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
                       int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
                       int(ldc));
@@ -91,6 +97,22 @@ void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double 
   }
 #endif
   eigen_gemm<double>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+void set_serial_threshold(Index work) {
+#ifdef BPROP_WITH_OPENBLAS
+  g_serial_work = work;
+#else
+  (void)work;
+#endif
+}
+
+Index serial_threshold() {
+#ifdef BPROP_WITH_OPENBLAS
+  return g_serial_work;
+#else
+  return 0;
+#endif
 }
 
 const char* gemm_backend() {

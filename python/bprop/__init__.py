@@ -6,7 +6,8 @@
 
 from ._loader import load_core
 
-_core = load_core()
+load_core()  # registers the best build of the core as bprop._core
+from . import _core  # noqa: E402
 
 from .network import ACTIVATIONS, Dense, Network
 from . import losses, optim  # noqa: E402
