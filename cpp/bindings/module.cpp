@@ -21,7 +21,7 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.def("get_num_threads", [] { return bprop::get_gemm_threads(); },
         "The number of threads used inside matrix products.");
   m.def("_set_serial_threshold", &bprop::set_serial_threshold, py::arg("work"),
-        "Products with m*n*k below this run single-threaded in Eigen (tuning knob).");
+        "Products with m*n*k below this run on one thread (tuning knob).");
   m.def("_serial_threshold", &bprop::serial_threshold);
   m.def("build_info", [] {
     py::dict d;

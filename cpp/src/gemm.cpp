@@ -1,5 +1,6 @@
 #include "bprop/gemm.hpp"
 
+#include <atomic>
 #include <limits>
 
 #ifdef BPROP_WITH_OPENBLAS
@@ -55,16 +56,38 @@ void eigen_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, 
 }
 
 #ifdef BPROP_WITH_OPENBLAS
-// Products smaller than this (m * n * k) run in Eigen's single-threaded kernel:
-// OpenBLAS would split them over its thread pool, whose wake-up costs more than
-// it saves at this size and collapses when the machine is oversubscribed.
+// Products smaller than this (m * n * k) run on one OpenBLAS thread: splitting
+// them over the thread pool costs more than it saves at this size, and collapses
+// when the machine is oversubscribed (the pool's threads wait for a core).
 Index g_serial_work = Index(1) << 20;
+// The thread count set by set_gemm_threads; 1 while a small product runs.
+std::atomic<int> g_threads{0};
 
-bool use_openblas(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
+bool fits_blasint(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
   const Index limit = std::numeric_limits<int>::max();
-  return m * n * k >= g_serial_work && m <= limit && n <= limit && k <= limit &&
-         lda <= limit && ldb <= limit && ldc <= limit;
+  return m <= limit && n <= limit && k <= limit && lda <= limit && ldb <= limit && ldc <= limit;
 }
+
+// OpenBLAS has no per-call thread count in this build, only a global one: drop it
+// to 1 around a small product and restore it after.
+class SerialScope {
+ public:
+  explicit SerialScope(Index work) {
+    if (work < g_serial_work) {
+      threads_ = g_threads.load(std::memory_order_relaxed);
+      if (threads_ == 0) threads_ = scipy_openblas_get_num_threads();
+      if (threads_ > 1) scipy_openblas_set_num_threads(1);
+    }
+  }
+  ~SerialScope() {
+    if (threads_ > 1) scipy_openblas_set_num_threads(threads_);
+  }
+  SerialScope(const SerialScope&) = delete;
+  SerialScope& operator=(const SerialScope&) = delete;
+
+ private:
+  int threads_ = 0;
+};
 #endif
 
 }  // namespace
@@ -74,7 +97,8 @@ void gemm<float>(bool trans_a, bool trans_b, Index m, Index n, Index k, float al
                  const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
                  Index ldc) {
 #ifdef BPROP_WITH_OPENBLAS
-  if (use_openblas(m, n, k, lda, ldb, ldc)) {
+  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
+    SerialScope serial(m * n * k);
     scipy_cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
                       int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
                       int(ldc));
@@ -89,7 +113,8 @@ void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double 
                   const double* A, Index lda, const double* B, Index ldb, double beta,
                   double* C, Index ldc) {
 #ifdef BPROP_WITH_OPENBLAS
-  if (use_openblas(m, n, k, lda, ldb, ldc)) {
+  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
+    SerialScope serial(m * n * k);
     scipy_cblas_dgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
                       int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
                       int(ldc));
@@ -125,6 +150,7 @@ const char* gemm_backend() {
 
 void set_gemm_threads(int n) {
 #ifdef BPROP_WITH_OPENBLAS
+  g_threads.store(n, std::memory_order_relaxed);
   scipy_openblas_set_num_threads(n);
 #endif
 #ifdef _OPENMP
@@ -135,7 +161,8 @@ void set_gemm_threads(int n) {
 
 int get_gemm_threads() {
 #ifdef BPROP_WITH_OPENBLAS
-  return scipy_openblas_get_num_threads();
+  const int n = g_threads.load(std::memory_order_relaxed);
+  return n > 0 ? n : scipy_openblas_get_num_threads();
 #else
   return Eigen::nbThreads();
 #endif

@@ -13,8 +13,8 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A, Index lda,
           const T* B, Index ldb, T beta, T* C, Index ldc);
 
-/// Products with m * n * k below this run single-threaded in Eigen's kernel,
-/// larger ones in OpenBLAS (default 2^20). Not synchronised: set it at start-up.
+/// Products with m * n * k below this run on one thread, larger ones on all the
+/// threads set by set_gemm_threads (default 2^20). Set it at start-up.
 void set_serial_threshold(Index work);
 Index serial_threshold();
 
