@@ -37,9 +37,19 @@ WORKLOADS = {
 
 
 # ---- timing ------------------------------------------------------------------------
+# Idle BLAS threads (OpenBLAS in bprop and in NumPy, OpenMP in torch) keep spinning
+# for a while after their last product, taking a core from whatever runs next; each
+# measurement first runs its function this long so that the previous one's threads
+# have gone to sleep.
+SETTLE_SECONDS = 0.25
+
+
 def time_call(fn, min_time: float) -> float:
-    """Seconds per call: calls fn in a loop for at least min_time, best of two loops."""
-    fn()
+    """Seconds per call: runs fn for SETTLE_SECONDS, then in a loop for at least
+    min_time; the best of two loops."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < SETTLE_SECONDS:
+        fn()
     best = float("inf")
     for _ in range(2):
         n, start = 0, time.perf_counter()
