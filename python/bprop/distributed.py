@@ -303,12 +303,9 @@ class _DataParallel:
         counts = [(b - a) * k for a, b in bounds]
         displs = [a * k for a, _ in bounds]
         self.comm.Allgatherv(mine, [out, counts, displs, self._mpi_dtype])
-        logs = {}
-        if loss_fn is not None:
-            logs[prefix + "loss"] = float(loss_fn(out, data.y, data.w)[0])
-        for name, fn in metric_fns:
-            logs[prefix + name] = float(fn(out, data.y, data.w))
-        return logs
+        from .train import _scores  # train imports this module
+
+        return _scores(out, data, loss_fn, metric_fns, prefix)
 
     def slowest(self, seconds: float) -> float:
         """The largest of the ranks' values (the epoch's wall time)."""

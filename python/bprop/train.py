@@ -307,7 +307,12 @@ def _measure(net: Network, data: _Dataset, loss_fn, metric_fns, batch_size: int 
              prefix: str = "") -> Dict[str, float]:
     """Loss and metrics of the network on a dataset (predict: the training caches
     are left alone)."""
-    out = net._core.predict(data.X, batch_size)
+    return _scores(net._core.predict(data.X, batch_size), data, loss_fn, metric_fns, prefix)
+
+
+def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
+            prefix: str = "") -> Dict[str, float]:
+    """Loss and metrics of the network's output `out` on a whole dataset."""
     logs = {}
     if loss_fn is not None:
         logs[prefix + "loss"] = float(loss_fn(out, data.y, data.w)[0])
