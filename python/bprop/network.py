@@ -279,17 +279,18 @@ class Network:
         if optimizer is None or not hasattr(optimizer, "step"):
             raise TypeError("[Network.train_step] optimizer must be an optimizer from "
                             f"bprop.optim, but got {type_name(optimizer)}")
+        if getattr(optimizer, "net", None) is not self:
+            raise ValueError("[Network.train_step] optimizer was built for another network")
         if callable(loss):
             out = self.forward(X)
             value, grad = loss(out, y, sample_weight)
             self.backward(np.ascontiguousarray(grad, dtype=self._dtype))
-            optimizer.step()
+            if math.isfinite(value):  # a non-finite loss updates nothing
+                optimizer.step()
             return float(value)
         if not isinstance(loss, str):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
-        if getattr(optimizer, "net", None) is not self:
-            raise ValueError("[Network.train_step] optimizer was built for another network")
         fused_lr = getattr(optimizer, "_fused_sgd_lr", lambda: None)()
         plan = getattr(optimizer, "_plan", None)
         if fused_lr is not None:
