@@ -4,6 +4,7 @@ the argument, what was expected and what arrived."""
 from __future__ import annotations
 
 import math
+import os
 import numbers
 import operator
 
@@ -93,3 +94,15 @@ def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
         raise ValueError(f"[{where}] {name} has {X.shape[1]} features, but the network "
                          f"expects {features}")
     return np.ascontiguousarray(X, dtype=dtype)
+
+
+def check_path(where: str, path: object) -> str:
+    """A file path given as a str or an os.PathLike of str, returned as a str."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"[{where}] path must be a str or os.PathLike, but got "
+                        f"{type_name(path)} {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"[{where}] path must be a str or os.PathLike of str, but got "
+                        f"{type_name(path)} {path!r}")
+    return path

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ._validation import check_dtype, check_int, type_name
+from ._validation import check_dtype, check_int, check_path, type_name
 from .network import Dense, Network
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,13 +63,7 @@ def _check_name(where: str, name: str, value: object) -> str:
 
 
 def _check_path(where: str, path: object) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"[{where}] path must be a str or os.PathLike, but got "
-                        f"{type_name(path)} {path!r}")
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        raise TypeError(f"[{where}] path must be a str or os.PathLike of str, but got "
-                        f"bytes {path!r}")
+    path = check_path(where, path)
     if not path:
         raise ValueError(f"[{where}] path must be a non-empty file name")
     if os.path.isdir(path):

@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Tuple, Union
 
 import numpy as np
 
-from ._validation import type_name
+from ._validation import check_path, type_name
 from .network import ACTIVATIONS, Dense, Network
 
 try:
@@ -107,17 +107,6 @@ def _metadata_digest(meta: Dict[str, str], keys: Tuple[str, ...]) -> str:
 
 _NETWORK_KEYS = ("format", "format_version", "dtype", "architecture")
 _OPTIMIZER_KEYS = ("optimizer",)
-
-
-def _check_path(where: str, path: object) -> str:
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"[{where}] path must be a str or os.PathLike, but got "
-                        f"{type_name(path)} {path!r}")
-    path = os.fspath(path)
-    if not isinstance(path, str):
-        raise TypeError(f"[{where}] path must name a file with a str, but got "
-                        f"{type_name(path)} {path!r}")
-    return path
 
 
 def _fsync_dir(folder: str) -> None:
@@ -237,7 +226,7 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
     where = "save"
     if not isinstance(net, Network):
         raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
-    path = _check_path(where, path)
+    path = check_path(where, path)
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but "
@@ -391,7 +380,7 @@ def load(path: PathLike, *, with_optimizer: bool = False):
     if not isinstance(with_optimizer, (bool, np.bool_)):
         raise TypeError(f"[{where}] with_optimizer must be a bool, but got "
                         f"{type_name(with_optimizer)}")
-    path = _check_path(where, path)
+    path = check_path(where, path)
     st = _require_safetensors(where)
     with open(path, "rb") as f:
         data = f.read()

@@ -336,38 +336,13 @@ def _train_step(net: Network, Xb: np.ndarray, yb: np.ndarray, loss_fn, optimizer
     Xb (batch, in_features) is C-contiguous of the network's dtype and stays
     unchanged until backward has run (forward caches it by reference).
 
-    ``loss_fn`` is either the name of a built-in loss, for which forward, loss
-    and backward are one GIL-free C++ call (``_core.train_step``; for plain SGD
-    the update is fused into the backward sweep as well), or a callable
-    ``(output, target, weight) -> (value, grad)`` run from Python. A non-finite
-    loss returns before the optimizer step (except in the fused SGD path), so the
-    weights usually stay as they were; fit reports the divergence.
+    ``loss_fn`` is either the name of a built-in loss, for which the whole step
+    (the optimizer's update included) is one GIL-free C++ call, or a callable
+    ``(output, target, weight) -> (value, grad)`` run from Python; see
+    Network.train_step, the one implementation of both. A non-finite loss
+    updates nothing; fit reports the divergence.
     """
-    core = net._core
-    if loss_fn.__class__ is str:
-        lr = optimizer._fused_sgd_lr()
-        if lr is not None:
-            value = core.train_step(Xb, yb, loss_fn, wb, lr)
-            optimizer._fused_step_taken()
-            return value
-        plan = getattr(optimizer, "_plan", None)
-        if plan is not None:
-            # the optimizer steps each layer inside the backward sweep; a non-finite
-            # loss updates nothing
-            value = core.train_step(Xb, yb, loss_fn, wb, -1.0, plan, optimizer._step_count + 1)
-            if _isfinite(value):
-                optimizer._fused_step_taken()
-            return value
-        value = core.train_step(Xb, yb, loss_fn, wb, -1.0)
-        if not _isfinite(value):
-            return value
-    else:
-        value, grad = loss_fn(core.forward(Xb), yb, wb)
-        if not _isfinite(value):
-            return value
-        core.backward(grad, False, False)
-    optimizer.step()
-    return value
+    return net.train_step(Xb, yb, loss_fn, optimizer, sample_weight=wb)
 
 
 def _first_nonfinite(net: Network) -> Optional[str]:
