@@ -28,7 +28,10 @@ ACTIVATIONS = list(bprop.ACTIVATIONS)
 SMOOTH = ["identity", "sigmoid", "tanh", "gelu", "softmax"]
 RTOL = {"float32": 1e-5, "float64": 1e-12}
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples every run (a gate must not flake); set
+# derandomize=False locally to explore new ones.
+SETTINGS = dict(deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -171,7 +174,14 @@ def test_forward_and_backward_match_the_reference(data, specs, dtype, rows, seed
     X = _inputs(data.draw, rows, specs[0][0]).astype(dtype)
     G = _inputs(data.draw, rows, specs[-1][1], bound=1.0).astype(dtype)
     rtol = RTOL[dtype] * (4 if dtype == "float32" else 16)
-    _close(net.forward(X), ref.forward(X.astype(np.float64)), rtol, "output")
+    desired = ref.forward(X.astype(np.float64))
+    # The output may cancel to far below the size of its terms (gelu of z = -3.7
+    # is -1e-4 while z sums terms of size 2): the floor is the size of the last
+    # layer's terms, sum_j |a_j W_jk| + |b_k|, which bounds how far rounding in z
+    # and in the layers below can move the output (every activation's slope <= 1.13).
+    last = ref.layers[-1]
+    terms = (np.abs(last.input) @ np.abs(last.weight) + np.abs(last.bias)).max()
+    _close(net.forward(X), desired, rtol, "output", floor=1.13 * float(terms))
     dX = net.backward(G, input_grad=True)
     dX_ref = ref.backward(G.astype(np.float64), input_grad=True)
     g = float(np.abs(G).max())  # the size of the terms of every backward quantity
@@ -199,12 +209,15 @@ def test_gradcheck_passes_on_small_random_networks(data, specs, rows, seed, loss
                                           max_size=rows)))
     else:
         y = _inputs(data.draw, rows, k, bound=1.0)
-    # gradcheck's error is relative to the layer's largest gradient: where that
-    # vanishes (x = 0 into a 1-wide layer, say) the O(eps^2) truncation error of
-    # the finite differences is all that is left, and the ratio means nothing
+    # gradcheck's error is relative to the layer's largest gradient, while the
+    # central difference's own error is absolute: rounding in the two loss values,
+    # about 1e-16 * |L| / eps = 1e-10 * |L| with eps = 1e-6 (plus O(eps^2)
+    # truncation). With |L| ~ 1.6 and a layer gradient of 1e-4 that alone is 1.6e-6,
+    # over the 1e-6 limit while backprop is right (found by a random run: x = 0
+    # into a 2-wide softmax layer); from 1e-3 up it stays below 2e-7.
     value, grad = losses.get_loss(loss)(net.forward(X), y)
     net.backward(grad)
-    assume(all(max(np.abs(L.grad_weight).max(), np.abs(L.grad_bias).max()) > 1e-4
+    assume(all(max(np.abs(L.grad_weight).max(), np.abs(L.grad_bias).max()) > 1e-3
                for L in net.layers))
     errors = bprop.gradcheck(net, X, y, loss=loss, max_checks=12, seed=seed)
     assert max(errors.values()) <= 1e-6, errors
