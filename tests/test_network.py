@@ -242,10 +242,16 @@ def test_step_is_plain_sgd(dtype, make_network, rng, assert_close):
         np.testing.assert_array_equal(p, p0)
 
 
-def test_sgd_lowers_a_loss(make_network, rng):
-    """Training works end to end: a regression of a smooth target."""
+def test_sgd_lowers_a_loss(make_network):
+    """Training works end to end: a regression of a smooth target.
+
+    The learning rate keeps full-batch gradient descent in its stable regime, where
+    the loss falls at every step and the outcome does not depend on rounding. (At
+    lr=0.5 the run was chaotic: an AVX2 machine's last-bit differences took the
+    final loss from 0.04 to 0.1 of the first; a 1e-12 nudge of one weight did too.)
+    Here the final ratio is 0.012 and moves by < 1e-11 under such nudges."""
     net = make_network([(2, 32, "tanh"), (32, 1)], "float64", seed=0)
-    X = rng.uniform(-1, 1, size=(128, 2))
+    X = np.random.default_rng(0).uniform(-1, 1, size=(128, 2))
     y = np.sin(2 * X[:, :1]) * X[:, 1:]
     losses = []
     for _ in range(300):
@@ -253,7 +259,8 @@ def test_sgd_lowers_a_loss(make_network, rng):
         loss, grad = reference.mean_squared_error(out, y)
         losses.append(loss)
         net.backward(grad)
-        net.step(0.5)
+        net.step(0.2)
+    assert all(b < a for a, b in zip(losses, losses[1:])), "the loss rose in a stable run"
     assert losses[-1] < 0.1 * losses[0]
 
 

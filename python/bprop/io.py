@@ -231,7 +231,7 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but "
                             f"got {type_name(optimizer)}")
-        if optimizer.net is not net:
+        if optimizer._net_ref() is not net:
             raise ValueError(f"[{where}] the optimizer is bound to another network")
     st = _require_safetensors(where)
 

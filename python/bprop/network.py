@@ -54,7 +54,11 @@ class Dense:
                              f"{activation!r}")
         self._activation = activation
         self._slope = check_float("Dense", "negative_slope", negative_slope)
-        self._network: Optional[Network] = None
+        # The network's C++ core, not the Network: a layer referring back to the
+        # Network that holds it would make a reference cycle, and a network would
+        # then be freed only by the cycle collector, which knows nothing of the
+        # megabytes the core holds.
+        self._core = None
         self._index = -1
 
     # ---- description ----------------------------------------------------------
@@ -82,10 +86,9 @@ class Dense:
         return f"Dense({self._in}, {self._out}, activation={self._activation!r}{extra})"
 
     # ---- views of the core's storage ------------------------------------------
-    def _attach(self, network: "Network", index: int) -> None:
-        self._network = network
+    def _attach(self, core, index: int) -> None:
+        self._core = core
         self._index = index
-        core = network._core
         # Parameters and gradients never move, so their views are made once.
         self._weight = core.weight(index)
         self._bias = core.bias(index)
@@ -93,10 +96,10 @@ class Dense:
         self._grad_bias = core.grad_bias(index)
 
     def _bound(self, what: str):
-        if self._network is None:
+        if self._core is None:
             raise RuntimeError(f"[Dense.{what}] this layer is not part of a Network yet; "
                                "its storage exists once bprop.Network([...]) is built")
-        return self._network._core
+        return self._core
 
     @property
     def weight(self) -> np.ndarray:
@@ -187,7 +190,7 @@ class Network:
             if not isinstance(layer, Dense):
                 raise TypeError(f"[Network] layers[{i}] must be a Dense, but got "
                                 f"{type_name(layer)}")
-            if layer._network is not None:
+            if layer._core is not None:
                 raise ValueError(f"[Network] layers[{i}] already belongs to another Network; "
                                  "create a new Dense for each network")
         if len({id(layer) for layer in layers}) != len(layers):
@@ -213,7 +216,7 @@ class Network:
             self._core.weight(i)[...] = W
             self._core.bias(i)[...] = b
         for i, layer in enumerate(layers):
-            layer._attach(self, i)
+            layer._attach(self._core, i)
         self._layers = tuple(layers)
 
     # ---- the three calls of training ------------------------------------------
@@ -279,7 +282,8 @@ class Network:
         if optimizer is None or not hasattr(optimizer, "step"):
             raise TypeError("[Network.train_step] optimizer must be an optimizer from "
                             f"bprop.optim, but got {type_name(optimizer)}")
-        if getattr(optimizer, "net", None) is not self:
+        net_ref = getattr(optimizer, "_net_ref", None)
+        if net_ref is None or net_ref() is not self:
             raise ValueError("[Network.train_step] optimizer was built for another network")
         if callable(loss):
             out = self.forward(X)

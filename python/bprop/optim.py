@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -78,7 +79,13 @@ class Optimizer:
         where = type(self).__name__
         if not isinstance(net, Network):
             raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
-        self._net = net
+        # Like torch.optim, hold the parameters (here the core that owns them), not
+        # the network object: the network remembers the optimizer of its last fit,
+        # and a strong reference back would make a cycle that keeps both alive
+        # until the cycle collector runs.
+        self._net_ref = weakref.ref(net)
+        self._core = net._core
+        self._dtype = net.dtype
         self._params = [(name, p, g) for name, p, g in net.parameters()]
         self._hyper = self._checked(where, hyper)
         self._step_count = 0
@@ -91,7 +98,7 @@ class Optimizer:
 
     def _checked(self, where: str, hyper: Dict[str, Any]) -> Dict[str, Any]:
         out = self._check(where, hyper)
-        _check_fits_dtype(where, out, self._net.dtype)
+        _check_fits_dtype(where, out, self._dtype)
         return out
 
     def _state_names(self) -> Tuple[str, ...]:
@@ -108,8 +115,17 @@ class Optimizer:
 
     @property
     def net(self) -> Network:
-        """The network this optimizer updates."""
-        return self._net
+        """The network this optimizer updates.
+
+        The optimizer keeps the network's parameters alive, but not the Network
+        object (as a torch.optim optimizer holds parameters, not the module): keep
+        your own reference to the network while you use it.
+        """
+        net = self._net_ref()
+        if net is None:
+            raise RuntimeError(f"[{type(self).__name__}.net] the network this optimizer was "
+                               "built on has been freed; keep a reference to the network")
+        return net
 
     @property
     def lr(self) -> float:
@@ -120,7 +136,7 @@ class Optimizer:
     def lr(self, value: float) -> None:
         where = f"{type(self).__name__}.lr"
         lr = check_float(where, "lr", value, minimum=0.0)
-        _check_fits_dtype(where, {"lr": lr}, self._net.dtype)
+        _check_fits_dtype(where, {"lr": lr}, self._dtype)
         self._hyper["lr"] = lr
         self._bind()
 
@@ -136,12 +152,12 @@ class Optimizer:
 
     def step(self) -> None:
         """Updates every parameter in place from the gradient of the last backward."""
-        if not self._net._core.has_backward:
+        if not self._core.has_backward:
             raise RuntimeError(f"[{type(self).__name__}.step] the network has no gradients "
                                "yet: call net.forward and net.backward before step()")
         # one C++ call under the network's lock: a concurrent predict never sees a
         # half-updated network
-        self._net._core.apply_plan(self._plan, self._step_count + 1)
+        self._core.apply_plan(self._plan, self._step_count + 1)
         self._step_count += 1
 
     # ---- the fused path of Network.train_step / fit ------------------------------
@@ -149,7 +165,7 @@ class Optimizer:
         """Builds the core's UpdatePlan, which ``step()`` applies to every parameter
         and Network.train_step inside the backward sweep, layer by layer, right after
         each gradient is formed. ``keys`` names the state arrays a, b, c."""
-        plan_type = _core.UpdatePlan32 if self._net.dtype == np.float32 else _core.UpdatePlan64
+        plan_type = _core.UpdatePlan32 if self._dtype == np.float32 else _core.UpdatePlan64
         sizes = [p.size for _, p, _ in self._params]
         states = [tuple(self._state[name].get(k) if k else None for k in keys)
                   for name, _, _ in self._params]

@@ -390,7 +390,7 @@ class _BaseMLP(BaseEstimator):
                         random_state: np.random.RandomState) -> None:
         where = self._where("partial_fit" if incremental else "fit")
         optimizer = state.get("_optimizer")
-        if not incremental or optimizer is None or optimizer.net is not net:
+        if not incremental or optimizer is None or optimizer._net_ref() is not net:
             optimizer = self._make_optimizer(net)
         state["_optimizer"] = optimizer
         if self.early_stopping and incremental:

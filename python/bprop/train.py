@@ -516,7 +516,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     elif not isinstance(optimizer, Optimizer):
         raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but got "
                         f"{type_name(optimizer)}")
-    if optimizer.net is not net:
+    if optimizer._net_ref() is not net:
         raise ValueError(f"[{where}] the optimizer is bound to another network; create it with "
                          "this one, e.g. bprop.optim.Adam(net)")
 
