@@ -2,6 +2,7 @@
 is refused before anything is allocated."""
 
 import gc
+import os
 import weakref
 
 import numpy as np
@@ -74,3 +75,92 @@ def test_an_optimizer_holds_the_parameters_not_the_network(no_gc):
     other = bprop.Network([bprop.Dense(4, 3)], seed=0)
     with pytest.raises(ValueError, match="optimizer was built for another network"):
         other.train_step(np.zeros((2, 4), np.float32), np.zeros(2, np.int64), optimizer=opt)
+
+
+# ---- refusing what cannot fit ------------------------------------------------------------
+
+def test_a_network_larger_than_the_machine_is_refused_before_allocating():
+    # Regression: Dense(784, 10**9) failed with a bare "MemoryError: std::bad_alloc",
+    # and Dense(1, 10**9) zero-filled ~15 GB over 25-40 s before failing.
+    with pytest.raises(MemoryError, match=r"\[Network\] the parameters and gradients of this "
+                                          r"network \(float32; the largest, layer 1 Dense\(784, "
+                                          r"1000000000.*weight \(784, 1000000000\) and bias "
+                                          r"\(1000000000,\).*would take .* GB .*available; "
+                                          "nothing was allocated"):
+        bprop.Network([bprop.Dense(10, 784), bprop.Dense(784, 10**9)])
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float64", 8)])
+def test_the_memory_check_counts_parameters_gradients_and_the_initial_draw(monkeypatch, dtype,
+                                                                        itemsize):
+    from bprop import _memory
+
+    layers = lambda: [bprop.Dense(100, 50), bprop.Dense(50, 10)]  # noqa: E731
+    need = 2 * itemsize * (100 * 50 + 50 + 50 * 10 + 10) + 8 * 100 * 50
+    monkeypatch.setattr(_memory, "available_memory", lambda: need - 1)
+    with pytest.raises(MemoryError, match=f"\\({need:,} bytes\\)"):
+        bprop.Network(layers(), dtype=dtype)
+    monkeypatch.setattr(_memory, "available_memory", lambda: need)
+    net = bprop.Network(layers(), dtype=dtype)
+    # an optimizer's state is checked the same way: Adam keeps two arrays per parameter
+    state = 2 * itemsize * net.num_parameters
+    monkeypatch.setattr(_memory, "available_memory", lambda: state - 1)
+    with pytest.raises(MemoryError, match=r"\[Adam\] its state \(exp_avg, exp_avg_sq"):
+        optim.Adam(net)
+    optim.SGD(net, lr=0.1)  # no state: nothing to refuse
+    monkeypatch.setattr(_memory, "available_memory", lambda: None)  # unknown: not checked
+    optim.Adam(net)
+
+
+def test_the_same_seed_draws_the_same_weights_as_the_reference():
+    # the initial weights are drawn one layer at a time, straight into the core's storage
+    from bprop import reference
+
+    specs = [(5, 7, "relu"), (7, 3, "tanh")]
+    net = bprop.Network([bprop.Dense(i, o, activation=a) for i, o, a in specs], seed=4)
+    ref = reference.Network([reference.Dense(i, o, activation=a) for i, o, a in specs],
+                            dtype="float32", seed=4)
+    for mine, theirs in zip(net.layers, ref.layers):
+        assert mine.weight.tobytes() == theirs.weight.tobytes()
+
+
+_OOM_SCRIPT = """
+import resource, numpy as np, bprop
+with open("/proc/self/status") as f:
+    size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+limit = size + (512 << 20)  # 512 MB more address space than the process has now
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+net = bprop.Network([bprop.Dense(4, 2**16, activation="relu"), bprop.Dense(2**16, 1)],
+                    dtype="float64", seed=0)
+X = np.zeros((2**14, 4))
+calls = [lambda: net.predict(X), lambda: net.forward(X),
+         lambda: bprop.Network([bprop.Dense(2**13, 2**14)], dtype="float64")]
+for call in calls:
+    try:
+        call()
+    except MemoryError as e:
+        print(e)
+print("still works", net.predict(X[:10]).shape, net.forward(X[:10]).shape)
+"""
+
+
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer reserves terabytes of address space: an "
+                           "address-space limit cannot be set under it")
+def test_an_allocation_failure_in_the_core_is_a_memory_error_naming_the_call_and_size():
+    # Under an address-space limit the core's own allocations fail (the Python-side
+    # check sees the machine's memory, not the limit).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _OOM_SCRIPT], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == ("[Network.predict] a workspace of 16384 rows (pass a smaller "
+                        "batch_size): could not allocate 8589934592 bytes")
+    assert lines[1] == ("[Network.forward] the caches (z, output, delta) for a batch of 16384 "
+                        "rows: could not allocate 8589934592 bytes")
+    assert lines[2] == ("[Network] layer 0, weight (8192, 16384) and its gradient: could not "
+                        "allocate 1073741824 bytes")
+    assert lines[3] == "still works (10, 1) (10, 1)"

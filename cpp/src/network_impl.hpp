@@ -68,7 +68,12 @@ Network<T>::Network(const std::vector<LayerSpec>& specs) {
     }
   }
   layers_.reserve(specs.size());
-  for (const LayerSpec& s : specs) layers_.emplace_back(s);
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    const LayerSpec& s = specs[i];
+    with_context("[Network] layer " + std::to_string(i) + ", weight " +
+                     detail::shape_str(s.in_features, s.out_features) + " and its gradient",
+                 [&] { layers_.emplace_back(s); });
+  }
 }
 
 template <typename T>
@@ -90,13 +95,18 @@ void Network<T>::reserve(Index batch) {
   // Allocate everything first so that a failed allocation changes nothing.
   std::vector<StoragePtr<T>> fresh;
   fresh.reserve(layers_.size() * 3);
-  for (const Dense<T>& L : layers_) {
-    const auto n = static_cast<std::size_t>(batch * L.out());
-    fresh.push_back(make_storage<T>(n));
-    fresh.push_back(L.spec.activation == Activation::identity ? fresh.back()
-                                                              : make_storage<T>(n));
-    fresh.push_back(make_storage<T>(n));
-  }
+  with_context("[Network.forward] the caches (z, output, delta) for a batch of " +
+                   std::to_string(batch) + " rows",
+               [&] {
+                 for (const Dense<T>& L : layers_) {
+                   const auto n = static_cast<std::size_t>(batch * L.out());
+                   fresh.push_back(make_storage<T>(n));
+                   fresh.push_back(L.spec.activation == Activation::identity
+                                       ? fresh.back()
+                                       : make_storage<T>(n));
+                   fresh.push_back(make_storage<T>(n));
+                 }
+               });
   for (std::size_t i = 0; i < layers_.size(); ++i) {
     layers_[i].z = std::move(fresh[3 * i]);
     layers_[i].output = std::move(fresh[3 * i + 1]);
@@ -358,8 +368,12 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
   Index width = 0;
   for (const Dense<T>& L : layers_) width = std::max(width, L.out());
   // Two ping-pong workspaces of this call's own: the training caches stay untouched.
-  Storage<T> ping(static_cast<std::size_t>(chunk * width));
-  Storage<T> pong(static_cast<std::size_t>(chunk * width));
+  const auto workspace = static_cast<std::size_t>(chunk * width);
+  auto allocate = [&] { return allocate_storage<T>(workspace); };
+  const std::string what = "[Network.predict] a workspace of " + std::to_string(chunk) +
+                           " rows (pass a smaller batch_size)";
+  Storage<T> ping = with_context(what, allocate);
+  Storage<T> pong = with_context(what, allocate);
   for (Index start = 0; start < N; start += chunk) {
     const Index B = std::min(chunk, N - start);
     const T* a = X.data() + start * in_features();

@@ -16,17 +16,22 @@ def initial_parameters(specs, dtype, seed):
     Biases start at zero. Draws are float64 from NumPy's PCG64, then cast, so the
     bits depend only on the seed and the architecture.
 
-    Returns:
-        list of (weight (in, out), bias (out,)) arrays of `dtype`.
+    Yields:
+        (weight (in, out) float64, bias (out,) of `dtype`) per layer, one layer at a
+        time: the caller casts the weight into its own storage, so the only
+        temporary is one layer's float64 draw (``INIT_BYTES_PER_WEIGHT`` per weight).
     """
     rng = np.random.default_rng(seed)
-    params = []
     for n_in, n_out, activation, slope in specs:
         if activation in RELU_FAMILY:
             gain2 = 2.0 / (1.0 + (slope**2 if activation == "leaky_relu" else 0.0))
-            W = rng.standard_normal((n_in, n_out)) * np.sqrt(gain2 / n_in)
+            W = rng.standard_normal((n_in, n_out))
+            W *= np.sqrt(gain2 / n_in)  # in place: no second temporary
         else:
             limit = np.sqrt(6.0 / (n_in + n_out))
             W = rng.uniform(-limit, limit, size=(n_in, n_out))
-        params.append((W.astype(dtype), np.zeros(n_out, dtype=dtype)))
-    return params
+        yield W, np.zeros(n_out, dtype=dtype)
+
+
+#: Bytes per weight that drawing a layer's initial weights takes besides its storage.
+INIT_BYTES_PER_WEIGHT = 8

@@ -8,7 +8,8 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from ._init import initial_parameters
+from ._init import INIT_BYTES_PER_WEIGHT, initial_parameters
+from ._memory import check_fits_in_memory, format_bytes
 from ._validation import as_float_matrix, check_dtype, check_float, check_int, type_name
 
 ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax")
@@ -164,6 +165,21 @@ class Dense:
         target[...] = arr  # copies into the C++ storage
 
 
+def _check_memory(layers: Sequence[Dense], dtype: np.dtype) -> None:
+    """Refuses, before allocating, a network whose parameters and gradients (and the
+    float64 draw of one layer's initial weights) do not fit in the memory available."""
+    sizes = [(layer.in_features * layer.out_features + layer.out_features) * 2 * dtype.itemsize
+             for layer in layers]
+    draw = max(layer.in_features * layer.out_features for layer in layers) * INIT_BYTES_PER_WEIGHT
+    i = int(np.argmax(sizes))
+    big = layers[i]
+    check_fits_in_memory(
+        "Network", f"the parameters and gradients of this network ({dtype.name}; the largest, "
+        f"layer {i} {big!r}, has weight ({big.in_features}, {big.out_features}) and bias "
+        f"({big.out_features},): {format_bytes(sizes[i])}), with {format_bytes(draw)} to draw "
+        "its initial weights,", sum(sizes) + draw)
+
+
 class Network:
     """An ordered stack of :class:`Dense` layers trained by backpropagation.
 
@@ -210,11 +226,13 @@ class Network:
             seed = check_int("Network", "seed", seed, minimum=0)
         self._seed = seed
         specs = [layer._spec() for layer in layers]
+        _check_memory(layers, self._dtype)
         core_type = _core.Network32 if self._dtype == np.float32 else _core.Network64
         self._core = core_type(specs)
         for i, (W, b) in enumerate(initial_parameters(specs, self._dtype, seed)):
-            self._core.weight(i)[...] = W
+            self._core.weight(i)[...] = W  # cast into the core's storage, no temporary
             self._core.bias(i)[...] = b
+            del W
         for i, layer in enumerate(layers):
             layer._attach(self._core, i)
         self._layers = tuple(layers)

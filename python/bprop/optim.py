@@ -33,6 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core
+from ._memory import check_fits_in_memory
 from ._validation import check_float, check_int, type_name
 from .network import Network
 
@@ -89,6 +90,10 @@ class Optimizer:
         self._params = [(name, p, g) for name, p, g in net.parameters()]
         self._hyper = self._checked(where, hyper)
         self._step_count = 0
+        slots = self._state_names()
+        check_fits_in_memory(where, f"its state ({', '.join(slots)}: {len(slots)} arrays the "
+                             "size of every parameter)",
+                             len(slots) * sum(p.nbytes for _, p, _ in self._params))
         self._state = self._zero_state()
         self._bind()
 

@@ -235,8 +235,8 @@ class Network:
             seed = check_int("reference.Network", "seed", seed, minimum=0)
         specs = [layer._spec() for layer in layers]
         for layer, (W, b) in zip(layers, initial_parameters(specs, self._dtype, seed)):
-            layer._weight, layer._bias = W, b
-            layer.grad_weight = np.zeros_like(W)
+            layer._weight, layer._bias = W.astype(self._dtype, copy=False), b
+            layer.grad_weight = np.zeros_like(layer._weight)
             layer.grad_bias = np.zeros_like(b)
             layer._in_network = True
         self._layers = tuple(layers)

@@ -8,6 +8,9 @@
 
 #include <cstddef>
 #include <memory>
+#include <new>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace bprop {
@@ -36,9 +39,52 @@ using Storage = std::vector<T, Eigen::aligned_allocator<T>>;
 template <typename T>
 using StoragePtr = std::shared_ptr<Storage<T>>;
 
+/// An allocation the core could not make: a std::bad_alloc (MemoryError in Python)
+/// that says how many bytes were asked for, and for what when `context` is given.
+class OutOfMemory : public std::bad_alloc {
+ public:
+  OutOfMemory(std::size_t bytes, const std::string& context)
+      : bytes_(bytes),
+        message_((context.empty() ? std::string() : context + ": ") +
+                 (bytes ? "could not allocate " + std::to_string(bytes) + " bytes"
+                        : std::string("out of memory"))) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  std::size_t bytes_;
+  std::string message_;
+};
+
+/// Zero-filled storage of n elements; throws OutOfMemory (with the size) on failure.
+template <typename T>
+Storage<T> allocate_storage(std::size_t n) {
+  try {
+    return Storage<T>(n, T(0));
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory(n * sizeof(T), "");
+  } catch (const std::length_error&) {
+    throw OutOfMemory(n * sizeof(T), "");
+  }
+}
+
+/// allocate_storage, shared with the NumPy views of it.
 template <typename T>
 StoragePtr<T> make_storage(std::size_t n) {
-  return std::make_shared<Storage<T>>(n, T(0));
+  return std::make_shared<Storage<T>>(allocate_storage<T>(n));
+}
+
+/// Runs `allocate`, prefixing any OutOfMemory with `context` (the call and what
+/// the memory was for), so the message says where and how much.
+template <typename F>
+auto with_context(const std::string& context, F&& allocate) {
+  try {
+    return allocate();
+  } catch (const OutOfMemory& e) {
+    throw OutOfMemory(e.bytes(), context);
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory(0, context);
+  }
 }
 
 }  // namespace bprop
