@@ -390,3 +390,20 @@ def test_a_failed_backward_after_a_good_one_leaves_the_gradients(trained):
     # and the network is still usable: the same backward gives the same gradients
     net.backward(G)
     _assert_same_state(net, before)
+
+
+@pytest.mark.parametrize("kind", ["csr_matrix", "csr_array", "coo_matrix"])
+def test_sparse_input_is_refused_with_how_to_densify(kind):
+    # Regression: a scipy.sparse X gave "X must hold real numbers ... dtype object".
+    sparse = pytest.importorskip("scipy.sparse")
+    X = getattr(sparse, kind)(np.eye(3, 5))
+    net = bprop.Network([bprop.Dense(5, 2)], seed=0)
+    before = net.layers[0].weight.copy()
+    message = (rf"X is a sparse matrix \({kind}, shape \(3, 5\)\), and bprop does not take "
+               r"sparse input yet; densify it with X.toarray\(\) \(this needs 3 x 5 x 4 = 60 "
+               r"bytes\)")
+    with pytest.raises(TypeError, match=r"\[fit\] " + message):
+        bprop.fit(net, X, [0, 1, 0])
+    with pytest.raises(TypeError, match=r"\[Network.predict\] " + message):
+        net.predict(X)
+    np.testing.assert_array_equal(net.layers[0].weight, before)

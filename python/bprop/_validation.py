@@ -62,6 +62,11 @@ def check_dtype(where: str, dtype: object) -> np.dtype:
     return DTYPES[dt.name]
 
 
+def _is_sparse(X: object) -> bool:
+    """A scipy.sparse matrix or array, recognised without importing scipy."""
+    return type(X).__module__.startswith("scipy.sparse") and hasattr(X, "toarray")
+
+
 def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
                     features: int | None = None, allow_empty: bool = False) -> np.ndarray:
     """Converts X to a C-contiguous (rows, features) array of `dtype`.
@@ -74,6 +79,12 @@ def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
     """
     if X is None:
         raise TypeError(f"[{where}] {name} must be a 2-D array of numbers, but got None")
+    if _is_sparse(X):
+        rows, cols = X.shape
+        raise TypeError(f"[{where}] {name} is a sparse matrix ({type_name(X)}, shape "
+                        f"({rows}, {cols})), and bprop does not take sparse input yet; "
+                        f"densify it with {name}.toarray() (this needs {rows} x {cols} x "
+                        f"{dtype.itemsize} = {rows * cols * dtype.itemsize:,} bytes)")
     if not isinstance(X, np.ndarray):
         try:
             X = np.asarray(X)

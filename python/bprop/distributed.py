@@ -188,7 +188,7 @@ class _DataParallel:
         params = list(net.parameters())
         crc = 0
         for data in (train, valid):
-            for arr in (None, None, None) if data is None else (data.X, data.y, data.w):
+            for arr in (None,) * 4 if data is None else (data.X, data.y, data.w, data.rows):
                 crc = _checksum(crc, arr)
         state = zlib.crc32(repr(rng.bit_generator.state).encode())
         signature = {
@@ -294,11 +294,11 @@ class _DataParallel:
         """``train._measure`` with the forward pass split over the ranks: each
         predicts its rows, the outputs are allgathered, every rank computes the
         loss and metrics on the whole output."""
-        n, k = data.X.shape[0], net.out_features
+        n, k = len(data), net.out_features
         bounds = [shard_bounds(n, r, self.size) for r in range(self.size)]
         lo, hi = bounds[self.rank]
         out = np.empty((n, k), dtype=self._dtype)
-        mine = (net._core.predict(data.X[lo:hi], batch_size) if hi > lo
+        mine = (data.predict(net._core, lo, hi, batch_size) if hi > lo
                 else np.empty((0, k), dtype=self._dtype))
         counts = [(b - a) * k for a, b in bounds]
         displs = [a * k for a, _ in bounds]

@@ -280,7 +280,14 @@ def _as_bool(where: str, name: str, value: object) -> bool:
 
 
 class _Dataset:
-    """X, target and weights checked and converted for one network and loss."""
+    """X, target and weights checked and converted for one network and loss.
+
+    ``rows`` is None when the dataset is all of X, else the rows of X (in order)
+    that make it up: a part of a dataset (the training part of validation_split)
+    is held by index, so an X too large for memory (a numpy.memmap) is read in
+    place, one chunk of rows per gather, and never copied whole. ``y`` and ``w``
+    always hold this dataset's own rows.
+    """
 
     def __init__(self, where: str, net: Network, X, y, sample_weight, builtin,
                  names=("X", "y", "sample_weight")) -> None:
@@ -291,23 +298,43 @@ class _Dataset:
             raise ValueError(f"[{where}] {names[0]} must be finite in {net.dtype.name}, but "
                              f"{names[0]}[{i}, {j}] = {self.X[i, j]}")
         rows = self.X.shape[0]
+        self.rows: Optional[np.ndarray] = None
         self.y = _prepare_target(where, names[1], y, rows, net, builtin, names[0])
         self.w = check_sample_weight(where, sample_weight, rows, net.dtype, names[0], names[2])
 
-    def subset(self, index: np.ndarray) -> "_Dataset":
-        """The rows `index` as a new dataset (C-contiguous copies)."""
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def subset(self, index: np.ndarray, *, copy: bool) -> "_Dataset":
+        """The samples `index` as a new dataset: X's rows copied (C-contiguous) if
+        `copy`, else referred to by index; y and w are copied."""
         part = _Dataset.__new__(_Dataset)
-        part.X = np.take(self.X, index, axis=0)
+        rows = index if self.rows is None else self.rows[index]
+        part.X, part.rows = (np.take(self.X, rows, axis=0), None) if copy else (self.X, rows)
         part.y = np.take(self.y, index, axis=0)
         part.w = None if self.w is None else np.take(self.w, index, axis=0)
         return part
+
+    def predict(self, core, lo: int = 0, hi: Optional[int] = None,
+                batch_size: int = 0) -> np.ndarray:
+        """The network's output (hi - lo, out_features) for samples lo..hi."""
+        hi = len(self) if hi is None else hi
+        if self.rows is None:
+            return core.predict(self.X[lo:hi], batch_size)
+        out = np.empty((hi - lo, core.out_features), self.X.dtype)
+        step = batch_size or max(1, _CHUNK_BYTES // max(1, self.X[:1].nbytes))
+        for a in range(lo, hi, step):
+            b = min(a + step, hi)
+            out[a - lo:b - lo] = core.predict(np.take(self.X, self.rows[a:b], axis=0), 0)
+        return out
 
 
 def _measure(net: Network, data: _Dataset, loss_fn, metric_fns, batch_size: int = 0,
              prefix: str = "") -> Dict[str, float]:
     """Loss and metrics of the network on a dataset (predict: the training caches
     are left alone)."""
-    return _scores(net._core.predict(data.X, batch_size), data, loss_fn, metric_fns, prefix)
+    return _scores(data.predict(net._core, batch_size=batch_size), data, loss_fn, metric_fns,
+                   prefix)
 
 
 def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
@@ -529,15 +556,17 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         valid = _Dataset(where, net, validation_data[0], validation_data[1], vw, builtin,
                          ("validation_data[0]", "validation_data[1]", "validation_data[2]"))
     elif validation_split > 0:
-        n = train.X.shape[0]
+        n = len(train)
         split_at = int(n * (1.0 - validation_split))
         if split_at < 1 or split_at >= n:
             raise ValueError(f"[{where}] validation_split={validation_split} of {n} samples "
                              f"leaves {split_at} for training and {n - split_at} for "
                              "validation; both need at least one")
         order = rng.permutation(n) if shuffle else np.arange(n)
-        valid = train.subset(order[split_at:])
-        train = train.subset(order[:split_at])
+        # The validation rows are copied (evaluated once per epoch, in one piece);
+        # the training rows stay where they are and are gathered by index.
+        valid = train.subset(order[split_at:], copy=True)
+        train = train.subset(order[:split_at], copy=False)
         for part, data in (("training", train), ("validation", valid)):
             if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
@@ -560,8 +589,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                    check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
         measure, train_step = dist.measure, dist.train_step
 
-    Xt, yt, wt = train.X, train.y, train.w
-    n = Xt.shape[0]
+    Xt, yt, wt, rows = train.X, train.y, train.w, train.rows
+    n = len(train)
     bs = min(batch_size, n)
     n_batches = -(-n // bs)
     # Shuffled rows are gathered chunk by chunk into preallocated C-contiguous
@@ -571,7 +600,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     row_bytes = (Xt[:1].nbytes + yt[:1].nbytes + (0 if wt is None else wt.itemsize))
     chunk_rows = bs * max(1, min(n_batches, _CHUNK_BYTES // max(1, bs * row_bytes)))
     chunk_rows = min(chunk_rows, n)
-    if shuffle:
+    if shuffle or rows is not None:
         Xbuf = np.empty((chunk_rows,) + Xt.shape[1:], Xt.dtype)
         ybuf = np.empty((chunk_rows,) + yt.shape[1:], yt.dtype)
         wbuf = None if wt is None else np.empty(chunk_rows, wt.dtype)
@@ -604,10 +633,15 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                     m = c_hi - c_lo
                     # mode="clip" skips the bounds check (the indices are a permutation)
                     # and lets take write straight into the buffer, without a temporary.
-                    Xc = np.take(Xt, idx, axis=0, out=Xbuf[:m], mode="clip")
+                    Xc = np.take(Xt, idx if rows is None else rows[idx], axis=0, out=Xbuf[:m],
+                                 mode="clip")
                     yc = np.take(yt, idx, axis=0, out=ybuf[:m], mode="clip")
                     wc = (None if wt is None
                           else np.take(wt, idx, axis=0, out=wbuf[:m], mode="clip"))
+                elif rows is not None:
+                    Xc = np.take(Xt, rows[c_lo:c_hi], axis=0, out=Xbuf[:c_hi - c_lo],
+                                 mode="clip")
+                    yc, wc = yt[c_lo:c_hi], None if wt is None else wt[c_lo:c_hi]
                 else:
                     Xc, yc = Xt[c_lo:c_hi], yt[c_lo:c_hi]
                     wc = None if wt is None else wt[c_lo:c_hi]
