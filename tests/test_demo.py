@@ -56,3 +56,36 @@ def test_command_line_entry_point(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "test accuracy:" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+_BLOCK_IMPORTS = """
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # import fails as if the package were not installed
+from bprop.__main__ import main
+sys.exit(main(["demo", "--epochs", "2", "--hidden", "16", "--no-plot"]))
+"""
+
+
+def test_demo_without_tqdm_prints_a_plain_progress_line(tmp_path):
+    # Regression: `pip install .` then `python -m bprop demo` crashed with a traceback
+    # once scikit-learn was there, because tqdm was missing.
+    code = _BLOCK_IMPORTS.format(blocked=["tqdm", "tqdm.auto"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy:" in result.stdout
+    lines = result.stderr.splitlines()
+    assert re.fullmatch(r"epoch 1/2: loss=[0-9.e-]+ \([0-9.]+ s\)", lines[0]), lines
+    assert re.fullmatch(r"epoch 2/2: loss=[0-9.e-]+ \([0-9.]+ s\)", lines[1]), lines
+    assert lines[2].startswith("2/2 epochs in ")
+
+
+def test_demo_without_scikit_learn_says_what_to_install(tmp_path):
+    code = _BLOCK_IMPORTS.format(blocked=["sklearn", "sklearn.datasets"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "the demo needs scikit-learn (for the digits data); install it, with the progress "
+        "bar and the plot, by: pip install scikit-learn tqdm matplotlib")

@@ -57,8 +57,9 @@ def demo(args: argparse.Namespace) -> int:
         from sklearn.datasets import load_digits  # type: ignore[import, unused-ignore]
         from sklearn.model_selection import train_test_split  # type: ignore[import, unused-ignore]
     except ImportError:
-        print("the demo needs scikit-learn: pip install scikit-learn "
-              "(or pip install 'bprop[demo]')", file=sys.stderr)
+        print("the demo needs scikit-learn (for the digits data); install it, with the "
+              "progress bar and the plot, by: pip install scikit-learn tqdm matplotlib",
+              file=sys.stderr)
         return 2
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:

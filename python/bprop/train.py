@@ -383,38 +383,50 @@ class _Progress:
     """One tqdm bar over all minibatches of the fit: the description names the
     epoch, the postfix shows the running loss of the epoch (refreshed every few
     batches, so the bar costs next to nothing per step) and, at each epoch's end,
-    its validation loss and metrics."""
+    its validation loss and metrics. Without tqdm, one plain line per epoch on
+    stderr (``epoch 3/60: loss=0.1234, ...``)."""
 
     def __init__(self, epochs: int, batches: int) -> None:
-        from tqdm.auto import tqdm
-
         self.epochs = epochs
         self.width = len(str(epochs))
-        self.bar = tqdm(total=epochs * batches, unit="batch", dynamic_ncols=True, leave=True,
-                        desc=self._desc(0))
         self.every = max(1, batches // 10)
         self.pending = 0
+        self.epoch = 0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+            return
+        self.bar = tqdm(total=epochs * batches, unit="batch", dynamic_ncols=True, leave=True,
+                        desc=self._desc(0))
 
     def _desc(self, epoch: int) -> str:
         return f"epoch {epoch + 1:>{self.width}}/{self.epochs}"
 
     def start_epoch(self, epoch: int) -> None:
-        self.bar.set_description_str(self._desc(epoch), refresh=False)
+        self.epoch = epoch
+        if self.bar is not None:
+            self.bar.set_description_str(self._desc(epoch), refresh=False)
 
     def update(self, running_loss: float) -> None:
         self.pending += 1
-        if self.pending >= self.every:
+        if self.pending >= self.every and self.bar is not None:
             self.bar.set_postfix_str(f"loss={running_loss:.4f}", refresh=False)
             self.bar.update(self.pending)
             self.pending = 0
 
     def end_epoch(self, logs: Dict[str, float]) -> None:
-        self.bar.set_postfix_str(_format_logs(logs), refresh=False)
-        self.bar.update(self.pending)
+        if self.bar is None:
+            print(f"{self._desc(self.epoch)}: {_format_logs(logs)} ({logs['time']:.2f} s)",
+                  file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix_str(_format_logs(logs), refresh=False)
+            self.bar.update(self.pending)
         self.pending = 0
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _format_logs(logs: Dict[str, float]) -> str:
@@ -474,7 +486,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         sample_weight: non-negative weights (samples,). Each minibatch's loss is
             the weighted mean over its samples; a minibatch whose weights are
             all zero is skipped.
-        verbose: show a tqdm progress bar per epoch with the running loss.
+        verbose: show a tqdm progress bar per epoch with the running loss (without
+            tqdm installed, one plain line per epoch on stderr).
         check_finite: also check every parameter for NaN/inf after each step
             (the loss is always checked, the parameters once per epoch), so
             that the step that made them non-finite is the one reported.
@@ -576,11 +589,6 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     net._fit_optimizer = optimizer
     eval_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
     step_loss = builtin.name if builtin is not None else eval_loss
-    if verbose:
-        try:
-            import tqdm  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("[fit] verbose=True needs tqdm: pip install tqdm") from exc
     measure, train_step = _measure, _train_step
     if dist is not None:
         dist.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
@@ -733,8 +741,6 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
 
 def _summary(history: History, epochs: int, monitor: str) -> None:
-    from tqdm.auto import tqdm
-
     logs = {"loss": history.loss[-1]}
     if history.val_loss:
         logs["val_loss"] = history.val_loss[-1]
@@ -745,7 +751,12 @@ def _summary(history: History, epochs: int, monitor: str) -> None:
         best = (history.val_loss if monitor == "val_loss" else history.loss)[history.best_epoch]
         line += (f"; {'stopped early, ' if history.stopped_early else ''}restored the weights "
                  f"of epoch {history.best_epoch + 1} ({monitor}={best:.4g})")
-    tqdm.write(line, file=sys.stderr)  # where the bar is
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        tqdm.write(line, file=sys.stderr)  # where the bar was
 
 
 def _locate_nonfinite(net: Network, value: float) -> str:
