@@ -296,3 +296,30 @@ def test_user_loss_returning_the_wrong_things(make_network, rng):
         def no_tuple(output, target, sample_weight=None):
             return 0.0
         bprop.fit(net, X, y, loss=no_tuple, batch_size=8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_cross_entropy_refuses_probability_rows_that_do_not_sum_to_one(dtype):
+    # Regression: rows summing to 1.5 were accepted (and trained on).
+    logits = np.zeros((3, 2), dtype=dtype)
+    bad = np.array([[0.2, 0.8], [0.5, 1.0], [1.0, 0.0]], dtype=dtype)
+    with pytest.raises(ValueError, match=r"\[softmax_cross_entropy\] target holds probability "
+                                         r"rows, which must sum to 1 \(to within [0-9.e-]+\), "
+                                         r"but row 1 sums to 1.5; give class labels"):
+        bprop.losses.softmax_cross_entropy(logits, bad)
+    net = bprop.Network([bprop.Dense(2, 2)], dtype=dtype, seed=0)
+    before = net.layers[0].weight.copy()
+    with pytest.raises(ValueError, match=r"\[fit\] y holds probability rows.*row 1 sums to 1.5"):
+        bprop.fit(net, np.zeros((3, 2)), bad, epochs=1)
+    np.testing.assert_array_equal(net.layers[0].weight, before)
+    # rounding of a normalisation is accepted: float32 rows made in float32, float64 in
+    # float64, and float32 rows given to a float64 network
+    rng = np.random.default_rng(0)
+    p = rng.random((50, 7)).astype(dtype)
+    p /= p.sum(axis=1, keepdims=True)
+    bprop.losses.softmax_cross_entropy(np.zeros((50, 7), dtype=dtype), p)
+    p32 = rng.random((50, 7)).astype(np.float32)
+    p32 /= p32.sum(axis=1, keepdims=True)
+    bprop.losses.softmax_cross_entropy(np.zeros((50, 7)), p32)
+    with pytest.raises(ValueError, match="must hold probabilities in"):
+        bprop.losses.softmax_cross_entropy(logits, np.array([[1.5, -0.5]] * 3, dtype=dtype))
