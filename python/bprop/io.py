@@ -20,9 +20,9 @@ safetensors metadata (string to string) holds:
 The file is safetensors as its specification lays it out (an 8-byte
 little-endian header size, the JSON header padded with spaces to a multiple of
 8 bytes, then the tensors back to back, little-endian, in name order); this
-module writes and reads it itself, byte for byte what the ``safetensors``
-package writes, so that package is not needed (it reads these files, and bprop
-reads its files).
+module writes and reads it itself, in the layout the ``safetensors`` package
+writes (the same bytes but for the order of the metadata keys), so that package
+is not needed: it reads these files, and bprop reads its files.
 
 ``save`` writes atomically: the bytes go to a temporary file in the same folder,
 which is flushed and fsynced and then renamed over the target with
@@ -417,7 +417,10 @@ def _read_header(path: str, f: BinaryIO, size: int) -> Tuple[Dict[str, Any], int
         raise _fail(path, "the file ended within the header size field (truncated while it "
                           "was read?)")
     (n,) = struct.unpack("<Q", field)
-    if n > _MAX_HEADER or n > size - 8:
+    if n > _MAX_HEADER:
+        raise _fail(path, f"the header claims {n} bytes, more than safetensors' limit of "
+                          f"{_MAX_HEADER} (not a safetensors file)")
+    if n > size - 8:
         raise _fail(path, f"the header claims {n} bytes, but the file has {size - 8} "
                           "after the size field (truncated or not a safetensors file)")
     raw = bytearray(n)
