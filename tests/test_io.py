@@ -323,3 +323,22 @@ def test_checkpoints_need_no_safetensors_package(make_network, tmp_path, monkeyp
     bprop.save(net, tmp_path / "x")
     for a, b in zip(params_of(net), params_of(bprop.load(tmp_path / "x"))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_files_are_safetensors_files(make_network, tmp_path):
+    """bprop writes the format itself: the safetensors package reads the same tensors
+    and metadata, and writes the same data section and header (keys in any order)."""
+    net = make_network(SPECS, dtype="float32", seed=6)
+    opt = optim.RMSprop(net, centered=True)
+    path = tmp_path / "m.safetensors"
+    bprop.save(net, path, optimizer=opt)
+    data = path.read_bytes()
+    header, body = _split(data)
+    tensors = safetensors.numpy.load(data)
+    assert sorted(tensors) == sorted(k for k in header if k != "__metadata__")
+    for name, p, _ in net.parameters():
+        np.testing.assert_array_equal(tensors[name], p)
+    theirs = safetensors.numpy.save(tensors, metadata=header["__metadata__"])
+    their_header, their_body = _split(theirs)
+    assert their_header == header and their_body == body
+    assert len(data) == len(theirs) and (len(data) - len(body)) % 8 == 0
