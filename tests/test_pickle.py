@@ -9,8 +9,10 @@ format (bprop.io), and ``copy.copy`` is refused.
 from __future__ import annotations
 
 import copy
+import gc
 import io as io_module
 import pickle
+import weakref
 
 import numpy as np
 import pytest
@@ -171,13 +173,31 @@ def test_net_and_optimizer_restore_together_and_continue_bitwise(how, name, dtyp
     assert bits(net2) == bits(net)
 
 
-def test_an_optimizer_pickled_alone_carries_its_network(make_network, rng):
+def test_an_optimizer_pickled_alone_keeps_its_state_not_its_network_object(make_network,
+                                                                          rng):
+    """An optimizer holds its network's parameters but only a weak reference to the
+    Network (Optimizer.net): unpickled alone, the network object that came with it
+    is freed, as for any optimizer whose network was dropped. Pickle them together."""
     net = make_network(SPECS)
     opt = optim.Adam(net)
     train(net, *data(net, rng), optimizer=opt)
     opt2 = pickle.loads(pickle.dumps(opt))
-    assert_same_network(net, opt2.net)
     assert opt2.step_count == opt.step_count
+    np.testing.assert_array_equal(opt2.state_dict()["state"]["layers.0.weight"]["exp_avg"],
+                                  opt.state_dict()["state"]["layers.0.weight"]["exp_avg"])
+    with pytest.raises(RuntimeError, match=r"\[Adam.net\] the network this optimizer was built "
+                                           r"on has been freed"):
+        opt2.net
+    net2, opt2 = pickle.loads(pickle.dumps((net, opt)))
+    assert opt2.net is net2
+
+
+def test_an_optimizer_whose_network_is_gone_does_not_pickle(make_network):
+    opt = optim.Adam(make_network(SPECS))  # the network is freed at once
+    with pytest.raises(RuntimeError, match=r"\[pickle\] the network this Adam was built on has "
+                                           r"been freed; an optimizer is pickled with its "
+                                           r"network"):
+        pickle.dumps(opt)
 
 
 def test_the_optimizer_fit_remembers_travels_with_the_network(make_network, rng):
@@ -241,3 +261,23 @@ def test_a_fitted_sklearn_estimator_pickles(estimator, how, rng):
     clone = pickle.loads(pickle.dumps(model)) if how == "pickle" else copy.deepcopy(model)
     np.testing.assert_array_equal(clone.predict(X), model.predict(X))
     assert_same_network(model._net, clone._net)
+
+
+def test_a_copy_is_freed_when_its_last_reference_goes(make_network, rng):
+    """A copy of a fitted network (which carries fit's optimizer) makes no reference
+    cycle: reference counting frees it, as it frees the original."""
+    net = make_network(SPECS)
+    train(net, *data(net, rng))
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for how in ("deepcopy", "pickle"):
+            clone = copy.deepcopy(net) if how == "deepcopy" else pickle.loads(pickle.dumps(net))
+            assert clone._fit_optimizer is not None
+            alive = weakref.ref(clone)
+            del clone
+            assert alive() is None
+    finally:
+        if was:
+            gc.enable()

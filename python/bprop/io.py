@@ -59,7 +59,9 @@ Pickling and copies go through the same format. ``pickle.dumps(net)`` and
 remembers for it) as checkpoint bytes, and unpickling decodes and checks them
 as ``load`` does: the payload is data, never code. An optimizer pickles as its
 network plus a checkpoint of both, so ``pickle.loads(pickle.dumps((net, opt)))``
-gives an optimizer bound to the restored network. This does not make pickle
+gives an optimizer bound to the restored network (unpickled alone, it keeps its
+state and parameters, but, holding only a weak reference to its Network, not
+the network object). This does not make pickle
 safe: a pickle stream can name any callable, so unpickling untrusted bytes can
 run arbitrary code whatever they claim to hold. Exchange networks with parties
 you do not trust as ``.safetensors`` files through :func:`load`, which runs
@@ -719,7 +721,7 @@ def _reduce_network(net: Network):
     """Network.__reduce__: the network, with the optimizer fit remembers for it, as
     checkpoint bytes."""
     optimizer = getattr(net, "_fit_optimizer", None)
-    if optimizer is not None and optimizer.net is not net:
+    if optimizer is not None and optimizer._net_ref() is not net:
         optimizer = None
     data = _encode("pickle", net, optimizer,
                    refusal="so it is not pickled or copied").to_bytes()
@@ -729,8 +731,15 @@ def _reduce_network(net: Network):
 def _reduce_optimizer(optimizer):
     """Optimizer.__reduce__: its network (pickled by itself, so shared through
     pickle's memo) and a checkpoint of both; or, for the optimizer ``fit``
-    remembers, which the network's checkpoint already holds, the network alone."""
-    net = optimizer.net
+    remembers, which the network's checkpoint already holds, the network alone.
+
+    The restored optimizer, like any, holds its network's parameters but only a
+    weak reference to the Network: unpickle it together with its network (or keep
+    ``opt.net``) to use the network object."""
+    net = optimizer._net_ref()
+    if net is None:
+        raise RuntimeError(f"[pickle] the network this {type(optimizer).__name__} was built on "
+                           "has been freed; an optimizer is pickled with its network")
     if getattr(net, "_fit_optimizer", None) is optimizer:
         return _fit_optimizer_of, (net,)
     data = _encode("pickle", net, optimizer,
