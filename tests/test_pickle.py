@@ -14,10 +14,9 @@ import io as io_module
 import pickle
 import weakref
 
+import bprop
 import numpy as np
 import pytest
-
-import bprop
 from bprop import io, optim
 from bprop.io import CheckpointError
 
@@ -187,7 +186,7 @@ def test_an_optimizer_pickled_alone_keeps_its_state_not_its_network_object(make_
                                   opt.state_dict()["state"]["layers.0.weight"]["exp_avg"])
     with pytest.raises(RuntimeError, match=r"\[Adam.net\] the network this optimizer was built "
                                            r"on has been freed"):
-        opt2.net
+        _ = opt2.net
     net2, opt2 = pickle.loads(pickle.dumps((net, opt)))
     assert opt2.net is net2
 

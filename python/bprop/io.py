@@ -250,13 +250,10 @@ class _Encoded:
 
     def write(self, f: BinaryIO) -> None:
         f.write(self.header)
-        for a in self.tensors:
-            f.write(memoryview(a).cast("B"))
+        f.writelines(memoryview(a).cast("B") for a in self.tensors)
 
     def to_bytes(self) -> bytes:
-        out = BytesIO()
-        self.write(out)
-        return out.getvalue()
+        return b"".join([self.header, *(memoryview(a).cast("B") for a in self.tensors)])
 
 
 def _check_net_and_optimizer(where: str, net: Any, optimizer: Any) -> None:
