@@ -513,7 +513,8 @@ def test_file_system_errors_are_os_errors_and_leave_nothing(tmp_path):
     net = bprop.Network([bprop.Dense(*s) for s in SPECS], seed=4)
     with pytest.raises(FileNotFoundError):
         bprop.save(net, tmp_path / "missing" / "model.safetensors")
-    with pytest.raises(IsADirectoryError):
+    # issue 10: load refuses a directory (any non-regular file) as a CheckpointError
+    with pytest.raises(bprop.CheckpointError, match=r"it is a directory, not a regular file"):
         bprop.load(tmp_path)
     (tmp_path / "folder").mkdir()
     with pytest.raises(IsADirectoryError):

@@ -17,6 +17,13 @@ safetensors metadata (string to string) holds:
   ``optimizer_sha256``, its digest (checked only when the optimizer is loaded,
   so that a damaged optimizer state does not keep the network from loading).
 
+The file is safetensors as its specification lays it out (an 8-byte
+little-endian header size, the JSON header padded with spaces to a multiple of
+8 bytes, then the tensors back to back, little-endian, in name order); this
+module writes and reads it itself, in the layout the ``safetensors`` package
+writes (the same bytes but for the order of the metadata keys), so that package
+is not needed: it reads these files, and bprop reads its files.
+
 ``save`` writes atomically: the bytes go to a temporary file in the same folder,
 which is flushed and fsynced and then renamed over the target with
 ``os.replace`` (and the folder is fsynced); if anything fails, the temporary
@@ -28,14 +35,38 @@ writer holds an flock on its file, which the kernel releases when the process
 dies, so a file that can be locked is stale (on platforms without fcntl they
 stay).
 
-``load`` checks the whole file (header size, JSON, metadata, architecture,
-every tensor's name, dtype, shape and byte range, the digests) before it builds
-a network, and raises :class:`CheckpointError` for anything truncated, corrupted
-or foreign. Nothing is allocated from sizes the file declares before they are
-checked against the file: the header size is bounded (100 MiB and the file's
-length) before it is read, and each tensor's element count (computed in Python
-integers, which cannot overflow) must equal its byte range, which must lie in
-the file; so the network built at the end is never larger than the file.
+``load`` checks before it reads, and raises :class:`CheckpointError` naming the
+path and the reason for anything that is not a checkpoint:
+
+* the path must name a regular file (a symlink to one is fine): a directory, a
+  FIFO, a device (``/dev/zero``) or a socket is refused from ``stat`` before it
+  is opened, and again from ``fstat`` of the open descriptor (opened with
+  ``O_NONBLOCK``, so that a FIFO swapped in meanwhile cannot block);
+* the header size is bounded (100 MiB, safetensors' own limit, and the file's
+  size) before the header is read; then the header (JSON, metadata,
+  architecture, every tensor's name, dtype, shape and byte range) is checked:
+  each tensor's element count, computed in Python integers (which cannot
+  overflow), must equal its byte range, and the ranges must lie in the file and
+  cover its data section back to back, as safetensors requires;
+* only then is each tensor allocated and read straight into its array, so the
+  file is never held twice in memory and nothing is allocated from a size the
+  file declares before it is checked against the file's size; a file that
+  shrinks while it is read is a CheckpointError too;
+* the digests and finiteness are checked before a network is built.
+
+Pickling and copies go through the same format. ``pickle.dumps(net)`` and
+``copy.deepcopy(net)`` encode the network (with the optimizer ``fit``
+remembers for it) as checkpoint bytes, and unpickling decodes and checks them
+as ``load`` does: the payload is data, never code. An optimizer pickles as its
+network plus a checkpoint of both, so ``pickle.loads(pickle.dumps((net, opt)))``
+gives an optimizer bound to the restored network (unpickled alone, it keeps its
+state and parameters, but, holding only a weak reference to its Network, not
+the network object). This does not make pickle
+safe: a pickle stream can name any callable, so unpickling untrusted bytes can
+run arbitrary code whatever they claim to hold. Exchange networks with parties
+you do not trust as ``.safetensors`` files through :func:`load`, which runs
+none. ``copy.copy`` of a network or an optimizer raises TypeError: a shallow
+copy would share the C++ storage.
 
     net.save("model.safetensors", optimizer=opt)
     net = bprop.load("model.safetensors")
@@ -49,9 +80,11 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import tempfile
-from typing import Any, Dict, List, Tuple, Union
+from io import BytesIO
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -77,17 +110,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class CheckpointError(ValueError):
-    """A file is not a readable bprop checkpoint: truncated, corrupted, foreign,
-    or inconsistent with itself. Raised before any network is built."""
-
-
-def _require_safetensors(where: str):
-    try:
-        import safetensors.numpy
-    except ImportError as exc:
-        raise ImportError(f"[{where}] checkpoints need the safetensors package: pip install "
-                          "safetensors (or pip install 'bprop[train]')") from exc
-    return safetensors.numpy
+    """A file is not a readable bprop checkpoint: not a regular file, truncated,
+    corrupted, foreign, or inconsistent with itself. Raised before any network is
+    built."""
 
 
 def _digest(tensors: Dict[str, np.ndarray]) -> str:
@@ -186,7 +211,8 @@ def _locked_temporary(folder: str, prefix: str) -> Tuple[int, str]:
         os.close(fd)
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Calls write(f) on a temporary file next to `path`, then renames it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     prefix = "." + os.path.basename(path) + "."
     _remove_stale_temporaries(folder, prefix)
@@ -196,7 +222,7 @@ def _atomic_write(path: str, data: bytes) -> None:
             # the descriptor stays open, and the file locked, until it is renamed:
             # a cleanup running meanwhile must not take it for a killed save's
             with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, _file_mode())
@@ -212,34 +238,41 @@ def _atomic_write(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-def save(net: Network, path: PathLike, optimizer=None) -> None:
-    """Writes the network, and optionally its optimizer's state, to a safetensors
-    file, atomically.
+# ---- the encoder: save and pickling ---------------------------------------------------
 
-    Args:
-        net: the network.
-        path: the file to write (replaced if it exists).
-        optimizer: a ``bprop.optim`` optimizer bound to ``net``, or None.
-    """
+class _Encoded:
+    """A checkpoint ready to be written: the size field and padded JSON header,
+    then the tensors in file order (little-endian, C-contiguous)."""
+
+    def __init__(self, header: bytes, tensors: List[np.ndarray]) -> None:
+        self.header = header
+        self.tensors = tensors
+
+    def write(self, f: BinaryIO) -> None:
+        f.write(self.header)
+        f.writelines(memoryview(a).cast("B") for a in self.tensors)
+
+    def to_bytes(self) -> bytes:
+        return b"".join([self.header, *(memoryview(a).cast("B") for a in self.tensors)])
+
+
+def _check_net_and_optimizer(where: str, net: Any, optimizer: Any) -> None:
     from .optim import Optimizer
 
-    where = "save"
     if not isinstance(net, Network):
         raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
-    path = check_path(where, path)
     if optimizer is not None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but "
                             f"got {type_name(optimizer)}")
         if optimizer._net_ref() is not net:
             raise ValueError(f"[{where}] the optimizer is bound to another network")
-    st = _require_safetensors(where)
 
+
+def _encode(where: str, net: Network, optimizer=None, *, refusal: str = "so it is not saved"
+            ) -> _Encoded:
+    """The checkpoint of `net` (and `optimizer`, bound to it, or None)."""
     tensors = {name: np.ascontiguousarray(p).copy() for name, p, _ in net.parameters()}
-    for name, a in tensors.items():
-        if not np.isfinite(a).all():
-            raise ValueError(f"[{where}] {name} holds NaN or inf; such a network cannot be "
-                             "loaded again, so it is not saved")
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -251,7 +284,7 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
             for L in net.layers]),
     }
     if optimizer is not None:
-        sd = optimizer.state_dict()
+        sd = optimizer.state_dict()  # copies of the state arrays
         for pname, arrays in sd["state"].items():
             for k, a in arrays.items():
                 tensors[f"{_OPT_PREFIX}{pname}.{k}"] = np.ascontiguousarray(a)
@@ -259,9 +292,48 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
                                             "hyperparameters": sd["hyperparameters"],
                                             "step": sd["step"]})
         metadata["optimizer_sha256"] = _metadata_digest(metadata, _OPTIMIZER_KEYS)
+    for name, a in tensors.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"[{where}] {name} holds NaN or inf; such a network cannot be "
+                             f"loaded again, {refusal}")
     metadata["metadata_sha256"] = _metadata_digest(metadata, _NETWORK_KEYS)
     metadata["sha256"] = _digest(tensors)
-    _atomic_write(path, st.save(tensors, metadata=metadata))
+
+    # safetensors' layout: tensors sorted by name (one dtype), back to back; the
+    # JSON compact, __metadata__ first, padded with spaces to a multiple of 8
+    code = _DTYPE_CODES[net.dtype.name]
+    little = net.dtype.newbyteorder("<")
+    header: Dict[str, Any] = {"__metadata__": metadata}
+    ordered = []
+    offset = 0
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name], dtype=little)
+        header[name] = {"dtype": code, "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        ordered.append(a)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return _Encoded(struct.pack("<Q", len(raw)) + raw, ordered)
+
+
+def save(net: Network, path: PathLike, optimizer=None) -> None:
+    """Writes the network, and optionally its optimizer's state, to a safetensors
+    file, atomically.
+
+    Args:
+        net: the network.
+        path: the file to write (replaced if it exists).
+        optimizer: a ``bprop.optim`` optimizer bound to ``net``, or None.
+
+    Raises:
+        ValueError: a parameter or state array holds NaN or inf (nothing written).
+    """
+    where = "save"
+    _check_net_and_optimizer(where, net, optimizer)
+    path = check_path(where, path)
+    encoded = _encode(where, net, optimizer)
+    _atomic_write(path, encoded.write)
 
 
 def _version() -> str:
@@ -270,31 +342,100 @@ def _version() -> str:
     return str(_core.build_info().get("version", "unknown"))
 
 
-# ---- load --------------------------------------------------------------------------
+# ---- load ------------------------------------------------------------------------------
 
 def _fail(path: str, why: str) -> CheckpointError:
     return CheckpointError(f"[load] {path} is not a valid bprop checkpoint: {why}")
 
 
-def _read_header(path: str, data: bytes) -> Tuple[Dict[str, Any], int]:
-    """Parses and checks the safetensors framing: 8-byte little-endian header
-    size, a JSON object, data offsets inside the file."""
-    if len(data) < 8:
-        raise _fail(path, f"the file has {len(data)} bytes, too few for a safetensors header "
-                          "(empty or truncated)")
-    (size,) = struct.unpack("<Q", data[:8])
-    if size > _MAX_HEADER or size > len(data) - 8:
-        raise _fail(path, f"the header claims {size} bytes, but the file has {len(data) - 8} "
-                          "after the size field (truncated or not a safetensors file)")
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _not_a_regular_file(path: str, mode: int) -> CheckpointError:
+    kind = next((name for test, name in _KINDS if test(mode)),
+                f"of file type {stat.S_IFMT(mode):#o}")
+    if os.path.islink(path):
+        kind = f"a symlink to {os.path.realpath(path)}, which is {kind}"
+    return _fail(path, f"it is {kind}, not a regular file")
+
+
+# O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOCTTY: a terminal
+# must not become the process's controlling terminal. Not O_NOFOLLOW: a symlink
+# to a regular file is a fine checkpoint.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
+def _open_regular_file(path: str) -> Tuple[BinaryIO, int]:
+    """Opens `path` for reading if it is a regular file: (unbuffered file, size)."""
+    # stat first, so that a device or FIFO is not even opened ...
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_a_regular_file(path, mode)
     try:
-        header = json.loads(data[8:8 + size].decode("utf-8"))
+        fd = os.open(path, _OPEN_FLAGS)
+    except IsADirectoryError:  # replaced by a folder since the stat (or Windows)
+        raise _fail(path, "it is a directory, not a regular file") from None
+    try:
+        # ... and fstat the descriptor, for a path replaced between stat and open
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_a_regular_file(path, info.st_mode)
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return f, info.st_size
+
+
+def _read_into(f: BinaryIO, buffer: memoryview) -> int:
+    """Fills `buffer` from `f`; the number of bytes read (fewer only at the end)."""
+    done = 0
+    total = len(buffer)
+    while done < total:
+        n = f.readinto(buffer[done:])
+        if not n:
+            break
+        done += n
+    return done
+
+
+def _read_header(path: str, f: BinaryIO, size: int) -> Tuple[Dict[str, Any], int]:
+    """Reads and checks the safetensors framing from the start of `f`, a file of
+    `size` bytes: the 8-byte little-endian header size, bounded before the header
+    is read, and the JSON object. Returns (header, offset of the data section)."""
+    if size < 8:
+        raise _fail(path, f"the file has {size} bytes, too few for a safetensors header "
+                          "(empty or truncated)")
+    field = bytearray(8)
+    if _read_into(f, memoryview(field)) < 8:
+        raise _fail(path, "the file ended within the header size field (truncated while it "
+                          "was read?)")
+    (n,) = struct.unpack("<Q", field)
+    if n > _MAX_HEADER:
+        raise _fail(path, f"the header claims {n} bytes, more than safetensors' limit of "
+                          f"{_MAX_HEADER} (not a safetensors file)")
+    if n > size - 8:
+        raise _fail(path, f"the header claims {n} bytes, but the file has {size - 8} "
+                          "after the size field (truncated or not a safetensors file)")
+    raw = bytearray(n)
+    got = _read_into(f, memoryview(raw))
+    if got < n:
+        raise _fail(path, f"the file ended after {got} of the header's {n} bytes (truncated "
+                          "while it was read?)")
+    try:
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _fail(path, f"the header is not valid JSON ({exc})") from None
     except RecursionError:
         raise _fail(path, "the header nests too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise _fail(path, "the header is not a JSON object")
-    return header, 8 + size
+    return header, 8 + n
 
 
 def _parse_architecture(path: str, text: str) -> List[Tuple[int, int, str, float]]:
@@ -358,59 +499,17 @@ def _expected_tensors(specs) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def load(path: PathLike, *, with_optimizer: bool = False):
-    """Reads a checkpoint written by :func:`save` (or ``Network.save``).
-
-    Args:
-        path: the safetensors file.
-        with_optimizer: also rebuild the saved optimizer, bound to the new network.
-
-    Returns:
-        The network; with ``with_optimizer``, the pair (network, optimizer), the
-        optimizer None if the checkpoint holds none.
-
-    Raises:
-        CheckpointError: the file is truncated, corrupted, foreign or
-            inconsistent; no network is returned.
-        OSError: the file cannot be read (FileNotFoundError, ...).
-    """
-    from .optim import OPTIMIZERS
-
-    where = "load"
-    if not isinstance(with_optimizer, (bool, np.bool_)):
-        raise TypeError(f"[{where}] with_optimizer must be a bool, but got "
-                        f"{type_name(with_optimizer)}")
-    path = check_path(where, path)
-    st = _require_safetensors(where)
-    with open(path, "rb") as f:
-        data = f.read()
-
-    header, data_start = _read_header(path, data)
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _fail(path, "its metadata has no format='bprop' entry (a safetensors file "
-                          "written by something else?)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
-                          f"(this bprop reads version {FORMAT_VERSION})")
-    for key in ("dtype", "architecture", "sha256"):
-        if not isinstance(meta.get(key), str):
-            raise _fail(path, f"the metadata lacks {key!r}")
-    dtype_name = meta["dtype"]
-    if dtype_name not in _DTYPE_CODES:
-        raise _fail(path, f"dtype {dtype_name!r} is not 'float32' or 'float64'")
-    specs = _parse_architecture(path, meta["architecture"])
-    expected = _expected_tensors(specs)
-
-    opt_info = None
-    if "optimizer" in meta:
-        opt_info = _parse_optimizer(path, meta["optimizer"])
+def _check_tensor_entries(path: str, header: Dict[str, Any], expected: Dict[str, Tuple[int, ...]],
+                          opt_info: Optional[Dict[str, Any]], dtype_name: str,
+                          data_len: int) -> List[Tuple[int, str, Tuple[int, ...]]]:
+    """Checks every tensor of the header against the architecture and the data
+    section's `data_len` bytes; returns (begin, name, shape) in file order."""
     # Every tensor: a known name, the dtype of the checkpoint, the expected shape
     # (optimizer state has its parameter's shape), a byte range inside the file.
     code = _DTYPE_CODES[dtype_name]
     itemsize = np.dtype(dtype_name).itemsize
-    data_len = len(data) - data_start
     names = [k for k in header if k != "__metadata__"]
+    ranges = []
     for name in names:
         entry = header[name]
         if name.startswith(_OPT_PREFIX):
@@ -436,14 +535,63 @@ def load(path: PathLike, *, with_optimizer: bool = False):
                 or offsets[1] - offsets[0] != math.prod(shape) * itemsize):
             raise _fail(path, f"tensor {name!r} has data offsets {offsets!r} that do not fit "
                               f"its shape or the file's {data_len} data bytes (truncated?)")
+        ranges.append((offsets[0], offsets[1], name, shape))
     missing = sorted(set(expected) - set(names))
     if missing:
         raise _fail(path, f"tensors {missing} are missing")
+    # safetensors: the ranges cover the data section back to back, no gap, no overlap
+    ranges.sort()
+    end = 0
+    for begin, stop, name, _ in ranges:
+        if begin != end:
+            what = "overlaps the tensor before it" if begin < end else f"leaves a gap of " \
+                f"{begin - end} bytes after the tensor before it"
+            raise _fail(path, f"tensor {name!r} at data offsets [{begin}, {stop}] {what}")
+        end = stop
+    if end != data_len:
+        raise _fail(path, f"the file has {data_len - end} bytes after the last tensor "
+                          "(appended data?)")
+    return [(begin, name, shape) for begin, _, name, shape in ranges]
 
-    try:
-        tensors = st.load(data)
-    except Exception as exc:  # safetensors reports framing errors with its own types
-        raise _fail(path, f"safetensors could not decode it ({exc})") from None
+
+def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
+    """Reads and checks the checkpoint of `size` bytes in `f` (at its start) and
+    builds (network, optimizer or None); `path` names it in errors."""
+    from .optim import OPTIMIZERS
+
+    header, data_start = _read_header(path, f, size)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise _fail(path, "its metadata has no format='bprop' entry (a safetensors file "
+                          "written by something else?)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
+                          f"(this bprop reads version {FORMAT_VERSION})")
+    for key in ("dtype", "architecture", "sha256"):
+        if not isinstance(meta.get(key), str):
+            raise _fail(path, f"the metadata lacks {key!r}")
+    dtype_name = meta["dtype"]
+    if dtype_name not in _DTYPE_CODES:
+        raise _fail(path, f"dtype {dtype_name!r} is not 'float32' or 'float64'")
+    specs = _parse_architecture(path, meta["architecture"])
+    expected = _expected_tensors(specs)
+    opt_info = None
+    if "optimizer" in meta:
+        opt_info = _parse_optimizer(path, meta["optimizer"])
+    layout = _check_tensor_entries(path, header, expected, opt_info, dtype_name,
+                                   size - data_start)
+
+    # Every size is checked against the file: read each tensor into its own array.
+    little = np.dtype(dtype_name).newbyteorder("<")
+    tensors = {}
+    for begin, name, shape in layout:
+        a = np.empty(shape, dtype=little)
+        want = a.nbytes
+        got = _read_into(f, memoryview(a).cast("B"))
+        if got < want:
+            raise _fail(path, f"the file ended {want - got} bytes short of the end of tensor "
+                              f"{name!r} (it shrank while it was read?)")
+        tensors[name] = a
     if _digest(tensors) != meta["sha256"]:
         raise _fail(path, "the sha256 digest of its tensors does not match the metadata: the "
                           "data are corrupted")
@@ -455,9 +603,16 @@ def load(path: PathLike, *, with_optimizer: bool = False):
         if not np.isfinite(a).all():
             raise _fail(path, f"tensor {name!r} holds NaN or inf")
 
+    # Checked: build the network (and optimizer) now.
+    try:
+        net = Network([Dense(n_in, n_out, act, negative_slope=slope)
+                       for n_in, n_out, act, slope in specs], dtype=dtype_name, seed=0)
+    except (TypeError, ValueError) as exc:  # e.g. a slope beyond float32's range
+        raise _fail(path, f"the architecture does not build ({exc})") from None
+    for name, p, _ in net.parameters():
+        p[...] = tensors.pop(name)
     optimizer = None
     if with_optimizer and opt_info is not None:
-        cls = OPTIMIZERS[opt_info["class"]]
         state = {}
         for pname in expected:
             prefix = f"{_OPT_PREFIX}{pname}."
@@ -468,23 +623,122 @@ def load(path: PathLike, *, with_optimizer: bool = False):
             hyper["betas"] = tuple(hyper["betas"])
         sd = {"optimizer": opt_info["class"], "step": opt_info["step"],
               "hyperparameters": hyper, "state": state}
-
-    # Checked: build the network (and optimizer) now.
-    net = Network([Dense(n_in, n_out, act, negative_slope=slope)
-                   for n_in, n_out, act, slope in specs], dtype=dtype_name, seed=0)
-    for name, p, _ in net.parameters():
-        p[...] = tensors[name]
-    if with_optimizer and opt_info is not None:
         try:
             # Construct with the saved hyperparameters, then restore the state;
             # either one refusing the data is a corrupt checkpoint.
-            optimizer = cls(net, **hyper)
+            optimizer = OPTIMIZERS[opt_info["class"]](net, **hyper)
             optimizer.load_state_dict(sd)
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"the optimizer state does not load ({exc})") from None
         if meta.get("optimizer_sha256") != _metadata_digest(meta, _OPTIMIZER_KEYS):
             raise _fail(path, "the digest of its optimizer metadata does not match "
                               "optimizer_sha256: the header is corrupted")
+    return net, optimizer
+
+
+def load(path: PathLike, *, with_optimizer: bool = False):
+    """Reads a checkpoint written by :func:`save` (or ``Network.save``).
+
+    Only a regular file (or a symlink to one) is opened; its header is read and
+    checked, and every declared size checked against the file's size, before any
+    tensor is read (see the module docstring). Nothing in the file is executed.
+
+    Args:
+        path: the safetensors file.
+        with_optimizer: also rebuild the saved optimizer, bound to the new network.
+
+    Returns:
+        The network; with ``with_optimizer``, the pair (network, optimizer), the
+        optimizer None if the checkpoint holds none.
+
+    Raises:
+        CheckpointError: the path is not a regular file (a directory, FIFO,
+            device, ...), or the file is truncated, corrupted, foreign or
+            inconsistent; no network is returned.
+        OSError: the file cannot be read (FileNotFoundError, PermissionError, ...).
+    """
+    where = "load"
+    if not isinstance(with_optimizer, (bool, np.bool_)):
+        raise TypeError(f"[{where}] with_optimizer must be a bool, but got "
+                        f"{type_name(with_optimizer)}")
+    path = check_path(where, path)
+    f, size = _open_regular_file(path)
+    with f:
+        net, optimizer = _decode(path, f, size, bool(with_optimizer))
     if with_optimizer:
         return net, optimizer
     return net
+
+
+# ---- pickling and deep copies: the checkpoint format in memory --------------------------
+
+_PICKLED = "pickled data"
+
+
+def _decode_bytes(data: bytes) -> Tuple[Network, Any]:
+    if not isinstance(data, (bytes, bytearray)):
+        raise _fail(_PICKLED, f"expected checkpoint bytes, but got {type_name(data)}")
+    return _decode(_PICKLED, BytesIO(data), len(data), True)
+
+
+def _network_from_checkpoint(data: bytes) -> Network:
+    """Unpickles a Network: decodes and checks checkpoint bytes as :func:`load`
+    does; the optimizer they hold, if any, becomes the one ``fit`` continues with."""
+    net, optimizer = _decode_bytes(data)
+    if optimizer is not None:
+        net._fit_optimizer = optimizer
+    return net
+
+
+def _optimizer_from_checkpoint(net: Network, data: bytes):
+    """Unpickles an optimizer: decodes checkpoint bytes holding it and a network
+    like `net` (the unpickled network, which pickle's memo shares with the rest
+    of the stream), and binds a new optimizer with that state to `net`."""
+    saved_net, saved = _decode_bytes(data)
+    if saved is None:
+        raise _fail(_PICKLED, "it holds no optimizer")
+    if not isinstance(net, Network) or net.dtype != saved_net.dtype or \
+            [L._spec() for L in net.layers] != [L._spec() for L in saved_net.layers]:
+        raise _fail(_PICKLED, "the optimizer's network differs from the network it is "
+                              "restored onto")
+    optimizer = type(saved)(net, **saved.hyperparameters)
+    optimizer.load_state_dict(saved.state_dict())
+    return optimizer
+
+
+def _fit_optimizer_of(net: Network):
+    """Unpickles the optimizer ``fit`` remembers for `net` (restored with `net`)."""
+    optimizer = getattr(net, "_fit_optimizer", None)
+    if optimizer is None:
+        raise _fail(_PICKLED, "the network holds no optimizer")
+    return optimizer
+
+
+def _reduce_network(net: Network):
+    """Network.__reduce__: the network, with the optimizer fit remembers for it, as
+    checkpoint bytes."""
+    optimizer = getattr(net, "_fit_optimizer", None)
+    if optimizer is not None and optimizer._net_ref() is not net:
+        optimizer = None
+    data = _encode("pickle", net, optimizer,
+                   refusal="so it is not pickled or copied").to_bytes()
+    return _network_from_checkpoint, (data,)
+
+
+def _reduce_optimizer(optimizer):
+    """Optimizer.__reduce__: its network (pickled by itself, so shared through
+    pickle's memo) and a checkpoint of both; or, for the optimizer ``fit``
+    remembers, which the network's checkpoint already holds, the network alone.
+
+    The restored optimizer, like any, holds its network's parameters but only a
+    weak reference to the Network: unpickle it together with its network (or keep
+    ``opt.net``) to use the network object."""
+    net = optimizer._net_ref()
+    if net is None:
+        raise RuntimeError(f"[pickle] the network this {type(optimizer).__name__} was built on "
+                           "has been freed; an optimizer is pickled with its network")
+    if getattr(net, "_fit_optimizer", None) is optimizer:
+        return _fit_optimizer_of, (net,)
+    data = _encode("pickle", net, optimizer,
+                   refusal="so it is not pickled or copied").to_bytes()
+    return _optimizer_from_checkpoint, (net, data)

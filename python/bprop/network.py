@@ -397,6 +397,29 @@ class Network:
 
         save(self, path, optimizer=optimizer)
 
+    # ---- pickling and copies ------------------------------------------------------
+    def __reduce__(self):
+        """Pickles (and deep-copies) the network as checkpoint bytes: the format of
+        :func:`bprop.save`, with the optimizer ``fit`` remembers for it. Unpickling
+        decodes and checks them as :func:`bprop.load` does; the copy has its own
+        storage, the same parameters bit for bit, and no forward/backward caches
+        or gradients. Only the payload is data: pickle itself can run any code a
+        stream names, so never unpickle untrusted bytes (load a .safetensors file
+        with :func:`bprop.load` instead).
+
+        Raises:
+            ValueError: a parameter holds NaN or inf (it could not be restored).
+        """
+        from .io import _reduce_network
+
+        return _reduce_network(self)
+
+    def __copy__(self):
+        # A shallow copy would share the C++ storage (and the Dense layers, which
+        # belong to one network), so it is refused rather than half-copied.
+        raise TypeError("[Network.__copy__] copy.copy would share the network's storage; "
+                        "use copy.deepcopy(net) for an independent copy")
+
     # ---- interoperability (optional extras) ---------------------------------------
     def to_onnx(self, path, *, opset: int = 17, input_name: str = "X",
                 output_name: str = "output") -> None:

@@ -266,6 +266,23 @@ class Optimizer:
         self._state = new_state
         self._bind()
 
+    def __reduce__(self):
+        """Pickles (and deep-copies) the optimizer with its network, as checkpoint
+        bytes (the format of :func:`bprop.save`): unpickled together, e.g.
+        ``pickle.loads(pickle.dumps((net, opt)))``, the optimizer is bound to the
+        unpickled network. See :meth:`bprop.Network.__reduce__` on safety."""
+        from .io import _reduce_optimizer
+
+        return _reduce_optimizer(self)
+
+    def __copy__(self):
+        # A shallow copy would share the state arrays the core's UpdatePlan points
+        # into: two optimizers stepping one state.
+        raise TypeError(f"[{type(self).__name__}.__copy__] copy.copy would share the "
+                        "optimizer's state; use copy.deepcopy (which copies its network "
+                        f"too) or {type(self).__name__}(net, **opt.hyperparameters) with "
+                        "load_state_dict(opt.state_dict())")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         return f"{type(self).__name__}({args})"
