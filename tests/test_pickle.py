@@ -280,3 +280,15 @@ def test_a_copy_is_freed_when_its_last_reference_goes(make_network, rng):
     finally:
         if was:
             gc.enable()
+
+
+def test_a_layer_pickles_as_its_description_until_it_joins_a_network():
+    layer = bprop.Dense(3, 4, activation="leaky_relu", negative_slope=0.2)
+    for twin in (pickle.loads(pickle.dumps(layer)), copy.copy(layer), copy.deepcopy(layer)):
+        assert twin is not layer and repr(twin) == repr(layer)
+        bprop.Network([twin], seed=0)  # a fresh, unattached layer
+    net = bprop.Network([layer], seed=0)
+    for how in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match=r"\[Dense\] a layer of a Network cannot be pickled "
+                                            "or copied on its own"):
+            how(net.layers[0])

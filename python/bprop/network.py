@@ -82,6 +82,16 @@ class Dense:
     def _spec(self) -> Tuple[int, int, str, float]:
         return (self._in, self._out, self._activation, self._slope)
 
+    def __reduce__(self):
+        """A layer not yet in a Network pickles and copies as its description; one
+        in a Network is refused (its storage belongs to the network: pickle or
+        deep-copy the network)."""
+        if self._core is not None:
+            raise TypeError("[Dense] a layer of a Network cannot be pickled or copied on its "
+                            "own: its storage belongs to the network; pickle or "
+                            "copy.deepcopy the network")
+        return (_dense_from_spec, (self._spec(),))
+
     def __repr__(self) -> str:
         extra = f", negative_slope={self._slope}" if self._activation == "leaky_relu" else ""
         return f"Dense({self._in}, {self._out}, activation={self._activation!r}{extra})"
@@ -163,6 +173,11 @@ class Dense:
             raise ValueError(f"[{where}] must be finite in {target.dtype}, but the array holds "
                              "NaN or inf (or values too large for the dtype)")
         target[...] = arr  # copies into the C++ storage
+
+
+def _dense_from_spec(spec: Tuple[int, int, str, float]) -> Dense:
+    n_in, n_out, activation, slope = spec
+    return Dense(n_in, n_out, activation, negative_slope=slope)
 
 
 def _check_memory(layers: Sequence[Dense], dtype: np.dtype) -> None:
