@@ -466,7 +466,9 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         validation_split: fraction in [0, 1) held out for validation: the data
             are permuted once with ``seed`` (if shuffle) and the last
             ``samples - int(samples * (1 - validation_split))`` rows are held
-            out, as Keras takes the tail (unstratified).
+            out, as Keras takes the tail (unstratified). The validation rows are
+            copied; the training rows are not: they are gathered by index from X
+            one chunk (about 1 MiB) at a time, so a numpy.memmap X is read in place.
         validation_data: (X_val, y_val) or (X_val, y_val, sample_weight_val);
             excludes validation_split.
         early_stopping: patience in epochs (>= 0), or None. Watches val_loss
