@@ -392,8 +392,7 @@ def from_torch(module: Union["torch.nn.Sequential", Sequence["torch.nn.Module"]]
         layers.append(Dense(linear.in_features, linear.out_features, activation=activation,
                             negative_slope=slope))
         params.append((W, b))
-    # seed=0: the initial draw is overwritten, and a fixed seed spares the OS entropy
-    net = Network(layers, dtype=dtype, seed=0)
+    net = Network._zeros(layers, dtype=dtype)
     for layer, (W, b) in zip(net, params):
         layer.weight = W
         layer.bias = b

@@ -605,8 +605,8 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
 
     # Checked: build the network (and optimizer) now.
     try:
-        net = Network([Dense(n_in, n_out, act, negative_slope=slope)
-                       for n_in, n_out, act, slope in specs], dtype=dtype_name, seed=0)
+        net = Network._zeros([Dense(n_in, n_out, act, negative_slope=slope)
+                              for n_in, n_out, act, slope in specs], dtype=dtype_name)
     except (TypeError, ValueError) as exc:  # e.g. a slope beyond float32's range
         raise _fail(path, f"the architecture does not build ({exc})") from None
     for name, p, _ in net.parameters():

@@ -180,19 +180,23 @@ def _dense_from_spec(spec: Tuple[int, int, str, float]) -> Dense:
     return Dense(n_in, n_out, activation, negative_slope=slope)
 
 
-def _check_memory(layers: Sequence[Dense], dtype: np.dtype) -> None:
-    """Refuses, before allocating, a network whose parameters and gradients (and the
-    float64 draw of one layer's initial weights) do not fit in the memory available."""
+def _check_memory(layers: Sequence[Dense], dtype: np.dtype, draw: bool) -> None:
+    """Refuses, before allocating, a network whose parameters and gradients (and,
+    if `draw`, the float64 draw of one layer's initial weights) do not fit in the
+    memory available."""
     sizes = [(layer.in_features * layer.out_features + layer.out_features) * 2 * dtype.itemsize
              for layer in layers]
-    draw = max(layer.in_features * layer.out_features for layer in layers) * INIT_BYTES_PER_WEIGHT
+    temporary = 0
+    if draw:
+        temporary = max(L.in_features * L.out_features for L in layers) * INIT_BYTES_PER_WEIGHT
     i = int(np.argmax(sizes))
     big = layers[i]
-    check_fits_in_memory(
-        "Network", f"the parameters and gradients of this network ({dtype.name}; the largest, "
-        f"layer {i} {big!r}, has weight ({big.in_features}, {big.out_features}) and bias "
-        f"({big.out_features},): {format_bytes(sizes[i])}), with {format_bytes(draw)} to draw "
-        "its initial weights,", sum(sizes) + draw)
+    what = (f"the parameters and gradients of this network ({dtype.name}; the largest, layer "
+            f"{i} {big!r}, has weight ({big.in_features}, {big.out_features}) and bias "
+            f"({big.out_features},): {format_bytes(sizes[i])})")
+    if temporary:
+        what += f", with {format_bytes(temporary)} to draw its initial weights,"
+    check_fits_in_memory("Network", what, sum(sizes) + temporary)
 
 
 class Network:
@@ -212,6 +216,19 @@ class Network:
     """
 
     def __init__(self, layers: Sequence[Dense], dtype="float32", seed: Optional[int] = None) -> None:
+        self._build(layers, dtype, seed, draw=True)
+
+    @classmethod
+    def _zeros(cls, layers: Sequence[Dense], dtype="float32") -> "Network":
+        """A network whose parameters are all zero, for callers that then set every
+        parameter (load, unpickling, from_torch, copies, the estimators): drawing
+        initial weights only to overwrite them took most of a large checkpoint's
+        load time."""
+        net = cls.__new__(cls)
+        net._build(layers, dtype, None, draw=False)
+        return net
+
+    def _build(self, layers: Sequence[Dense], dtype, seed: Optional[int], draw: bool) -> None:
         if isinstance(layers, Dense) or not isinstance(layers, (list, tuple)):
             raise TypeError("[Network] layers must be a list of Dense layers, but got "
                             f"{type_name(layers)}")
@@ -241,13 +258,14 @@ class Network:
             seed = check_int("Network", "seed", seed, minimum=0)
         self._seed = seed
         specs = [layer._spec() for layer in layers]
-        _check_memory(layers, self._dtype)
+        _check_memory(layers, self._dtype, draw)
         core_type = _core.Network32 if self._dtype == np.float32 else _core.Network64
-        self._core = core_type(specs)
-        for i, (W, b) in enumerate(initial_parameters(specs, self._dtype, seed)):
-            self._core.weight(i)[...] = W  # cast into the core's storage, no temporary
-            self._core.bias(i)[...] = b
-            del W
+        self._core = core_type(specs)  # parameters zero-filled
+        if draw:
+            for i, (W, b) in enumerate(initial_parameters(specs, self._dtype, seed)):
+                self._core.weight(i)[...] = W  # cast into the core's storage, no temporary
+                self._core.bias(i)[...] = b
+                del W
         for i, layer in enumerate(layers):
             layer._attach(self._core, i)
         self._layers = tuple(layers)

@@ -272,7 +272,7 @@ class _BaseMLP(BaseEstimator):
         n = len(layer_units) - 1
         layers = [Dense(layer_units[i], layer_units[i + 1],
                         activation=hidden if i < n - 1 else "identity") for i in range(n)]
-        net = Network(layers, dtype=dtype, seed=0)
+        net = Network._zeros(layers, dtype=dtype)  # every parameter drawn below
         factor = 2.0 if hidden == "sigmoid" else 6.0
         for layer in net.layers:
             bound = math.sqrt(factor / (layer.in_features + layer.out_features))
@@ -616,7 +616,7 @@ class _BaseMLP(BaseEstimator):
             return
         layers = [Dense(n_in, n_out, activation=act, negative_slope=slope)
                   for n_in, n_out, act, slope in specs]
-        net = Network(layers, dtype=dtype, seed=0)
+        net = Network._zeros(layers, dtype=dtype)
         for (_, p, _), saved in zip(net.parameters(), params):
             p[...] = saved
         self._net = net

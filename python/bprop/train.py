@@ -853,7 +853,7 @@ def evaluate(net: Network, X, y, loss="softmax_cross_entropy", metrics=None,
 def _float64_copy(net: Network) -> Network:
     layers = [Dense(L.in_features, L.out_features, L.activation,
                     negative_slope=L.negative_slope) for L in net.layers]
-    copy = Network(layers, dtype="float64", seed=0)
+    copy = Network._zeros(layers, dtype="float64")
     for (_, dst, _), (_, src, _) in zip(copy.parameters(), net.parameters()):
         dst[...] = src
     return copy
