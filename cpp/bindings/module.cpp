@@ -4,25 +4,83 @@
 #include <Eigen/Core>
 
 #include "bprop/gemm.hpp"
+#include "bprop/thread_pool.hpp"
 #include "common.hpp"
 
 
 namespace py = pybind11;
+
+// For threadpoolctl (bprop/_config.py registers a controller that finds this
+// module by these symbols): bprop's pool as a C API.
+extern "C" {
+__attribute__((visibility("default"))) int bprop_get_num_threads() {
+  return bprop::get_num_threads();
+}
+__attribute__((visibility("default"))) void bprop_set_num_threads(int n) {
+  if (n >= 1) bprop::set_num_threads(n);
+}
+}
 
 PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.doc() = "bprop's C++ core (private; import bprop instead)";
   bprop::python::bind_network(m);
   bprop::python::bind_kernels(m);
 
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) throw py::value_error("[set_num_threads] n must be >= 1, but got " + std::to_string(n));
-    bprop::set_gemm_threads(n);
-  }, py::arg("n"), "Sets the number of threads used inside matrix products.");
-  m.def("get_num_threads", [] { return bprop::get_gemm_threads(); },
-        "The number of threads used inside matrix products.");
-  m.def("_set_serial_threshold", &bprop::set_serial_threshold, py::arg("work"),
-        "Products with m*n*k below this run on one thread (tuning knob).");
-  m.def("_serial_threshold", &bprop::serial_threshold);
+  m.def("set_num_threads", &bprop::set_num_threads, py::arg("n"),
+        "Sets the number of threads that run the core's matrix products (the calling "
+        "thread plus n - 1 of bprop's own).");
+  m.def("get_num_threads", &bprop::get_num_threads,
+        "The number of threads that run the core's matrix products.");
+  m.def("_set_spin_microseconds", &bprop::set_spin_microseconds, py::arg("us"),
+        "How long idle workers poll before sleeping (tuning knob).");
+  m.def("_spin_microseconds", &bprop::spin_microseconds);
+  m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
+                               bprop::Index align) {
+    if (min_work < 1 || max_tiles < 1 || align < 1) {
+      throw py::value_error("[_set_tile_params] every parameter must be >= 1");
+    }
+    bprop::set_tile_params({min_work, max_tiles, align});
+  }, py::arg("min_work"), py::arg("max_tiles"), py::arg("align"),
+        "The tiling rule's parameters (tuning knob; see cpp/src/gemm.cpp).");
+  m.def("_tile_params", [] {
+    const bprop::TileParams p = bprop::tile_params();
+    return py::make_tuple(p.min_work, p.max_tiles, p.align);
+  });
+  m.def("_gemm_tiles", [](bprop::Index m, bprop::Index n, bprop::Index k, int element_size) {
+    const bprop::GemmTiles t = bprop::gemm_tiles(m, n, k, static_cast<std::size_t>(element_size));
+    return py::make_tuple(t.rows, t.cols, t.row_blocks, t.col_blocks);
+  }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("element_size"),
+        "The tiles (rows, cols, row_blocks, col_blocks) of a product C (m, n) with inner "
+        "dimension k.");
+  m.def("_gemm", [](py::handle A, py::handle B, py::handle C, bool trans_a, bool trans_b,
+                    double alpha, double beta) {
+    auto run = [&](auto zero) {
+      using T = decltype(zero);
+      auto a = bprop::python::strict_array<T>(A, "_gemm", "A", 2);
+      auto b = bprop::python::strict_array<T>(B, "_gemm", "B", 2);
+      auto c = bprop::python::strict_array<T>(C, "_gemm", "C", 2);
+      bprop::python::require_writeable(c, "_gemm", "C");
+      const bprop::Index m = c.shape(0), n = c.shape(1);
+      const bprop::Index k = trans_a ? a.shape(0) : a.shape(1);
+      if ((trans_a ? a.shape(1) : a.shape(0)) != m || (trans_b ? b.shape(1) : b.shape(0)) != k ||
+          (trans_b ? b.shape(0) : b.shape(1)) != n) {
+        throw py::value_error("[_gemm] the shapes of op(A) " + bprop::python::shape_of(a) +
+                              ", op(B) " + bprop::python::shape_of(b) + " and C " +
+                              bprop::python::shape_of(c) + " do not chain");
+      }
+      py::gil_scoped_release nogil;
+      bprop::gemm<T>(trans_a, trans_b, m, n, k, T(alpha), a.data(), a.shape(1), b.data(),
+                     b.shape(1), T(beta), c.mutable_data(), n);
+    };
+    if (py::isinstance<py::array>(C) &&
+        py::reinterpret_borrow<py::array>(C).dtype().equal(py::dtype::of<double>())) {
+      run(double(0));
+    } else {
+      run(float(0));
+    }
+  }, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("trans_a") = false,
+        py::arg("trans_b") = false, py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
+        "C = alpha op(A) op(B) + beta C through the core's tiled product (tests, benchmarks).");
   m.def("build_info", [] {
     py::dict d;
     d["version"] = BPROP_VERSION;

@@ -1,7 +1,10 @@
 #include "bprop/gemm.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <limits>
+
+#include "bprop/thread_pool.hpp"
 
 #ifdef BPROP_WITH_OPENBLAS
 extern "C" {
@@ -18,10 +21,6 @@ void scipy_cblas_dgemm(int order, int trans_a, int trans_b, int m, int n, int k,
 void scipy_openblas_set_num_threads(int num_threads);
 int scipy_openblas_get_num_threads(void);
 }
-#endif
-
-#ifdef _OPENMP
-#include <omp.h>
 #endif
 
 namespace bprop {
@@ -56,88 +55,172 @@ void eigen_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, 
 }
 
 #ifdef BPROP_WITH_OPENBLAS
-// Products smaller than this (m * n * k) run on one OpenBLAS thread: splitting
-// them over the thread pool costs more than it saves at this size, and collapses
-// when the machine is oversubscribed (the pool's threads wait for a core).
-Index g_serial_work = Index(1) << 20;
-// The thread count set by set_gemm_threads; 1 while a small product runs.
-std::atomic<int> g_threads{0};
+// OpenBLAS runs on one thread, from load on: bprop's pool runs the tiles. (This is
+// the scipy-openblas32 copy, whose symbols are prefixed; NumPy's OpenBLAS is
+// another library and keeps its own setting.)
+[[maybe_unused]] const bool g_openblas_single_threaded = [] {
+  scipy_openblas_set_num_threads(1);
+  return true;
+}();
+
+// If something raised it since (threadpoolctl's threadpool_limits sets every
+// OpenBLAS it finds), a tile would start OpenBLAS's own threads inside bprop's.
+inline void keep_openblas_single_threaded() {
+  if (scipy_openblas_get_num_threads() != 1) scipy_openblas_set_num_threads(1);
+}
 
 bool fits_blasint(Index m, Index n, Index k, Index lda, Index ldb, Index ldc) {
   const Index limit = std::numeric_limits<int>::max();
   return m <= limit && n <= limit && k <= limit && lda <= limit && ldb <= limit && ldc <= limit;
 }
 
-// OpenBLAS has no per-call thread count in this build, only a global one: drop it
-// to 1 around a small product and restore it after.
-class SerialScope {
- public:
-  explicit SerialScope(Index work) {
-    if (work < g_serial_work) {
-      threads_ = g_threads.load(std::memory_order_relaxed);
-      if (threads_ == 0) threads_ = scipy_openblas_get_num_threads();
-      if (threads_ > 1) scipy_openblas_set_num_threads(1);
-    }
-  }
-  ~SerialScope() {
-    if (threads_ > 1) scipy_openblas_set_num_threads(threads_);
-  }
-  SerialScope(const SerialScope&) = delete;
-  SerialScope& operator=(const SerialScope&) = delete;
-
- private:
-  int threads_ = 0;
-};
+inline void blas(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha,
+                 const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
+                 Index ldc) {
+  scipy_cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(m),
+                    int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+}
+inline void blas(bool trans_a, bool trans_b, Index m, Index n, Index k, double alpha,
+                 const double* A, Index lda, const double* B, Index ldb, double beta, double* C,
+                 Index ldc) {
+  scipy_cblas_dgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans, int(m),
+                    int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C, int(ldc));
+}
 #endif
 
+// One single-threaded product over a block of C: OpenBLAS, or Eigen when the core
+// is built without it or a size does not fit OpenBLAS's 32-bit integers.
+template <typename T>
+void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A,
+                 Index lda, const T* B, Index ldb, T beta, T* C, Index ldc) {
+#ifdef BPROP_WITH_OPENBLAS
+  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
+    blas(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+#endif
+  eigen_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+// Defaults chosen by bench/gemm_tiles.py (bench/RESULTS.md).
+std::atomic<Index> g_min_work{Index(1) << 20};
+std::atomic<Index> g_max_tiles{64};
+std::atomic<Index> g_align{16};
+
+Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// Side length of `blocks` equal blocks over `size`, rounded up to `align`.
+Index block_side(Index size, Index blocks, Index align) {
+  return std::min(size, round_up((size + blocks - 1) / blocks, align));
+}
+
+template <typename T>
+struct TiledProduct {
+  bool trans_a, trans_b;
+  Index m, n, k;
+  T alpha;
+  const T* A;
+  Index lda;
+  const T* B;
+  Index ldb;
+  T beta;
+  T* C;
+  Index ldc;
+  GemmTiles tiles;
+
+  // C[i0:i0+rows, j0:j0+cols] = alpha op(A)[i0:, :] op(B)[:, j0:] + beta C[...]
+  void operator()(Index t) const {
+    const Index i0 = (t / tiles.col_blocks) * tiles.rows;
+    const Index j0 = (t % tiles.col_blocks) * tiles.cols;
+    const Index rows = std::min(tiles.rows, m - i0);
+    const Index cols = std::min(tiles.cols, n - j0);
+    // op(A) rows i0...: A (m, k) from row i0, or A (k, m) from column i0
+    const T* a = trans_a ? A + i0 : A + i0 * lda;
+    // op(B) columns j0...: B (k, n) from column j0, or B (n, k) from row j0
+    const T* b = trans_b ? B + j0 * ldb : B + j0;
+    serial_gemm<T>(trans_a, trans_b, rows, cols, k, alpha, a, lda, b, ldb, beta,
+                   C + i0 * ldc + j0, ldc);
+  }
+};
+
+template <typename T>
+void tiled_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A,
+                Index lda, const T* B, Index ldb, T beta, T* C, Index ldc) {
+  if (m <= 0 || n <= 0) return;
+#ifdef BPROP_WITH_OPENBLAS
+  keep_openblas_single_threaded();
+#endif
+  TiledProduct<T> product{trans_a, trans_b, m,    n, k,   alpha, A, lda, B, ldb,
+                          beta,    C,       ldc, gemm_tiles(m, n, k, sizeof(T))};
+  if (product.tiles.count() == 1) {
+    serial_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  parallel_for(product.tiles.count(), product);
+}
+
 }  // namespace
+
+GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
+  const Index align = std::max<Index>(1, g_align.load(std::memory_order_relaxed));
+  const Index max_tiles = std::max<Index>(1, g_max_tiles.load(std::memory_order_relaxed));
+  // work in float32 multiply-adds: a float64 one costs about two
+  const double min_work = static_cast<double>(g_min_work.load(std::memory_order_relaxed)) /
+                          (static_cast<double>(element_size) / 4.0);
+  GemmTiles t;
+  t.rows = std::max<Index>(m, 1);
+  t.cols = std::max<Index>(n, 1);
+  Index row_blocks = 1, col_blocks = 1;
+  // Halve the tiles while each half keeps at least min_work: the longer side
+  // first, since cutting it repacks the smaller operand (cutting C's columns
+  // repeats op(A), (rows, k), in every tile; cutting its rows repeats op(B)).
+  for (;;) {
+    if (2 * row_blocks * col_blocks > max_tiles) break;
+    const double work = static_cast<double>(t.rows) * static_cast<double>(t.cols) *
+                        static_cast<double>(k);
+    if (work < 2 * min_work) break;
+    const Index half_cols = block_side(n, 2 * col_blocks, align);
+    const Index half_rows = block_side(m, 2 * row_blocks, align);
+    const bool can_cols = half_cols < t.cols;
+    const bool can_rows = half_rows < t.rows;
+    if (can_cols && (t.cols >= t.rows || !can_rows)) {
+      col_blocks *= 2;
+      t.cols = half_cols;
+    } else if (can_rows) {
+      row_blocks *= 2;
+      t.rows = half_rows;
+    } else {
+      break;
+    }
+  }
+  t.row_blocks = (std::max<Index>(m, 1) + t.rows - 1) / t.rows;
+  t.col_blocks = (std::max<Index>(n, 1) + t.cols - 1) / t.cols;
+  return t;
+}
+
+void set_tile_params(const TileParams& p) {
+  g_min_work.store(p.min_work, std::memory_order_relaxed);
+  g_max_tiles.store(p.max_tiles, std::memory_order_relaxed);
+  g_align.store(p.align, std::memory_order_relaxed);
+}
+
+TileParams tile_params() {
+  return {g_min_work.load(std::memory_order_relaxed), g_max_tiles.load(std::memory_order_relaxed),
+          g_align.load(std::memory_order_relaxed)};
+}
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha,
                  const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
                  Index ldc) {
-#ifdef BPROP_WITH_OPENBLAS
-  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
-    SerialScope serial(m * n * k);
-    scipy_cblas_sgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
-                      int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
-                      int(ldc));
-    return;
-  }
-#endif
-  eigen_gemm<float>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  tiled_gemm<float>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 template <>
 void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double alpha,
                   const double* A, Index lda, const double* B, Index ldb, double beta,
                   double* C, Index ldc) {
-#ifdef BPROP_WITH_OPENBLAS
-  if (fits_blasint(m, n, k, lda, ldb, ldc)) {
-    SerialScope serial(m * n * k);
-    scipy_cblas_dgemm(kRowMajor, trans_a ? kTrans : kNoTrans, trans_b ? kTrans : kNoTrans,
-                      int(m), int(n), int(k), alpha, A, int(lda), B, int(ldb), beta, C,
-                      int(ldc));
-    return;
-  }
-#endif
-  eigen_gemm<double>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
-}
-
-void set_serial_threshold(Index work) {
-#ifdef BPROP_WITH_OPENBLAS
-  g_serial_work = work;
-#else
-  (void)work;
-#endif
-}
-
-Index serial_threshold() {
-#ifdef BPROP_WITH_OPENBLAS
-  return g_serial_work;
-#else
-  return 0;
-#endif
+  tiled_gemm<double>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 const char* gemm_backend() {
@@ -145,26 +228,6 @@ const char* gemm_backend() {
   return "openblas";
 #else
   return "eigen";
-#endif
-}
-
-void set_gemm_threads(int n) {
-#ifdef BPROP_WITH_OPENBLAS
-  g_threads.store(n, std::memory_order_relaxed);
-  scipy_openblas_set_num_threads(n);
-#endif
-#ifdef _OPENMP
-  omp_set_num_threads(n);
-#endif
-  Eigen::setNbThreads(n);
-}
-
-int get_gemm_threads() {
-#ifdef BPROP_WITH_OPENBLAS
-  const int n = g_threads.load(std::memory_order_relaxed);
-  return n > 0 ? n : scipy_openblas_get_num_threads();
-#else
-  return Eigen::nbThreads();
 #endif
 }
 

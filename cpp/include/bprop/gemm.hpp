@@ -3,7 +3,16 @@
 // with op(A) (m, k), op(B) (k, n), C (m, n). It goes to OpenBLAS (the
 // scipy-openblas32 wheel, runtime-dispatched kernels) when the core is built
 // with it, and to Eigen's own product otherwise.
+//
+// C is cut into tiles whose shape depends only on (m, n, k) and the scalar type,
+// never on the thread count; each tile is one single-threaded BLAS call over the
+// whole inner dimension k, and bprop's thread pool (thread_pool.hpp) runs the
+// tiles. So every element of C is summed in the same order, by the same kernel,
+// whatever the number of threads: the results are the same bits. OpenBLAS itself
+// is kept at one thread (set at load; restored if something else raises it).
 #pragma once
+
+#include <cstddef>
 
 #include "bprop/types.hpp"
 
@@ -13,16 +22,31 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A, Index lda,
           const T* B, Index ldb, T beta, T* C, Index ldc);
 
-/// Products with m * n * k below this run on one thread, larger ones on all the
-/// threads set by set_gemm_threads (default 2^20). Set it at start-up.
-void set_serial_threshold(Index work);
-Index serial_threshold();
+/// The tiling of one product: C in tiles of (rows, cols), row_blocks x col_blocks
+/// of them (the last row and column of tiles may be smaller).
+struct GemmTiles {
+  Index rows = 0, cols = 0;
+  Index row_blocks = 0, col_blocks = 0;
+  Index count() const { return row_blocks * col_blocks; }
+};
+
+/// The tiles gemm uses for C (m, n) with inner dimension k and elements of
+/// `element_size` bytes (4 or 8).
+GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size);
+
+/// The tiling rule's parameters (tuning knobs for benchmarks; see gemm.cpp):
+/// a product is split while each tile keeps at least `min_work` multiply-adds
+/// (float32; half that for float64), into at most `max_tiles` tiles whose sides are
+/// multiples of `align`.
+struct TileParams {
+  Index min_work;
+  Index max_tiles;
+  Index align;
+};
+void set_tile_params(const TileParams& params);
+TileParams tile_params();
 
 /// Name of the backend in use: "openblas" or "eigen".
 const char* gemm_backend();
-
-/// Threads used by matrix products (OpenBLAS's pool, or Eigen's OpenMP).
-void set_gemm_threads(int n);
-int get_gemm_threads();
 
 }  // namespace bprop
