@@ -53,7 +53,7 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
         "The tiles (rows, cols, row_blocks, col_blocks) of a product C (m, n) with inner "
         "dimension k.");
   m.def("_gemm", [](py::handle A, py::handle B, py::handle C, bool trans_a, bool trans_b,
-                    double alpha, double beta) {
+                    double alpha, double beta, int untiled_threads) {
     auto run = [&](auto zero) {
       using T = decltype(zero);
       auto a = bprop::python::strict_array<T>(A, "_gemm", "A", 2);
@@ -69,8 +69,13 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
                               bprop::python::shape_of(c) + " do not chain");
       }
       py::gil_scoped_release nogil;
-      bprop::gemm<T>(trans_a, trans_b, m, n, k, T(alpha), a.data(), a.shape(1), b.data(),
-                     b.shape(1), T(beta), c.mutable_data(), n);
+      if (untiled_threads > 0) {
+        bprop::gemm_untiled<T>(untiled_threads, trans_a, trans_b, m, n, k, T(alpha), a.data(),
+                               a.shape(1), b.data(), b.shape(1), T(beta), c.mutable_data(), n);
+      } else {
+        bprop::gemm<T>(trans_a, trans_b, m, n, k, T(alpha), a.data(), a.shape(1), b.data(),
+                       b.shape(1), T(beta), c.mutable_data(), n);
+      }
     };
     if (py::isinstance<py::array>(C) &&
         py::reinterpret_borrow<py::array>(C).dtype().equal(py::dtype::of<double>())) {
@@ -79,8 +84,10 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
       run(float(0));
     }
   }, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("trans_a") = false,
-        py::arg("trans_b") = false, py::arg("alpha") = 1.0, py::arg("beta") = 0.0,
-        "C = alpha op(A) op(B) + beta C through the core's tiled product (tests, benchmarks).");
+        py::arg("trans_b") = false, py::arg("alpha") = 1.0, py::arg("beta") = 0.0, py::arg("untiled_threads") = 0,
+        "C = alpha op(A) op(B) + beta C through the core's tiled product (tests, benchmarks); "
+        "untiled_threads > 0: as one OpenBLAS call on that many of OpenBLAS's threads "
+        "(benchmarks only).");
   m.def("build_info", [] {
     py::dict d;
     d["version"] = BPROP_VERSION;

@@ -223,6 +223,25 @@ void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double 
   tiled_gemm<double>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
+template <typename T>
+void gemm_untiled(int threads, bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
+                  const T* A, Index lda, const T* B, Index ldb, T beta, T* C, Index ldc) {
+#ifdef BPROP_WITH_OPENBLAS
+  if (threads > 1) scipy_openblas_set_num_threads(threads);
+#else
+  (void)threads;
+#endif
+  serial_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+#ifdef BPROP_WITH_OPENBLAS
+  if (threads > 1) scipy_openblas_set_num_threads(1);
+#endif
+}
+
+template void gemm_untiled<float>(int, bool, bool, Index, Index, Index, float, const float*,
+                                  Index, const float*, Index, float, float*, Index);
+template void gemm_untiled<double>(int, bool, bool, Index, Index, Index, double, const double*,
+                                   Index, const double*, Index, double, double*, Index);
+
 const char* gemm_backend() {
 #ifdef BPROP_WITH_OPENBLAS
   return "openblas";

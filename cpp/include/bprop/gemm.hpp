@@ -46,6 +46,13 @@ struct TileParams {
 void set_tile_params(const TileParams& params);
 TileParams tile_params();
 
+/// For benchmarks only: the product as one BLAS call, OpenBLAS's own threads
+/// raised to `threads` for its duration (the core's path before its own pool).
+/// Not safe to run beside other products.
+template <typename T>
+void gemm_untiled(int threads, bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
+                  const T* A, Index lda, const T* B, Index ldb, T beta, T* C, Index ldc);
+
 /// Name of the backend in use: "openblas" or "eigen".
 const char* gemm_backend();
 
