@@ -104,3 +104,28 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("largest errors measured")
         for name in sorted(_LARGEST):
             terminalreporter.write_line(f"{name:<56} {_LARGEST[name]:.2e}")
+
+
+# ---- threads and bitwise fingerprints (test_reproducibility, test_determinism) -------
+@pytest.fixture
+def threads():
+    """threads(n) sets bprop.set_num_threads(n) for the test; the count in force before
+    is restored afterwards."""
+    before = bprop.get_num_threads()
+    yield bprop.set_num_threads
+    bprop.set_num_threads(before)
+
+
+@pytest.fixture
+def fingerprint():
+    """fingerprint(net, optimizer, history) -> list of bytes/str: every bit a fit
+    produces (weights, optimizer state and step count, History)."""
+    def take(net, opt, history):
+        out = [p.tobytes() for _, p, _ in net.parameters()]
+        sd = opt.state_dict()
+        out += [sd["state"][p][k].tobytes()
+                for p in sorted(sd["state"]) for k in sorted(sd["state"][p])]
+        out += [repr(sd["step"]), repr(history.loss), repr(history.val_loss),
+                repr(history.metrics)]
+        return out
+    return take

@@ -50,9 +50,15 @@ def _run_threads(targets):
         raise errors[0]
 
 
+# Products of one tile each (run on the calling thread), and products of many tiles
+# (the pool runs one thread's product at a time, the others run theirs alone).
+WIDE = [(16, 256, "tanh"), (256, 256, "relu"), (256, 4)]
+
+
+@pytest.mark.parametrize("specs,repeats", [(SPECS, 25), (WIDE, 3)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_eight_threads_predicting_on_one_network_match_sequential_calls(dtype):
-    net = _network(dtype)
+def test_eight_threads_predicting_on_one_network_match_sequential_calls(dtype, specs, repeats):
+    net = _network(dtype, specs=specs)
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((rows, 16)).astype(dtype) for rows in
               (1, 7, 64, 200, 333, 64, 1000, 5)]
@@ -62,25 +68,20 @@ def test_eight_threads_predicting_on_one_network_match_sequential_calls(dtype):
 
     def worker(i):
         def run():
-            for _ in range(25):
+            for _ in range(repeats):
                 results[i].append(net.predict(inputs[i]).tobytes())
                 results[i].append(net.predict(inputs[i], batch_size=50).tobytes())
         return run
 
     _run_threads([worker(i) for i in range(8)])
-    # Equal to rounding, not bitwise: OpenBLAS's thread count is process-wide and the
-    # core drops it to 1 around small products, so a product running beside them may
-    # be split differently, which changes float32 results in the last bits (seen on an
-    # AVX2 machine: thread 6's 1000 rows). Bitwise equality needs the core's own threads.
-    tol = 1e-5 if dtype == "float32" else 1e-13
+    # Bitwise: a product's tiles and each tile's OpenBLAS call are the same whichever
+    # thread runs them, and whether the pool is free or busy with another thread's
+    # product (then the tiles run on the calling thread). Regression guard: with
+    # OpenBLAS's process-wide thread count dropped to 1 around small products, a
+    # product beside them could be split differently (float32 last bits, issue 11).
     for i in range(8):
-        for got, want in ((results[i][0::2], expected[i]), (results[i][1::2],
-                                                            expected_chunked[i])):
-            want = np.frombuffer(want, dtype=dtype)
-            for run in got:
-                np.testing.assert_allclose(np.frombuffer(run, dtype=dtype), want, rtol=tol,
-                                           atol=tol * np.abs(want).max(),
-                                           err_msg=f"thread {i}")
+        assert all(r == expected[i] for r in results[i][0::2]), f"thread {i}"
+        assert all(r == expected_chunked[i] for r in results[i][1::2]), f"thread {i}"
 
 
 class _Recording:
