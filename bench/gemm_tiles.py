@@ -2,7 +2,7 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/gemm_tiles.py
     python bench/gemm_tiles.py --only small --rounds 7
-    python bench/gemm_tiles.py --tile-params 1048576,64,16   # try another tiling rule
+    python bench/gemm_tiles.py --tile-params 1048576,64,16,16   # try another tiling rule
 
 For every product of one training step of bench/run.py's workloads (forward
 z = a W, dL/da = delta W^T, dL/dW = a^T delta; float32 unless --dtype), four ways,
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="seconds per measurement (large products take longer)")
-    parser.add_argument("--tile-params", help="min_work,max_tiles,align")
+    parser.add_argument("--tile-params", help="min_work,max_tiles,min_side,align")
     args = parser.parse_args()
     if args.tile_params:
         _core._set_tile_params(*(int(v) for v in args.tile_params.split(",")))
@@ -112,7 +112,7 @@ def main():
     except ImportError:
         kernels = "threadpoolctl not installed"
     print(f"# bprop {bprop.__version__}, {args.dtype}, tile params (min_work, max_tiles, "
-          f"align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us; "
+          f"min_side, align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us; "
           f"load average {os.getloadavg()[0]:.2f}; {kernels}")
     print("| workload | product | m x n x k | tiles | blas 1t us | before us | tiled 1t us "
           "| tiled 2t us | tiled 1t / blas 1t | before / tiled 2t | tiled 1t / tiled 2t |")

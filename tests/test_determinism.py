@@ -115,7 +115,7 @@ def test_fit_gives_the_same_bits_for_1_to_4_threads(threads, fingerprint, dtype,
 def test_batch_sizes_on_and_off_the_tile_grid_give_the_same_bits(threads, fingerprint,
                                                                  batch_size):
     X, y = _data()
-    align = _core._tile_params()[2]
+    align = _core._tile_params()[3]
     assert batch_size in (1, 100, 129) or batch_size % align == 0  # both kinds covered
 
     def run():

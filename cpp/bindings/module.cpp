@@ -35,16 +35,16 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
         "How long idle workers poll before sleeping (tuning knob).");
   m.def("_spin_microseconds", &bprop::spin_microseconds);
   m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
-                               bprop::Index align) {
-    if (min_work < 1 || max_tiles < 1 || align < 1) {
+                               bprop::Index min_side, bprop::Index align) {
+    if (min_work < 1 || max_tiles < 1 || min_side < 1 || align < 1) {
       throw py::value_error("[_set_tile_params] every parameter must be >= 1");
     }
-    bprop::set_tile_params({min_work, max_tiles, align});
-  }, py::arg("min_work"), py::arg("max_tiles"), py::arg("align"),
+    bprop::set_tile_params({min_work, max_tiles, min_side, align});
+  }, py::arg("min_work"), py::arg("max_tiles"), py::arg("min_side"), py::arg("align"),
         "The tiling rule's parameters (tuning knob; see cpp/src/gemm.cpp).");
   m.def("_tile_params", [] {
     const bprop::TileParams p = bprop::tile_params();
-    return py::make_tuple(p.min_work, p.max_tiles, p.align);
+    return py::make_tuple(p.min_work, p.max_tiles, p.min_side, p.align);
   });
   m.def("_gemm_tiles", [](bprop::Index m, bprop::Index n, bprop::Index k, int element_size) {
     const bprop::GemmTiles t = bprop::gemm_tiles(m, n, k, static_cast<std::size_t>(element_size));
@@ -53,7 +53,8 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
         "The tiles (rows, cols, row_blocks, col_blocks) of a product C (m, n) with inner "
         "dimension k.");
   m.def("_gemm", [](py::handle A, py::handle B, py::handle C, bool trans_a, bool trans_b,
-                    double alpha, double beta, int untiled_threads) {
+                    double alpha, double beta, int untiled_threads,
+                    std::pair<bprop::Index, bprop::Index> tile) {
     auto run = [&](auto zero) {
       using T = decltype(zero);
       auto a = bprop::python::strict_array<T>(A, "_gemm", "A", 2);
@@ -69,7 +70,13 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
                               bprop::python::shape_of(c) + " do not chain");
       }
       py::gil_scoped_release nogil;
-      if (untiled_threads > 0) {
+      if (tile.first > 0 && tile.second > 0) {
+        bprop::GemmTiles t;
+        t.rows = tile.first;
+        t.cols = tile.second;
+        bprop::gemm_with_tiles<T>(t, trans_a, trans_b, m, n, k, T(alpha), a.data(), a.shape(1),
+                                  b.data(), b.shape(1), T(beta), c.mutable_data(), n);
+      } else if (untiled_threads > 0) {
         bprop::gemm_untiled<T>(untiled_threads, trans_a, trans_b, m, n, k, T(alpha), a.data(),
                                a.shape(1), b.data(), b.shape(1), T(beta), c.mutable_data(), n);
       } else {
@@ -85,9 +92,10 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
     }
   }, py::arg("A"), py::arg("B"), py::arg("C"), py::arg("trans_a") = false,
         py::arg("trans_b") = false, py::arg("alpha") = 1.0, py::arg("beta") = 0.0, py::arg("untiled_threads") = 0,
+        py::arg("tile") = std::pair<bprop::Index, bprop::Index>(0, 0),
         "C = alpha op(A) op(B) + beta C through the core's tiled product (tests, benchmarks); "
-        "untiled_threads > 0: as one OpenBLAS call on that many of OpenBLAS's threads "
-        "(benchmarks only).");
+        "untiled_threads > 0: as one OpenBLAS call on that many of OpenBLAS's threads; "
+        "tile=(rows, cols): over tiles of that shape instead of the rule's (benchmarks only).");
   m.def("build_info", [] {
     py::dict d;
     d["version"] = BPROP_VERSION;

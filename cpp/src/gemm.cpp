@@ -105,6 +105,7 @@ void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
 // Defaults chosen by bench/gemm_tiles.py (bench/RESULTS.md).
 std::atomic<Index> g_min_work{Index(1) << 20};
 std::atomic<Index> g_max_tiles{64};
+std::atomic<Index> g_min_side{16};
 std::atomic<Index> g_align{16};
 
 Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -144,19 +145,18 @@ struct TiledProduct {
 };
 
 template <typename T>
-void tiled_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, const T* A,
-                Index lda, const T* B, Index ldb, T beta, T* C, Index ldc) {
+void run_tiles(const GemmTiles& tiles, bool trans_a, bool trans_b, Index m, Index n, Index k,
+               T alpha, const T* A, Index lda, const T* B, Index ldb, T beta, T* C, Index ldc) {
   if (m <= 0 || n <= 0) return;
 #ifdef BPROP_WITH_OPENBLAS
   keep_openblas_single_threaded();
 #endif
-  TiledProduct<T> product{trans_a, trans_b, m,    n, k,   alpha, A, lda, B, ldb,
-                          beta,    C,       ldc, gemm_tiles(m, n, k, sizeof(T))};
-  if (product.tiles.count() == 1) {
+  if (tiles.count() == 1) {
     serial_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  parallel_for(product.tiles.count(), product);
+  TiledProduct<T> product{trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, tiles};
+  parallel_for(tiles.count(), product);
 }
 
 }  // namespace
@@ -164,6 +164,7 @@ void tiled_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha, 
 GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
   const Index align = std::max<Index>(1, g_align.load(std::memory_order_relaxed));
   const Index max_tiles = std::max<Index>(1, g_max_tiles.load(std::memory_order_relaxed));
+  const Index min_side = g_min_side.load(std::memory_order_relaxed);
   // work in float32 multiply-adds: a float64 one costs about two
   const double min_work = static_cast<double>(g_min_work.load(std::memory_order_relaxed)) /
                           (static_cast<double>(element_size) / 4.0);
@@ -181,8 +182,8 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
     if (work < 2 * min_work) break;
     const Index half_cols = block_side(n, 2 * col_blocks, align);
     const Index half_rows = block_side(m, 2 * row_blocks, align);
-    const bool can_cols = half_cols < t.cols;
-    const bool can_rows = half_rows < t.rows;
+    const bool can_cols = half_cols < t.cols && half_cols >= min_side;
+    const bool can_rows = half_rows < t.rows && half_rows >= min_side;
     if (can_cols && (t.cols >= t.rows || !can_rows)) {
       col_blocks *= 2;
       t.cols = half_cols;
@@ -201,27 +202,48 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
 void set_tile_params(const TileParams& p) {
   g_min_work.store(p.min_work, std::memory_order_relaxed);
   g_max_tiles.store(p.max_tiles, std::memory_order_relaxed);
+  g_min_side.store(p.min_side, std::memory_order_relaxed);
   g_align.store(p.align, std::memory_order_relaxed);
 }
 
 TileParams tile_params() {
   return {g_min_work.load(std::memory_order_relaxed), g_max_tiles.load(std::memory_order_relaxed),
-          g_align.load(std::memory_order_relaxed)};
+          g_min_side.load(std::memory_order_relaxed), g_align.load(std::memory_order_relaxed)};
 }
 
 template <>
 void gemm<float>(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha,
                  const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
                  Index ldc) {
-  tiled_gemm<float>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  run_tiles<float>(gemm_tiles(m, n, k, sizeof(float)), trans_a, trans_b, m, n, k, alpha, A, lda,
+                   B, ldb, beta, C, ldc);
 }
 
 template <>
 void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double alpha,
                   const double* A, Index lda, const double* B, Index ldb, double beta,
                   double* C, Index ldc) {
-  tiled_gemm<double>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  run_tiles<double>(gemm_tiles(m, n, k, sizeof(double)), trans_a, trans_b, m, n, k, alpha, A,
+                    lda, B, ldb, beta, C, ldc);
 }
+
+template <typename T>
+void gemm_with_tiles(GemmTiles tiles, bool trans_a, bool trans_b, Index m, Index n, Index k,
+                     T alpha, const T* A, Index lda, const T* B, Index ldb, T beta, T* C,
+                     Index ldc) {
+  tiles.rows = std::min(std::max<Index>(tiles.rows, 1), std::max<Index>(m, 1));
+  tiles.cols = std::min(std::max<Index>(tiles.cols, 1), std::max<Index>(n, 1));
+  tiles.row_blocks = (std::max<Index>(m, 1) + tiles.rows - 1) / tiles.rows;
+  tiles.col_blocks = (std::max<Index>(n, 1) + tiles.cols - 1) / tiles.cols;
+  run_tiles<T>(tiles, trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+template void gemm_with_tiles<float>(GemmTiles, bool, bool, Index, Index, Index, float,
+                                     const float*, Index, const float*, Index, float, float*,
+                                     Index);
+template void gemm_with_tiles<double>(GemmTiles, bool, bool, Index, Index, Index, double,
+                                      const double*, Index, const double*, Index, double,
+                                      double*, Index);
 
 template <typename T>
 void gemm_untiled(int threads, bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,

@@ -36,15 +36,23 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size);
 
 /// The tiling rule's parameters (tuning knobs for benchmarks; see gemm.cpp):
 /// a product is split while each tile keeps at least `min_work` multiply-adds
-/// (float32; half that for float64), into at most `max_tiles` tiles whose sides are
-/// multiples of `align`.
+/// (float32; half that for float64) and sides of at least `min_side`, into at most
+/// `max_tiles` tiles whose sides are multiples of `align`.
 struct TileParams {
   Index min_work;
   Index max_tiles;
+  Index min_side;
   Index align;
 };
 void set_tile_params(const TileParams& params);
 TileParams tile_params();
+
+/// The product over the given tiles instead of gemm_tiles' (benchmarks of the
+/// tiling rule). tiles.rows and tiles.cols must be >= 1; the blocks are recomputed.
+template <typename T>
+void gemm_with_tiles(GemmTiles tiles, bool trans_a, bool trans_b, Index m, Index n, Index k,
+                     T alpha, const T* A, Index lda, const T* B, Index ldb, T beta, T* C,
+                     Index ldc);
 
 /// For benchmarks only: the product as one BLAS call, OpenBLAS's own threads
 /// raised to `threads` for its duration (the core's path before its own pool).

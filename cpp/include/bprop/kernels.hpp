@@ -93,7 +93,9 @@ struct Update {
   std::vector<UpdateState<T>> states;
 };
 
-/// Applies `spec` at step t to the n values of one parameter with its state.
+/// Applies `spec` at step t to the n values of one parameter with its state, in
+/// fixed blocks of values run on the thread pool (the update is elementwise, so
+/// the thread count changes no bit).
 template <typename T>
 void apply_update(const UpdateSpec& spec, std::int64_t t, T* param, const T* grad,
                   const UpdateState<T>& state, Index n);
