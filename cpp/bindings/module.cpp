@@ -34,6 +34,11 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.def("_set_spin_microseconds", &bprop::set_spin_microseconds, py::arg("us"),
         "How long idle workers poll before sleeping (tuning knob).");
   m.def("_spin_microseconds", &bprop::spin_microseconds);
+  m.def("_set_contention_backoff", &bprop::set_contention_backoff, py::arg("on"),
+        "Whether the pool falls back to the calling thread after a worker lost its core.");
+  m.def("_contention_backoff", &bprop::contention_backoff);
+  m.def("_contended_loops", &bprop::contended_loops,
+        "How many parallel loops found a worker descheduled (and backed off).");
   m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
                                bprop::Index min_side, bprop::Index align) {
     if (min_work < 1 || max_tiles < 1 || min_side < 1 || align < 1) {

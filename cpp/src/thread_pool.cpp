@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 #include <sched.h>
+#include <time.h>
 
 #include <atomic>
 #include <chrono>
@@ -23,6 +24,12 @@ inline void cpu_relax() {
 #elif defined(__aarch64__)
   asm volatile("yield");
 #endif
+}
+
+std::int64_t thread_cpu_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 int cpus_available() {
@@ -60,7 +67,7 @@ class Pool {
 
   void run(Index count, Task task, void* context) {
     if (count <= 0) return;
-    if (count == 1 || threads() == 1 || count > Index(kIndexMask)) {
+    if (count == 1 || threads() == 1 || count > Index(kIndexMask) || backing_off()) {
       for (Index i = 0; i < count; ++i) task(context, i);
       return;
     }
@@ -84,10 +91,14 @@ class Pool {
     }
     Index i;
     Index mine = 0;
+    const Clock::time_point start = Clock::now();
+    const std::int64_t cpu_start = thread_cpu_ns();
     while (claim(id, count, &i)) {
       task(context, i);
       ++mine;
     }
+    const Clock::time_point own_done = Clock::now();
+    const std::int64_t own_cpu = thread_cpu_ns() - cpu_start;
     // The rest are running on workers: wait for them, giving the core away if a
     // worker holding a task has been descheduled.
     done_.fetch_add(mine, std::memory_order_acq_rel);
@@ -99,6 +110,7 @@ class Pool {
         std::this_thread::yield();
       }
     }
+    if (mine > 0) judge_contention(start, own_done, Clock::now(), own_cpu, mine, count);
   }
 
   // fork(): the child has only the forking thread, so the workers are stopped
@@ -110,6 +122,57 @@ class Pool {
   void after_fork() { job_mutex_.unlock(); }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // On a busy machine the pool's threads do not all get a core. A worker can lose
+  // its core while it holds a task, and the loop then waits for the OS to give it
+  // back (milliseconds; OpenBLAS's own threads made a small training step 30-140x
+  // slower that way); or the threads share what cores there are (Linux's
+  // autogroup gives a session's threads together one share), so two threads do
+  // the work of one with the overhead of two. Seen from the calling thread: the
+  // loop took longer than its tasks would have taken on this thread alone (their
+  // count times the time its own tasks took), or this thread ran for less than
+  // 3/4 of the time its own tasks took. Then the next loops run on the calling
+  // thread alone for a while (2 ms, doubling while it keeps happening, up to
+  // 256 ms) before the pool is tried again. Which thread runs a task never
+  // changes its result.
+  static constexpr auto kSlack = std::chrono::microseconds(20);
+  static constexpr auto kMinBackoff = std::chrono::milliseconds(2);
+  static constexpr auto kMaxBackoff = std::chrono::milliseconds(256);
+
+  bool backing_off() const {
+    if (!backoff_enabled.load(std::memory_order_relaxed)) return false;
+    const auto until = serial_until_.load(std::memory_order_relaxed);
+    return until != 0 && Clock::now().time_since_epoch().count() < until;
+  }
+
+  // job_mutex_ held
+  void judge_contention(Clock::time_point start, Clock::time_point own_done,
+                        Clock::time_point end, std::int64_t own_cpu_ns, Index mine,
+                        Index count) {
+    const auto own = own_done - start;
+    const auto alone = own * count / mine;
+    const auto own_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(own).count();
+    if (end - start > alone + kSlack || 4 * own_cpu_ns < 3 * own_ns) {
+      backoff_ = backoff_ == Clock::duration::zero()
+                     ? Clock::duration(kMinBackoff)
+                     : std::min<Clock::duration>(2 * backoff_, kMaxBackoff);
+      serial_until_.store((end + backoff_).time_since_epoch().count(),
+                          std::memory_order_relaxed);
+      ++contended_loops_;
+    } else {
+      backoff_ = Clock::duration::zero();
+    }
+  }
+
+ public:
+  std::atomic<bool> backoff_enabled{true};
+  std::atomic<std::int64_t> contended_loops_{0};  // loops after which it backed off
+
+ private:
+  Clock::duration backoff_{0};  // job_mutex_ held
+  std::atomic<Clock::rep> serial_until_{0};
+
   bool claim(std::uint32_t id, Index count, Index* i) {
     std::uint64_t w = word_.load(std::memory_order_relaxed);
     for (;;) {
@@ -236,6 +299,10 @@ void set_spin_microseconds(int us) {
 }
 
 int spin_microseconds() { return pool().spin_us.load(std::memory_order_relaxed); }
+
+void set_contention_backoff(bool on) { pool().backoff_enabled.store(on); }
+bool contention_backoff() { return pool().backoff_enabled.load(); }
+std::int64_t contended_loops() { return pool().contended_loops_.load(); }
 
 void parallel_for(Index count, Task task, void* context) { pool().run(count, task, context); }
 

@@ -9,6 +9,8 @@
 // takes no core from NumPy or another process.
 #pragma once
 
+#include <cstdint>
+
 #include "bprop/types.hpp"
 
 namespace bprop {
@@ -26,6 +28,13 @@ int get_num_threads();
 /// microseconds (0: sleep at once). A tuning knob for benchmarks.
 void set_spin_microseconds(int us);
 int spin_microseconds();
+
+/// Whether the pool backs off to the calling thread alone after a loop in which a
+/// worker lost its core (see thread_pool.cpp; on by default), and how many loops
+/// have triggered it. Tuning knobs for benchmarks.
+void set_contention_backoff(bool on);
+bool contention_backoff();
+std::int64_t contended_loops();
 
 /// A task of a parallel loop: runs index i with the loop's context. It must not
 /// throw, and it must not start a parallel loop itself.
