@@ -134,7 +134,7 @@ def main():
                     totals = {key: [0.0] * args.rounds for key in fns}
                 for key in fns:
                     totals[key] = [a + b for a, b in zip(totals[key], times[key])]
-                tiles = _core._gemm_tiles(m, n, k, itemsize)
+                tiles = _core._gemm_tiles(m, n, k, itemsize, ta, tb)
                 print(row(name, label, f"{m}x{n}x{k}", f"{tiles[2]}x{tiles[3]} of "
                           f"{tiles[0]}x{tiles[1]}", times))
                 sys.stdout.flush()

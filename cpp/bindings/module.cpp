@@ -51,10 +51,13 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
     const bprop::TileParams p = bprop::tile_params();
     return py::make_tuple(p.min_work, p.max_tiles, p.min_side, p.align);
   });
-  m.def("_gemm_tiles", [](bprop::Index m, bprop::Index n, bprop::Index k, int element_size) {
-    const bprop::GemmTiles t = bprop::gemm_tiles(m, n, k, static_cast<std::size_t>(element_size));
+  m.def("_gemm_tiles", [](bprop::Index m, bprop::Index n, bprop::Index k, int element_size,
+                          bool trans_a, bool trans_b) {
+    const bprop::GemmTiles t =
+        bprop::gemm_tiles(m, n, k, static_cast<std::size_t>(element_size), trans_a, trans_b);
     return py::make_tuple(t.rows, t.cols, t.row_blocks, t.col_blocks);
   }, py::arg("m"), py::arg("n"), py::arg("k"), py::arg("element_size"),
+        py::arg("trans_a") = false, py::arg("trans_b") = false,
         "The tiles (rows, cols, row_blocks, col_blocks) of a product C (m, n) with inner "
         "dimension k.");
   m.def("_gemm", [](py::handle A, py::handle B, py::handle C, bool trans_a, bool trans_b,

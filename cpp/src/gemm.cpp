@@ -102,10 +102,15 @@ void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
   eigen_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// Defaults chosen by bench/gemm_tiles.py (bench/RESULTS.md).
+// The rule's parameters, chosen by measurement (bench/gemm_tiles.py; bench/RESULTS.md
+// has the figures). A tile is one OpenBLAS call that packs its rows of op(A) and
+// its columns of op(B) again: on one thread 2 tiles cost 0-5% over one call, 8
+// tiles of at least 128 x 128 about 3-8%, 8 tiles of 64 x 64 13-20% (AVX2, 2
+// cores). So products are cut into at most 8 tiles with sides of at least 128,
+// each of at least 2^20 multiply-adds: small products stay one call.
 std::atomic<Index> g_min_work{Index(1) << 20};
-std::atomic<Index> g_max_tiles{64};
-std::atomic<Index> g_min_side{16};
+std::atomic<Index> g_max_tiles{4};
+std::atomic<Index> g_min_side{128};
 std::atomic<Index> g_align{16};
 
 Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -161,7 +166,8 @@ void run_tiles(const GemmTiles& tiles, bool trans_a, bool trans_b, Index m, Inde
 
 }  // namespace
 
-GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
+GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size, bool trans_a,
+                     bool trans_b) {
   const Index align = std::max<Index>(1, g_align.load(std::memory_order_relaxed));
   const Index max_tiles = std::max<Index>(1, g_max_tiles.load(std::memory_order_relaxed));
   const Index min_side = g_min_side.load(std::memory_order_relaxed);
@@ -174,7 +180,9 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
   Index row_blocks = 1, col_blocks = 1;
   // Halve the tiles while each half keeps at least min_work: the longer side
   // first, since cutting it repacks the smaller operand (cutting C's columns
-  // repeats op(A), (rows, k), in every tile; cutting its rows repeats op(B)).
+  // repeats op(A), (rows, k), in every tile; cutting its rows repeats op(B));
+  // on a tie, the rows if op(A) is transposed (repacking it reads columns of A;
+  // measured on dL/dW = a^T delta), else the columns.
   for (;;) {
     if (2 * row_blocks * col_blocks > max_tiles) break;
     const double work = static_cast<double>(t.rows) * static_cast<double>(t.cols) *
@@ -184,7 +192,8 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size) {
     const Index half_rows = block_side(m, 2 * row_blocks, align);
     const bool can_cols = half_cols < t.cols && half_cols >= min_side;
     const bool can_rows = half_rows < t.rows && half_rows >= min_side;
-    if (can_cols && (t.cols >= t.rows || !can_rows)) {
+    const bool cols_first = t.cols > t.rows || (t.cols == t.rows && !trans_a);
+    if (can_cols && (cols_first || !can_rows)) {
       col_blocks *= 2;
       t.cols = half_cols;
     } else if (can_rows) {
@@ -215,7 +224,7 @@ template <>
 void gemm<float>(bool trans_a, bool trans_b, Index m, Index n, Index k, float alpha,
                  const float* A, Index lda, const float* B, Index ldb, float beta, float* C,
                  Index ldc) {
-  run_tiles<float>(gemm_tiles(m, n, k, sizeof(float)), trans_a, trans_b, m, n, k, alpha, A, lda,
+  run_tiles<float>(gemm_tiles(m, n, k, sizeof(float), trans_a, trans_b), trans_a, trans_b, m, n, k, alpha, A, lda,
                    B, ldb, beta, C, ldc);
 }
 
@@ -223,7 +232,7 @@ template <>
 void gemm<double>(bool trans_a, bool trans_b, Index m, Index n, Index k, double alpha,
                   const double* A, Index lda, const double* B, Index ldb, double beta,
                   double* C, Index ldc) {
-  run_tiles<double>(gemm_tiles(m, n, k, sizeof(double)), trans_a, trans_b, m, n, k, alpha, A,
+  run_tiles<double>(gemm_tiles(m, n, k, sizeof(double), trans_a, trans_b), trans_a, trans_b, m, n, k, alpha, A,
                     lda, B, ldb, beta, C, ldc);
 }
 

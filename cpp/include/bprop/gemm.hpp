@@ -30,9 +30,10 @@ struct GemmTiles {
   Index count() const { return row_blocks * col_blocks; }
 };
 
-/// The tiles gemm uses for C (m, n) with inner dimension k and elements of
-/// `element_size` bytes (4 or 8).
-GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size);
+/// The tiles gemm uses for C (m, n) with inner dimension k, elements of
+/// `element_size` bytes (4 or 8) and op(A), op(B) transposed or not.
+GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size, bool trans_a = false,
+                     bool trans_b = false);
 
 /// The tiling rule's parameters (tuning knobs for benchmarks; see gemm.cpp):
 /// a product is split while each tile keeps at least `min_work` multiply-adds
