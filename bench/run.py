@@ -3,6 +3,7 @@
     python bench/run.py                 # everything (about 2-3 minutes on 2 cores)
     python bench/run.py --quick         # fewer repeats
     python bench/run.py --only tiny     # one workload
+    python bench/run.py --threads 1     # bprop, NumPy's BLAS and PyTorch on one thread each
 
 Every ratio is measured inside one run with the implementations interleaved
 round by round (these machines are shared and noisy): each round times every
@@ -270,7 +271,9 @@ def machine_report(torch_ok):
             print(f"blas    : {pool.get('internal_api')} {pool.get('version')} "
                   f"kernel={pool.get('architecture')} threads={pool.get('num_threads')} "
                   f"({os.path.basename(pool.get('filepath', ''))})")
-    print(f"env     : OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+    print(f"env     : OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')} "
+          f"OPENBLAS_L2_SIZE={os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("bprop   : ", end="")
     bprop.show_config()
 
@@ -280,7 +283,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     parser.add_argument("--only", choices=list(WORKLOADS) + ["digits"], action="append")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--threads", type=int,
+                        help="threads for all three (bprop.set_num_threads, NumPy's BLAS "
+                             "through threadpoolctl, torch.set_num_threads); on a machine "
+                             "that other jobs keep busy, 1 compares the implementations "
+                             "without their thread pools' contention")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        from threadpoolctl import threadpool_limits
+
+        bprop.set_num_threads(args.threads)
+        threadpool_limits(args.threads, user_api="blas")  # NumPy's (bprop's stays at 1)
 
     torch_ok = False
     if not args.no_torch:
@@ -288,6 +301,8 @@ def main(argv=None):
             import torch  # noqa: F401
 
             torch_ok = True
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
         except ImportError:
             print("torch not installed: PyTorch columns skipped (pip install torch==2.13.0)")
     rounds = 3 if args.quick else 5
