@@ -102,14 +102,16 @@ void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
   eigen_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// The rule's parameters, chosen by measurement (bench/gemm_tiles.py; bench/RESULTS.md
-// has the figures). A tile is one OpenBLAS call that packs its rows of op(A) and
-// its columns of op(B) again: on one thread 2 tiles cost 0-5% over one call, 8
-// tiles of at least 128 x 128 about 3-8%, 8 tiles of 64 x 64 13-20% (AVX2, 2
-// cores). So products are cut into at most 8 tiles with sides of at least 128,
-// each of at least 2^20 multiply-adds: small products stay one call.
+// The rule's parameters, chosen by measurement (bench/gemm_tiles.py and paired
+// one-thread A/B runs; bench/RESULTS.md). A tile is one OpenBLAS call that packs
+// its rows of op(A) and columns of op(B) again. On one thread, against one call per
+// product (AVX2, 2 cores): tiles of 64 x 64 or 32 x 64 cost 9-20% more; with sides of
+// at least 128 a whole training step costs 0-1% more on the tiny workload, 2-4% on
+// small, medium and large, whether a product is cut into 2, 4 or 8 tiles. So: sides
+// of at least 128 (small products stay one call), at least 2^20 multiply-adds per
+// tile, at most 8 tiles (4 per thread on 2 cores, for balance when a worker is late).
 std::atomic<Index> g_min_work{Index(1) << 20};
-std::atomic<Index> g_max_tiles{4};
+std::atomic<Index> g_max_tiles{8};
 std::atomic<Index> g_min_side{128};
 std::atomic<Index> g_align{16};
 
