@@ -39,6 +39,7 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.def("_contention_backoff", &bprop::contention_backoff);
   m.def("_contended_loops", &bprop::contended_loops,
         "How many parallel loops found a worker descheduled (and backed off).");
+  m.def("_worker_tasks", &bprop::worker_tasks, "How many tasks bprop's workers have run.");
   m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
                                bprop::Index min_side, bprop::Index align) {
     if (min_work < 1 || max_tiles < 1 || min_side < 1 || align < 1) {

@@ -168,6 +168,7 @@ class Pool {
  public:
   std::atomic<bool> backoff_enabled{true};
   std::atomic<std::int64_t> contended_loops_{0};  // loops after which it backed off
+  std::atomic<std::int64_t> worker_tasks_{0};     // tasks the workers ran
 
  private:
   Clock::duration backoff_{0};  // job_mutex_ held
@@ -224,6 +225,7 @@ class Pool {
       while (claim(id, count, &i)) {
         task(context, i);
         done_.fetch_add(1, std::memory_order_release);
+        worker_tasks_.fetch_add(1, std::memory_order_relaxed);
       }
     }
   }
@@ -303,6 +305,7 @@ int spin_microseconds() { return pool().spin_us.load(std::memory_order_relaxed);
 void set_contention_backoff(bool on) { pool().backoff_enabled.store(on); }
 bool contention_backoff() { return pool().backoff_enabled.load(); }
 std::int64_t contended_loops() { return pool().contended_loops_.load(); }
+std::int64_t worker_tasks() { return pool().worker_tasks_.load(); }
 
 void parallel_for(Index count, Task task, void* context) { pool().run(count, task, context); }
 

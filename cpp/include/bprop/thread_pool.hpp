@@ -36,6 +36,9 @@ void set_contention_backoff(bool on);
 bool contention_backoff();
 std::int64_t contended_loops();
 
+/// How many tasks the workers (not the calling threads) have run, for tests.
+std::int64_t worker_tasks();
+
 /// A task of a parallel loop: runs index i with the loop's context. It must not
 /// throw, and it must not start a parallel loop itself.
 using Task = void (*)(void* context, Index i);
