@@ -2,7 +2,7 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/gemm_tiles.py
     python bench/gemm_tiles.py --only small --rounds 7
-    python bench/gemm_tiles.py --tile-params 1048576,64,16,16   # try another tiling rule
+    python bench/gemm_tiles.py --tile-params 1048576,8,128,42,25,16   # try another tiling rule
 
 For every product of one training step of bench/run.py's workloads (forward
 z = a W, dL/da = delta W^T, dL/dW = a^T delta; float32 unless --dtype), four ways,
@@ -14,9 +14,12 @@ alternating within each round (the machine is shared and noisy), median over rou
   tiled 1t  the core's tiles (shapes by m, n, k only), bprop.set_num_threads(1)
   tiled 2t  the same tiles on 2 threads
 
-The step rows sum a workload's products. The ratios to read: tiled 1t / blas 1t
-(what bitwise determinism costs on one thread) and before / tiled 2t (above 1:
-the tiled path is faster than the old one on two threads).
+The one-thread columns are the calling thread's CPU time (time.thread_time: time
+the OS gave to other processes does not count, so they compare the work on a busy
+machine too); the two-thread columns are wall time, meaningful on a quiet machine
+only. The step rows sum a workload's products. The ratios to read: tiled 1t /
+blas 1t (what bitwise determinism costs on one thread) and before / tiled 2t
+(above 1: the tiled path is faster than the old one on two threads).
 """
 
 from __future__ import annotations
@@ -54,21 +57,25 @@ def step_products(sizes, batch):
     return out
 
 
-def time_call(fn, min_time):
+def time_call(fn, min_time, clock=time.perf_counter):
     start = time.perf_counter()
     while time.perf_counter() - start < SETTLE_SECONDS:
         fn()
     best = float("inf")
     for _ in range(2):
-        n, start = 0, time.perf_counter()
+        n, start = 0, clock()
         while True:
             fn()
             n += 1
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if elapsed >= min_time / 2:
                 break
         best = min(best, elapsed / n)
     return best
+
+
+CLOCKS = {"blas 1t": time.thread_time, "before": time.perf_counter,
+          "tiled 1t": time.thread_time, "tiled 2t": time.perf_counter}
 
 
 def modes(ta, tb, m, n, k, dtype, rng):
@@ -99,7 +106,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="seconds per measurement (large products take longer)")
-    parser.add_argument("--tile-params", help="min_work,max_tiles,min_side,align")
+    parser.add_argument("--tile-params", help="min_work,max_tiles,min_side,max_repack_two,max_repack,align")
     args = parser.parse_args()
     if args.tile_params:
         _core._set_tile_params(*(int(v) for v in args.tile_params.split(",")))
@@ -112,10 +119,11 @@ def main():
     except ImportError:
         kernels = "threadpoolctl not installed"
     print(f"# bprop {bprop.__version__}, {args.dtype}, tile params (min_work, max_tiles, "
-          f"min_side, align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us; "
+          f"min_side, max_repack_two, max_repack, align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us; "
           f"load average {os.getloadavg()[0]:.2f}; {kernels}")
-    print("| workload | product | m x n x k | tiles | blas 1t us | before us | tiled 1t us "
-          "| tiled 2t us | tiled 1t / blas 1t | before / tiled 2t | tiled 1t / tiled 2t |")
+    print("| workload | product | m x n x k | tiles | blas 1t us (cpu) | before us | "
+          "tiled 1t us (cpu) | tiled 2t us | tiled 1t / blas 1t | before / tiled 2t | "
+          "tiled 1t / tiled 2t |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     itemsize = np.dtype(args.dtype).itemsize
@@ -129,7 +137,7 @@ def main():
                 times = {key: [] for key in fns}
                 for _ in range(args.rounds):
                     for key, fn in fns.items():
-                        times[key].append(time_call(fn, min_time))
+                        times[key].append(time_call(fn, min_time, CLOCKS[key]))
                 if totals is None:
                     totals = {key: [0.0] * args.rounds for key in fns}
                 for key in fns:

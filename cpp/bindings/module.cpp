@@ -41,16 +41,20 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
         "How many parallel loops found a worker descheduled (and backed off).");
   m.def("_worker_tasks", &bprop::worker_tasks, "How many tasks bprop's workers have run.");
   m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
-                               bprop::Index min_side, bprop::Index align) {
-    if (min_work < 1 || max_tiles < 1 || min_side < 1 || align < 1) {
-      throw py::value_error("[_set_tile_params] every parameter must be >= 1");
+                               bprop::Index min_side, bprop::Index max_repack_two,
+                               bprop::Index max_repack, bprop::Index align) {
+    if (min_work < 1 || max_tiles < 1 || min_side < 1 || max_repack_two < 0 ||
+        max_repack < 0 || align < 1) {
+      throw py::value_error("[_set_tile_params] every parameter must be >= 1 (the max_repacks >= 0)");
     }
-    bprop::set_tile_params({min_work, max_tiles, min_side, align});
-  }, py::arg("min_work"), py::arg("max_tiles"), py::arg("min_side"), py::arg("align"),
+    bprop::set_tile_params({min_work, max_tiles, min_side, max_repack_two, max_repack, align});
+  }, py::arg("min_work"), py::arg("max_tiles"), py::arg("min_side"),
+        py::arg("max_repack_two"), py::arg("max_repack"), py::arg("align"),
         "The tiling rule's parameters (tuning knob; see cpp/src/gemm.cpp).");
   m.def("_tile_params", [] {
     const bprop::TileParams p = bprop::tile_params();
-    return py::make_tuple(p.min_work, p.max_tiles, p.min_side, p.align);
+    return py::make_tuple(p.min_work, p.max_tiles, p.min_side, p.max_repack_two, p.max_repack,
+                          p.align);
   });
   m.def("_gemm_tiles", [](bprop::Index m, bprop::Index n, bprop::Index k, int element_size,
                           bool trans_a, bool trans_b) {

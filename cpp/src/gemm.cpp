@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 
 #include "bprop/thread_pool.hpp"
@@ -102,17 +103,23 @@ void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
   eigen_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// The rule's parameters, chosen by measurement (bench/gemm_tiles.py and paired
-// one-thread A/B runs; bench/RESULTS.md). A tile is one OpenBLAS call that packs
-// its rows of op(A) and columns of op(B) again. On one thread, against one call per
-// product (AVX2, 2 cores): tiles of 64 x 64 or 32 x 64 cost 9-20% more; with sides of
-// at least 128 a whole training step costs 0-1% more on the tiny workload, 2-4% on
-// small, medium and large, whether a product is cut into 2, 4 or 8 tiles. So: sides
-// of at least 128 (small products stay one call), at least 2^20 multiply-adds per
-// tile, at most 8 tiles (4 per thread on 2 cores, for balance when a worker is late).
+// The rule's parameters, chosen by measurement (bench/gemm_tiles.py, paired
+// one-thread A/B runs of whole training steps; bench/RESULTS.md). A tile is one
+// OpenBLAS call, which packs its rows of op(A) and its columns of op(B) again:
+// cutting C into rb x cb tiles packs (cb - 1)/n + (rb - 1)/m more elements per
+// multiply-add than one call. On one thread (AVX2, 2 cores), against one call per
+// product: 64 x 64 tiles cost 13-20%; with sides of at least 128 but no limit on the
+// repacking a whole training step cost 7.6% more on the small workload and 12% on
+// medium, with the limit 25 (per 10^4 multiply-adds) 0.6% and 2.5%, with 42 2.7% and
+// 7.8%. Two tiles are what a second thread needs, so the first cut may repack up to
+// 42 (the small workload's 128 x 256 products are then cut in two), any further cut
+// only up to 25. Each tile keeps at least 2^20 multiply-adds and sides of at least
+// 128; at most 8 tiles.
 std::atomic<Index> g_min_work{Index(1) << 20};
 std::atomic<Index> g_max_tiles{8};
 std::atomic<Index> g_min_side{128};
+std::atomic<Index> g_max_repack_two{42};
+std::atomic<Index> g_max_repack{25};
 std::atomic<Index> g_align{16};
 
 Index round_up(Index x, Index multiple) { return (x + multiple - 1) / multiple * multiple; }
@@ -173,6 +180,18 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size, bool t
   const Index align = std::max<Index>(1, g_align.load(std::memory_order_relaxed));
   const Index max_tiles = std::max<Index>(1, g_max_tiles.load(std::memory_order_relaxed));
   const Index min_side = g_min_side.load(std::memory_order_relaxed);
+  const double max_repack_two =
+      static_cast<double>(g_max_repack_two.load(std::memory_order_relaxed)) * 1e-4;
+  const double max_repack =
+      static_cast<double>(g_max_repack.load(std::memory_order_relaxed)) * 1e-4;
+  const double md = static_cast<double>(std::max<Index>(m, 1));
+  const double nd = static_cast<double>(std::max<Index>(n, 1));
+  // elements packed per multiply-add beyond what one call packs
+  auto extra_packing = [&](Index rows, Index cols) {
+    const double rb = std::ceil(md / static_cast<double>(rows));
+    const double cb = std::ceil(nd / static_cast<double>(cols));
+    return (cb - 1) / nd + (rb - 1) / md;
+  };
   // work in float32 multiply-adds: a float64 one costs about two
   const double min_work = static_cast<double>(g_min_work.load(std::memory_order_relaxed)) /
                           (static_cast<double>(element_size) / 4.0);
@@ -192,8 +211,11 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size, bool t
     if (work < 2 * min_work) break;
     const Index half_cols = block_side(n, 2 * col_blocks, align);
     const Index half_rows = block_side(m, 2 * row_blocks, align);
-    const bool can_cols = half_cols < t.cols && half_cols >= min_side;
-    const bool can_rows = half_rows < t.rows && half_rows >= min_side;
+    const double limit = row_blocks * col_blocks == 1 ? max_repack_two : max_repack;
+    const bool can_cols = half_cols < t.cols && half_cols >= min_side &&
+                          extra_packing(t.rows, half_cols) <= limit;
+    const bool can_rows = half_rows < t.rows && half_rows >= min_side &&
+                          extra_packing(half_rows, t.cols) <= limit;
     const bool cols_first = t.cols > t.rows || (t.cols == t.rows && !trans_a);
     if (can_cols && (cols_first || !can_rows)) {
       col_blocks *= 2;
@@ -214,12 +236,16 @@ void set_tile_params(const TileParams& p) {
   g_min_work.store(p.min_work, std::memory_order_relaxed);
   g_max_tiles.store(p.max_tiles, std::memory_order_relaxed);
   g_min_side.store(p.min_side, std::memory_order_relaxed);
+  g_max_repack_two.store(p.max_repack_two, std::memory_order_relaxed);
+  g_max_repack.store(p.max_repack, std::memory_order_relaxed);
   g_align.store(p.align, std::memory_order_relaxed);
 }
 
 TileParams tile_params() {
   return {g_min_work.load(std::memory_order_relaxed), g_max_tiles.load(std::memory_order_relaxed),
-          g_min_side.load(std::memory_order_relaxed), g_align.load(std::memory_order_relaxed)};
+          g_min_side.load(std::memory_order_relaxed),
+          g_max_repack_two.load(std::memory_order_relaxed),
+          g_max_repack.load(std::memory_order_relaxed), g_align.load(std::memory_order_relaxed)};
 }
 
 template <>

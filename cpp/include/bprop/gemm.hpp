@@ -37,12 +37,16 @@ GemmTiles gemm_tiles(Index m, Index n, Index k, std::size_t element_size, bool t
 
 /// The tiling rule's parameters (tuning knobs for benchmarks; see gemm.cpp):
 /// a product is split while each tile keeps at least `min_work` multiply-adds
-/// (float32; half that for float64) and sides of at least `min_side`, into at most
-/// `max_tiles` tiles whose sides are multiples of `align`.
+/// (float32; half that for float64) and sides of at least `min_side`, and the
+/// operands packed again for the extra tiles stay under `max_repack_two` / 10^4
+/// elements per multiply-add for a cut into two tiles, `max_repack` / 10^4 for
+/// more, into at most `max_tiles` tiles whose sides are multiples of `align`.
 struct TileParams {
   Index min_work;
   Index max_tiles;
   Index min_side;
+  Index max_repack_two;
+  Index max_repack;
   Index align;
 };
 void set_tile_params(const TileParams& params);
