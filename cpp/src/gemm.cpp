@@ -103,22 +103,23 @@ void serial_gemm(bool trans_a, bool trans_b, Index m, Index n, Index k, T alpha,
   eigen_gemm<T>(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-// The rule's parameters, chosen by measurement (bench/gemm_tiles.py, paired
-// one-thread A/B runs of whole training steps; bench/RESULTS.md). A tile is one
-// OpenBLAS call, which packs its rows of op(A) and its columns of op(B) again:
-// cutting C into rb x cb tiles packs (cb - 1)/n + (rb - 1)/m more elements per
-// multiply-add than one call. On one thread (AVX2, 2 cores), against one call per
-// product: 64 x 64 tiles cost 13-20%; with sides of at least 128 but no limit on the
-// repacking a whole training step cost 7.6% more on the small workload and 12% on
-// medium, with the limit 25 (per 10^4 multiply-adds) 0.6% and 2.5%, with 42 2.7% and
-// 7.8%. Two tiles are what a second thread needs, so the first cut may repack up to
-// 42 (the small workload's 128 x 256 products are then cut in two), any further cut
-// only up to 25. Each tile keeps at least 2^20 multiply-adds and sides of at least
-// 128; at most 8 tiles.
+// The rule's parameters, chosen by measurement (bench/gemm_tiles.py,
+// bench/pool_steps.py: paired one-thread runs of whole training steps;
+// bench/RESULTS.md). A tile is one OpenBLAS call, which packs its rows of op(A) and
+// its columns of op(B) again: cutting C into rb x cb tiles packs (cb - 1)/n +
+// (rb - 1)/m more elements per multiply-add than one call. On one thread (AVX2, 2
+// cores), against one call per product: 64 x 64 tiles cost 13-20%; with sides of at
+// least 128 but no limit on the repacking a whole training step cost 7.6% more on
+// the small workload and 12% on medium, with the limit 25 (per 10^4 multiply-adds)
+// 0.6% and 2.5%, with 42 2.7% and 7.8%. Two tiles are what a second thread needs,
+// so the first cut may repack up to 80 (the tiny workload's 32 x 128 x 784 forward
+// product is cut in two: its step then costs 2.8% more on one thread, and runs 12%
+// faster on two), any further cut only up to 25. Each tile keeps at least 2^20
+// multiply-adds and sides of at least 64; at most 8 tiles.
 std::atomic<Index> g_min_work{Index(1) << 20};
 std::atomic<Index> g_max_tiles{8};
-std::atomic<Index> g_min_side{128};
-std::atomic<Index> g_max_repack_two{42};
+std::atomic<Index> g_min_side{64};
+std::atomic<Index> g_max_repack_two{80};
 std::atomic<Index> g_max_repack{25};
 std::atomic<Index> g_align{16};
 
