@@ -106,11 +106,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.05,
                         help="seconds per measurement (large products take longer)")
+    parser.add_argument("--no-backoff", action="store_true",
+                        help="switch off the pool's back-off on a busy machine")
     parser.add_argument("--tile-params", help="min_work,max_tiles,min_side,max_repack_two,max_repack,align")
     args = parser.parse_args()
     if args.tile_params:
         _core._set_tile_params(*(int(v) for v in args.tile_params.split(",")))
     threads_before = bprop.get_num_threads()
+    if args.no_backoff:
+        _core._set_contention_backoff(False)
     try:
         from threadpoolctl import threadpool_info
         kernels = "; ".join(f"{os.path.basename(p['filepath'])} {p['version']} "
@@ -119,7 +123,8 @@ def main():
     except ImportError:
         kernels = "threadpoolctl not installed"
     print(f"# bprop {bprop.__version__}, {args.dtype}, tile params (min_work, max_tiles, "
-          f"min_side, max_repack_two, max_repack, align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us; "
+          f"min_side, max_repack_two, max_repack, align) = {_core._tile_params()}, spin {_core._spin_microseconds()} us, back-off "
+          f"{'on' if _core._contention_backoff() else 'off'}; "
           f"load average {os.getloadavg()[0]:.2f}; {kernels}")
     print("| workload | product | m x n x k | tiles | blas 1t us (cpu) | before us | "
           "tiled 1t us (cpu) | tiled 2t us | tiled 1t / blas 1t | before / tiled 2t | "

@@ -3,8 +3,8 @@
     python bench/threads_speedup.py            # about 30 s
     python bench/threads_speedup.py --quick
 
-bprop.set_num_threads(1) keeps OpenBLAS to one thread per call, so that any
-parallelism comes from the Python threads. Two identical workloads run one after
+bprop.set_num_threads(1) keeps every product on its calling thread (no help from
+bprop's own workers), so that any parallelism comes from the Python threads. Two identical workloads run one after
 the other (sequential) and on two threads at once (parallel), interleaved round
 by round; the best round of each is compared. Also printed: the parallel
 rounds' CPU time over wall time (2.0 = both threads busy all the time), which

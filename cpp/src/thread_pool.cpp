@@ -2,7 +2,6 @@
 
 #include <pthread.h>
 #include <sched.h>
-#include <time.h>
 
 #include <atomic>
 #include <chrono>
@@ -24,12 +23,6 @@ inline void cpu_relax() {
 #elif defined(__aarch64__)
   asm volatile("yield");
 #endif
-}
-
-std::int64_t thread_cpu_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return std::int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 int cpus_available() {
@@ -60,10 +53,15 @@ class Pool {
       stop_workers();
       threads_.store(n, std::memory_order_relaxed);
     }
+    start_failed_ = false;
   }
   int threads() const { return threads_.load(std::memory_order_relaxed); }
 
+  // tuning knobs and counters for tests and benchmarks
   std::atomic<int> spin_us{50};
+  std::atomic<bool> backoff_enabled{true};
+  std::atomic<std::int64_t> contended_loops_{0};  // loops after which it backed off
+  std::atomic<std::int64_t> worker_tasks_{0};     // tasks the workers ran
 
   void run(Index count, Task task, void* context) {
     if (count <= 0) return;
@@ -92,13 +90,11 @@ class Pool {
     Index i;
     Index mine = 0;
     const Clock::time_point start = Clock::now();
-    const std::int64_t cpu_start = thread_cpu_ns();
     while (claim(id, count, &i)) {
       task(context, i);
       ++mine;
     }
     const Clock::time_point own_done = Clock::now();
-    const std::int64_t own_cpu = thread_cpu_ns() - cpu_start;
     // The rest are running on workers: wait for them, giving the core away if a
     // worker holding a task has been descheduled.
     done_.fetch_add(mine, std::memory_order_acq_rel);
@@ -110,7 +106,8 @@ class Pool {
         std::this_thread::yield();
       }
     }
-    if (mine > 0) judge_contention(start, own_done, Clock::now(), own_cpu, mine, count);
+    // (if this thread ran every task, or none, the loop says nothing about workers)
+    if (mine > 0 && mine < count) judge_contention(start, own_done, Clock::now(), mine, count);
   }
 
   // fork(): the child has only the forking thread, so the workers are stopped
@@ -124,19 +121,19 @@ class Pool {
  private:
   using Clock = std::chrono::steady_clock;
 
-  // On a busy machine the pool's threads do not all get a core. A worker can lose
-  // its core while it holds a task, and the loop then waits for the OS to give it
-  // back (milliseconds; OpenBLAS's own threads made a small training step 30-140x
-  // slower that way); or the threads share what cores there are (Linux's
-  // autogroup gives a session's threads together one share), so two threads do
-  // the work of one with the overhead of two. Seen from the calling thread: the
-  // loop took longer than its tasks would have taken on this thread alone (their
-  // count times the time its own tasks took), or this thread ran for less than
-  // 3/4 of the time its own tasks took. Then the next loops run on the calling
-  // thread alone for a while (2 ms, doubling while it keeps happening, up to
-  // 256 ms) before the pool is tried again. Which thread runs a task never
-  // changes its result.
-  static constexpr auto kSlack = std::chrono::microseconds(20);
+  // On a busy machine a worker can lose its core while it holds a task, and the
+  // loop then waits for the OS to give it back (milliseconds; OpenBLAS's own
+  // threads made a small training step 30-140x slower that way). Seen from the
+  // calling thread: the loop took much longer than its tasks would have taken on
+  // this thread alone (over 3/2 of their count times the time its own tasks took).
+  // Then the next loops run on the calling thread alone for a while (2 ms, doubling
+  // while it keeps happening, up to 256 ms, halving again with each loop that goes
+  // well) before the pool is tried again. Which
+  // thread runs a task never changes its result. (A rule that also backed off when
+  // the calling thread itself had been descheduled during its tasks did better
+  // with both cores taken by other processes, but took away most of the gain of a
+  // second thread with one core taken part of the time.)
+  static constexpr auto kSlack = std::chrono::microseconds(50);
   static constexpr auto kMinBackoff = std::chrono::milliseconds(2);
   static constexpr auto kMaxBackoff = std::chrono::milliseconds(256);
 
@@ -146,14 +143,11 @@ class Pool {
     return until != 0 && Clock::now().time_since_epoch().count() < until;
   }
 
-  // job_mutex_ held
+  // job_mutex_ held; 0 < mine < count
   void judge_contention(Clock::time_point start, Clock::time_point own_done,
-                        Clock::time_point end, std::int64_t own_cpu_ns, Index mine,
-                        Index count) {
-    const auto own = own_done - start;
-    const auto alone = own * count / mine;
-    const auto own_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(own).count();
-    if (end - start > alone + kSlack || 4 * own_cpu_ns < 3 * own_ns) {
+                        Clock::time_point end, Index mine, Index count) {
+    const auto alone = (own_done - start) * count / mine;
+    if (end - start > alone + alone / 2 + kSlack) {
       backoff_ = backoff_ == Clock::duration::zero()
                      ? Clock::duration(kMinBackoff)
                      : std::min<Clock::duration>(2 * backoff_, kMaxBackoff);
@@ -161,16 +155,12 @@ class Pool {
                           std::memory_order_relaxed);
       ++contended_loops_;
     } else {
-      backoff_ = Clock::duration::zero();
+      // forget a failure gradually: the OS may have given the worker its core back
+      // for a moment only
+      backoff_ = backoff_ > Clock::duration(kMinBackoff) ? backoff_ / 2 : Clock::duration::zero();
     }
   }
 
- public:
-  std::atomic<bool> backoff_enabled{true};
-  std::atomic<std::int64_t> contended_loops_{0};  // loops after which it backed off
-  std::atomic<std::int64_t> worker_tasks_{0};     // tasks the workers ran
-
- private:
   Clock::duration backoff_{0};  // job_mutex_ held
   std::atomic<Clock::rep> serial_until_{0};
 
@@ -188,14 +178,19 @@ class Pool {
     }
   }
 
-  // job_mutex_ held
+  // job_mutex_ held. If the OS refuses a thread (a process limit), the pool runs
+  // with the workers it got until the thread count is set again.
   void start_workers() {
     const auto want = static_cast<std::size_t>(threads() - 1);
-    if (workers_.size() == want) return;
+    if (workers_.size() == want || start_failed_) return;
     stop_workers();
-    workers_.reserve(want);
     const auto seen = static_cast<std::uint32_t>(word_.load() >> kJobShift);
-    for (std::size_t w = 0; w < want; ++w) workers_.emplace_back([this, seen] { work(seen); });
+    try {
+      workers_.reserve(want);
+      for (std::size_t w = 0; w < want; ++w) workers_.emplace_back([this, seen] { work(seen); });
+    } catch (const std::exception&) {
+      start_failed_ = true;
+    }
   }
 
   // job_mutex_ held
@@ -255,7 +250,8 @@ class Pool {
   std::mutex job_mutex_;  // held by the thread whose loop the pool runs
   std::atomic<int> threads_;
   std::vector<std::thread> workers_;
-  std::uint32_t job_id_ = 0;  // job_mutex_ held
+  bool start_failed_ = false;  // job_mutex_ held
+  std::uint32_t job_id_ = 0;   // job_mutex_ held
 
   std::atomic<std::uint64_t> word_{0};
   std::atomic<Task> task_{nullptr};
