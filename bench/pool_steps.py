@@ -18,6 +18,10 @@ measurements taken back to back:
 
 Medians over pairs, with the interquartile range; the load average is printed, since
 the two-thread figures mean something different on a quiet and on a busy machine.
+With a bprop from before its own thread pool (OpenBLAS's threads), only 2t / 1t is
+measured, so the same command compares the two builds. The issue's busy machine:
+
+    taskset -c 1 python -c 'while True: pass' &  python bench/pool_steps.py;  kill %1
 """
 
 from __future__ import annotations
@@ -66,12 +70,13 @@ def main():
     parser.add_argument("--tile-params", help="min_work,max_tiles,min_side,max_repack_two,"
                                               "max_repack,align")
     args = parser.parse_args()
+    own_pool = hasattr(_core, "_set_tile_params")
     if args.tile_params:
         _core._set_tile_params(*(int(v) for v in args.tile_params.split(",")))
-    tiled = _core._tile_params()
+    tiled = _core._tile_params() if own_pool else "(OpenBLAS's threads)"
     threads_before = bprop.get_num_threads()
-    print(f"# bprop {bprop.__version__}: tile params {tiled}; load average at start "
-          f"{os.getloadavg()[0]:.2f}")
+    print(f"# bprop {bprop.__version__} ({os.path.dirname(bprop.__file__)}): tile params "
+          f"{tiled}; load average at start {os.getloadavg()[0]:.2f}")
     print("| workload | tiled / one call, 1 thread (cpu) | 2t / 1t (wall) | "
           "2t / 1t without back-off (wall) | back-offs | load |")
     print("|---|---|---|---|---|---|")
@@ -91,25 +96,32 @@ def main():
                 net.train_step(X, y, optimizer=opt)
 
             cost, two, two_plain = [], [], []
-            backoffs = _core._contended_loops()
+            backoffs = _core._contended_loops() if own_pool else 0
             for _ in range(args.pairs):
                 bprop.set_num_threads(1)
-                _core._set_tile_params(*ONE_CALL)
-                one_call = measure(step, time.thread_time, min_time)
-                _core._set_tile_params(*tiled)
-                cost.append(measure(step, time.thread_time, min_time) / one_call)
+                if own_pool:
+                    _core._set_tile_params(*ONE_CALL)
+                    one_call = measure(step, time.thread_time, min_time)
+                    _core._set_tile_params(*tiled)
+                    cost.append(measure(step, time.thread_time, min_time) / one_call)
                 wall_1t = measure(step, time.perf_counter, min_time)
                 bprop.set_num_threads(2)
                 two.append(measure(step, time.perf_counter, min_time) / wall_1t)
-                _core._set_contention_backoff(False)
-                two_plain.append(measure(step, time.perf_counter, min_time) / wall_1t)
-                _core._set_contention_backoff(True)
-            print(f"| {name} | {summary(cost)} | {summary(two)} | {summary(two_plain)} | "
-                  f"{_core._contended_loops() - backoffs} | {os.getloadavg()[0]:.2f} |",
-                  flush=True)
+                if own_pool:
+                    _core._set_contention_backoff(False)
+                    two_plain.append(measure(step, time.perf_counter, min_time) / wall_1t)
+                    _core._set_contention_backoff(True)
+            if own_pool:
+                print(f"| {name} | {summary(cost)} | {summary(two)} | {summary(two_plain)} | "
+                      f"{_core._contended_loops() - backoffs} | {os.getloadavg()[0]:.2f} |",
+                      flush=True)
+            else:
+                print(f"| {name} | - | {summary(two)} | - | - | {os.getloadavg()[0]:.2f} |",
+                      flush=True)
     finally:
-        _core._set_tile_params(*tiled)
-        _core._set_contention_backoff(True)
+        if own_pool:
+            _core._set_tile_params(*tiled)
+            _core._set_contention_backoff(True)
         bprop.set_num_threads(threads_before)
 
 
