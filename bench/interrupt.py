@@ -9,13 +9,15 @@ loaded 2-vCPU VM); a timer thread sends the process a real SIGINT at a few
 points of a step and the time from the signal to the KeyboardInterrupt is
 printed, with the step's own length for scale.
 
-overhead: per-call time of small train_steps, interleaved round by round, the
-core polling for signals between layers as it does by default ("polled": the
-per-layer clock test; it never takes the GIL in a step this short) against
-polling switched off ("off"); the median over rounds. Polling applies only to
-steps of at least ``min_work`` = batch * parameters multiply-adds
-(``bprop._core.interrupt_polling``), so "forced" also shows the small steps
-with polling forced on (min_work 0).
+overhead: per-call time of train_steps, interleaved round by round: as by
+default ("polled"), with polling switched off ("off") and forced on for every
+step ("forced", min_work 0); the median over rounds. Only steps with batch *
+parameters >= min_work poll by default (``bprop._core.interrupt_polling``): of
+these workloads the 1024-wide ones. A polling step shorter than the interval
+(0.1 s) reads the clock between layers and never takes the GIL; the difference
+polling makes is that the updates wait for the end of the backward sweep.
+
+    python bench/interrupt.py --threads 1 overhead   # on a busy machine
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def _per_call(fn, rounds_of: float) -> float:
 def overhead(args) -> None:
     workloads = [("784-128-10 b32 Adam", [784, 128, 10], 32, "adam"),
                  ("784-128-10 b32 SGD", [784, 128, 10], 32, "sgd"),
-                 ("784-256-256-10 b128 Adam", [784, 256, 256, 10], 128, "adam")]
+                 ("784-256-256-10 b128 Adam", [784, 256, 256, 10], 128, "adam"),
+                 ("1024-1024-1024-10 b256 Adam", [1024, 1024, 1024, 10], 256, "adam"),
+                 ("1024-1024-1024-10 b256 SGD", [1024, 1024, 1024, 10], 256, "sgd")]
     default = _core.interrupt_polling()
     modes = {"off": (default[0], 2**62), "polled": default, "forced": (default[0], 0)}
     print(f"polling interval {default[0]} s, min_work {default[1]}")
@@ -102,7 +106,7 @@ def overhead(args) -> None:
                                              args.seconds))
         _core.interrupt_polling(*default)
         med = {m: statistics.median(t) for m, t in times.items()}
-        print(f"  {name:26s} " + "  ".join(f"{m} {v:7.2f} us" for m, v in med.items())
+        print(f"  {name:28s} " + "  ".join(f"{m} {v:7.2f} us" for m, v in med.items())
               + f"  polled/off {med['polled'] / med['off']:.3f}"
               f"  forced/off {med['forced'] / med['off']:.3f}")
 
@@ -118,7 +122,11 @@ def main() -> None:
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--rounds", type=int, default=15)
     ovh.add_argument("--seconds", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="GEMM threads (bprop.set_num_threads); 1 on a busy machine")
     args = parser.parse_args()
+    if args.threads is not None:
+        bprop.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"bprop {bprop.__version__}, {bprop.get_num_threads()} GEMM threads, "
           f"load {os.getloadavg()[0]:.1f}")

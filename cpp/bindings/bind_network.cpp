@@ -86,6 +86,10 @@ class Exclusive {
 std::atomic<double> poll_interval{0.1};
 std::atomic<long long> poll_min_work{1LL << 26};
 unsigned long main_thread = 0;  // threading.main_thread().ident
+// Testing aid (_core._signal_at_poll): the looks taken so far, and the one before
+// which SIGINT is raised as Ctrl-C would (0: none). Used with the GIL held.
+long long polls_made = 0;
+long long signal_at = 0;
 
 class SignalPoll {
  public:
@@ -113,6 +117,7 @@ class SignalPoll {
     if (Clock::now() < next_) return;
     {
       py::gil_scoped_acquire gil;
+      if (++polls_made == signal_at) PyErr_SetInterrupt();  // as a SIGINT would
       if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     }
     next_ = Clock::now() + interval_;
@@ -491,17 +496,14 @@ void bind_network_type(py::module_& m, const char* name) {
           "_end_training",
           [](Self& s) {
             py::gil_scoped_release nogil;
+            const std::thread::id me = std::this_thread::get_id();
+            // Inside a call on this network (a signal handler's fit, whose
+            // _begin_training raised): there is no claim of this fit to release.
+            if (s.holder.load() == me) return;
             std::unique_lock lock(s.mutex);
-            if (s.claims > 0 && s.trainer == std::this_thread::get_id() && --s.claims == 0) {
-              s.trainer = std::thread::id();
-            }
+            if (s.claims > 0 && s.trainer == me && --s.claims == 0) s.trainer = std::thread::id();
           },
-          "Releases one claim of _begin_training made by this thread.")
-      .def_property_readonly("_training", [](Self& s) {
-        py::gil_scoped_release nogil;
-        std::unique_lock lock(s.mutex);
-        return s.claims > 0;
-      })
+          "Releases one claim of _begin_training made by this thread (none: does nothing).")
       // ---- views of the C++ storage ----------------------------------------
       .def("weight", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
@@ -574,6 +576,19 @@ void bind_network(py::module_& m) {
       ">= min_work, on the main thread, run Python's signal handlers "
       "between layers, at most every interval seconds. Sets the values given; returns "
       "the previous (interval, min_work).");
+  m.def(
+      "_signal_at_poll",
+      [](long long n) {
+        if (n < 0) throw py::value_error("[_signal_at_poll] n must be >= 0");
+        const long long made = polls_made;
+        polls_made = 0;
+        signal_at = n;
+        return made;
+      },
+      py::arg("n"),
+      "Testing aid: the n-th look for signals from now (1-based; 0: none) first raises "
+      "SIGINT as Ctrl-C would, so that the SIGINT handler runs inside that call, between "
+      "two layers. Returns how many looks were taken since the previous call.");
   bind_update_plan<float>(m, "UpdatePlan32");
   bind_update_plan<double>(m, "UpdatePlan64");
   bind_network_type<float>(m, "Network32");
