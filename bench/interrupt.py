@@ -11,7 +11,10 @@ printed, with the step's own length for scale.
 
 overhead: per-call time of train_steps, interleaved round by round: as by
 default ("polled"), with polling switched off ("off") and forced on for every
-step ("forced", min_work 0); the median over rounds. Only steps with batch *
+step ("forced", min_work 0), and for scale with a GIL round trip and a signal check
+at every poll ("gil", interval 0: what a check per layer without the clock test
+would cost); the median over rounds (and the ratios of the best rounds, the
+least disturbed). Only steps with batch *
 parameters >= min_work poll by default (``bprop._core.interrupt_polling``): of
 these workloads the 1024-wide ones. A polling step shorter than the interval
 (0.1 s) reads the clock between layers and never takes the GIL; the difference
@@ -48,16 +51,17 @@ def latency(args) -> None:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((args.batch, args.width)).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
-    opt = optim.Adam(net, lr=1e-4)
+    opt = (optim.Adam(net, lr=1e-4) if args.optimizer == "adam"
+           else optim.SGD(net, lr=1e-4))
     start = time.perf_counter()
     net.train_step(X, y, optimizer=opt)
     step = time.perf_counter() - start
     print(f"{args.layers} x Dense({args.width}, {args.width}) + Dense({args.width}, 10), "
-          f"batch {args.batch}, Adam: one step {step:.2f} s")
+          f"batch {args.batch}, {type(opt).__name__}: one step {step:.2f} s")
     for fraction in args.at:
         sent = []
 
-        def interrupt(delay=fraction * step):
+        def interrupt(delay=fraction * step, sent=sent):
             time.sleep(delay)
             sent.append(time.perf_counter())
             os.kill(os.getpid(), signal.SIGINT)
@@ -90,8 +94,16 @@ def overhead(args) -> None:
                  ("1024-1024-1024-10 b256 Adam", [1024, 1024, 1024, 10], 256, "adam"),
                  ("1024-1024-1024-10 b256 SGD", [1024, 1024, 1024, 10], 256, "sgd")]
     default = _core.interrupt_polling()
-    modes = {"off": (default[0], 2**62), "polled": default, "forced": (default[0], 0)}
-    print(f"polling interval {default[0]} s, min_work {default[1]}")
+    modes = {"off": (default[0], 2**62), "polled": default, "forced": (default[0], 0),
+             "gil": (0.0, 0)}
+    print(f"polling interval {default[0]} s, min_work {default[1]}"
+          + (", a busy Python thread alongside" if args.busy else ""))
+    stop = threading.Event()
+    if args.busy:
+        def spin():
+            while not stop.is_set():
+                sum(range(1000))
+        threading.Thread(target=spin, daemon=True).start()
     for name, widths, batch, rule in workloads:
         net = _network(widths)
         rng = np.random.default_rng(0)
@@ -102,13 +114,18 @@ def overhead(args) -> None:
         for _ in range(args.rounds):
             for mode, setting in modes.items():
                 _core.interrupt_polling(*setting)
-                times[mode].append(_per_call(lambda: net.train_step(X, y, optimizer=opt),
-                                             args.seconds))
+                step = lambda net=net, X=X, y=y, opt=opt: net.train_step(X, y, optimizer=opt)
+                times[mode].append(_per_call(step, args.seconds))
         _core.interrupt_polling(*default)
         med = {m: statistics.median(t) for m, t in times.items()}
-        print(f"  {name:28s} " + "  ".join(f"{m} {v:7.2f} us" for m, v in med.items())
-              + f"  polled/off {med['polled'] / med['off']:.3f}"
-              f"  forced/off {med['forced'] / med['off']:.3f}")
+        best = {m: min(t) for m, t in times.items()}
+        print(f"  {name:28s} " + "  ".join(f"{m} {v:7.1f}" for m, v in med.items())
+              + f" us; polled/off {med['polled'] / med['off']:.3f}"
+              f" forced/off {med['forced'] / med['off']:.3f}"
+              f" gil/off {med['gil'] / med['off']:.3f}"
+              f" (best rounds: {best['polled'] / best['off']:.3f}"
+              f" {best['forced'] / best['off']:.3f} {best['gil'] / best['off']:.3f})")
+    stop.set()
 
 
 def main() -> None:
@@ -119,9 +136,14 @@ def main() -> None:
     lat.add_argument("--batch", type=int, default=2048)
     lat.add_argument("--layers", type=int, default=4)
     lat.add_argument("--at", type=float, nargs="+", default=[0.2, 0.5, 0.8])
+    lat.add_argument("--optimizer", choices=["adam", "sgd"], default="adam",
+                     help="sgd: plain SGD, whose products into W follow the sweep unpolled")
     ovh = sub.add_parser("overhead")
     ovh.add_argument("--rounds", type=int, default=15)
     ovh.add_argument("--seconds", type=float, default=0.2)
+    ovh.add_argument("--busy", action="store_true",
+                     help="a second thread runs Python all the while: each look for signals "
+                          "may wait up to the switch interval for the GIL")
     parser.add_argument("--threads", type=int, default=None,
                         help="GEMM threads (bprop.set_num_threads); 1 on a busy machine")
     args = parser.parse_args()
