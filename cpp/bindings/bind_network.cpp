@@ -1,7 +1,6 @@
 // Network<float> and Network<double> as bprop._core.Network32 / Network64.
 #include <atomic>
 #include <chrono>
-#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <optional>
@@ -559,9 +558,9 @@ void bind_network(py::module_& m) {
   m.def(
       "interrupt_polling",
       [](std::optional<double> interval, std::optional<long long> min_work) {
-        if (interval && !(std::isfinite(*interval) && *interval >= 0)) {
-          throw py::value_error("[interrupt_polling] interval must be a finite number of "
-                                "seconds >= 0");
+        if (interval && !(*interval >= 0 && *interval <= 86400)) {
+          throw py::value_error("[interrupt_polling] interval must be a number of seconds in "
+                                "[0, 86400], but got " + std::to_string(*interval));
         }
         if (min_work && *min_work < 0) {
           throw py::value_error("[interrupt_polling] min_work must be >= 0");

@@ -152,7 +152,7 @@ ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X, const Poll& poll) {
   const T* a = X.data();
   try {
     for (Dense<T>& L : layers_) {
-      if (poll && a != X.data()) poll();
+      if (poll && &L != &layers_.front()) poll();  // between layers
       // z = a W + b, a = sigma(z)
       gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(),
               T(0), L.z->data(), L.out());
