@@ -17,8 +17,8 @@ import ctypes
 import importlib
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Mapping, Sequence
 
 LEVELS = ("baseline", "v3", "v4")
 DESCRIPTIONS = {"baseline": "x86-64 (SSE2)", "v3": "x86-64-v3 (AVX2 + FMA)",
