@@ -61,6 +61,13 @@ def test_cpu_check_agrees_with_proc_cpuinfo():
     assert _isa.cpu_lacks("baseline") == []
 
 
+def test_isa_stub_matches_module(tmp_path):
+    pytest.importorskip("mypy.stubtest")
+    result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "bprop._isa"],
+                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _import_with(isa: str) -> subprocess.CompletedProcess:
     code = ("import json, numpy as np, bprop; info = bprop.config(); "
             "net = bprop.Network([bprop.Dense(8, 4, activation='tanh'), bprop.Dense(4, 2)], "
