@@ -3,20 +3,25 @@
     # a native wheel and the portable one, each in its own venv:
     pip wheel . --no-deps -w dist/native -Ccmake.define.BPROP_NATIVE=ON -Cbuild-dir=build/native
     bash tools/build_wheel.sh                      # -> dist/bprop-*-manylinux_*.whl
-    python3 -m venv /tmp/native && /tmp/native/bin/pip install "dist/native/bprop-*.whl[demo]" threadpoolctl
-    python3 -m venv /tmp/portable && /tmp/portable/bin/pip install "dist/bprop-*manylinux*.whl[demo]" threadpoolctl
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/portable.py \\
-        --native /tmp/native/bin/python --portable /tmp/portable/bin/python [--baseline]
+    python3 -m venv /tmp/native && /tmp/native/bin/pip install \
+        "$(ls dist/native/bprop-*.whl)[demo]" threadpoolctl
+    python3 -m venv /tmp/portable && /tmp/portable/bin/pip install \
+        "$(ls dist/bprop-*manylinux*.whl)[demo]" threadpoolctl
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/portable.py \
+        --native /tmp/native/bin/python --portable /tmp/portable/bin/python \
+        [--baseline] [--threads 1] [--rounds 9]
 
 Workloads: bench/run.py's (one float32 training step, net.train_step with SGD,
 timed as bench/run.py times it) and the digits training of ``python -m bprop demo``
 (its "training time", the demo's defaults). Each round runs every workload once in
 each interpreter, in alternating order; the figure per workload is the median over
 rounds of native time / portable time (portable/native speed; 1.0 = as fast as
-native, the target is >= 0.95). ``--baseline`` adds a column for the portable wheel
-forced to its baseline (SSE2) core (``BPROP_ISA=baseline``). Each interpreter
-reports the core it loaded and the OpenBLAS kernels bprop and NumPy use
-(threadpoolctl).
+native, the target is >= 0.95), with its range over rounds, and best/best, the
+fastest native time over the fastest portable one (on a shared machine the fastest
+run is the one least disturbed by other processes). ``--baseline`` adds a column
+for the portable wheel forced to its baseline (SSE2) core (``BPROP_ISA=baseline``).
+Each interpreter reports the core it loaded and the OpenBLAS kernels bprop and
+NumPy use (threadpoolctl).
 """
 
 from __future__ import annotations
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         print(f"env: {var}={os.environ.get(var, '(unset)')}")
     header = f"{'workload':8s} {'native /s':>10s} {'portable /s':>12s}"
     header += f" {'baseline /s':>12s}" if args.baseline else ""
-    header += f" {'portable/native':>16s} {'(min-max)':>12s}"
+    header += f" {'portable/native':>16s} {'(min-max)':>12s} {'best/best':>10s}"
     header += f" {'baseline/native':>16s}" if args.baseline else ""
     print(f"load average at start: {os.getloadavg()[0]:.2f}; threads: "
           f"{args.threads or 'default'}")
@@ -132,7 +137,8 @@ def main(argv=None) -> int:
                 f"{1 / statistics.median(times['portable']):12.1f}")
         if args.baseline:
             line += f" {1 / statistics.median(times['baseline']):12.1f}"
-        line += f" {statistics.median(ratios):16.3f} {min(ratios):5.2f}-{max(ratios):.2f}"
+        line += (f" {statistics.median(ratios):16.3f} {min(ratios):6.2f}-{max(ratios):.2f}"
+                 f" {min(times['native']) / min(times['portable']):10.3f}")
         if args.baseline:
             base = [n / b for n, b in zip(times["native"], times["baseline"])]
             line += f" {statistics.median(base):16.3f}"
