@@ -13,7 +13,7 @@
 
 Workloads: bench/run.py's (one float32 training step, net.train_step with SGD,
 timed as bench/run.py times it) and the digits training of ``python -m bprop demo``
-(its "training time", the demo's defaults). Each round runs every workload once in
+(its "training time", the demo's defaults; median of 7 fits after one warm-up). Each round runs every workload once in
 each interpreter, in alternating order; the figure per workload is the median over
 rounds of native time / portable time (portable/native speed; 1.0 = as fast as
 native, the target is >= 0.95), with its range over rounds, and best/best, the
@@ -47,7 +47,7 @@ if name == "digits":
     from bprop.__main__ import _parser, demo
     args = _parser().parse_args(["demo", "--no-plot", "--no-progress"])
     times = []
-    for _ in range(4):  # the first warms up
+    for _ in range(8):  # the first warms up
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             demo(args)
