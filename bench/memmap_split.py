@@ -22,16 +22,9 @@ import tracemalloc
 import numpy as np
 
 import bprop
+from memory_growth import rss_anon_mb  # this folder is on sys.path when run as a script
 
 N, F = 150_000, 1_000
-
-
-def rss_anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
