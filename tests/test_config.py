@@ -1,4 +1,11 @@
-"""show_config, config, set_num_threads and the choice of core at import."""
+"""show_config, config, set_num_threads and the choice of core at import.
+
+A portable install holds three builds of the core (baseline, x86-64-v3, x86-64-v4)
+and loads the best one the CPU runs; BPROP_ISA forces one. These tests hold on any
+x86-64 CPU and on a native (BPROP_NATIVE=ON) build: each expects what this install
+and this CPU should do, as bprop._isa reports them, and that report is checked
+against /proc/cpuinfo.
+"""
 
 import json
 import os
@@ -10,17 +17,142 @@ import numpy as np
 import pytest
 
 import bprop
+from bprop import _isa
+from bprop._loader import LEVELS, MODULES, choose_level
+
+NO_LACKS = {"baseline": [], "v3": [], "v4": []}
+AVX2_ONLY = {"baseline": [], "v3": [], "v4": ["AVX512F", "AVX512BW"]}
 
 
 def test_config_names_the_core_in_use(capsys):
     info = bprop.config()
-    assert info["module"] in ("bprop._core", "bprop._core_avx512")
+    assert info["isa"] in LEVELS + ("native",)
+    assert info["module"] == MODULES[info["isa"]]
     assert info["eigen_version"].startswith("3.4")
     assert info["gemm"] in ("openblas", "eigen")
     assert info["num_threads"] == bprop.get_num_threads() >= 1
     bprop.show_config()
     out = capsys.readouterr().out
     assert info["module"] in out and info["arch_flags"] in out and "threads" in out
+    assert f"isa {info['isa']}" in out
+
+
+def test_default_loads_the_best_build_this_cpu_runs():
+    info = bprop.config()
+    runs = [level for level in LEVELS if not _isa.cpu_lacks(level)]
+    assert info["cpu_levels"] == runs
+    assert "baseline" in runs  # every x86-64 CPU
+    if _isa.BUILD == "native":
+        assert info["isa"] == "native" and info["isa_loadable"] == []
+    else:
+        assert info["isa_loadable"] == [lv for lv in _isa.BUILT_LEVELS if lv in runs]
+        assert info["isa"] == info["isa_loadable"][-1]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="Linux only")
+def test_cpu_check_agrees_with_proc_cpuinfo():
+    # The features of each level as Linux names them (OSXSAVE is not listed there).
+    v3 = {"cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2",
+          "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    assert (not _isa.cpu_lacks("v3")) == v3.issubset(flags), sorted(v3 - set(flags))
+    assert (not _isa.cpu_lacks("v4")) == v4.issubset(flags), sorted(v4 - set(flags))
+    assert _isa.cpu_lacks("baseline") == []
+
+
+def test_isa_stub_matches_module(tmp_path):
+    pytest.importorskip("mypy.stubtest")
+    result = subprocess.run([sys.executable, "-m", "mypy.stubtest", "bprop._isa"],
+                            cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _import_with(isa: str) -> subprocess.CompletedProcess:
+    code = ("import json, numpy as np, bprop; info = bprop.config(); "
+            "net = bprop.Network([bprop.Dense(8, 4, activation='tanh'), bprop.Dense(4, 2)], "
+            "dtype='float64', seed=0); "
+            "X = np.random.default_rng(0).standard_normal((5, 8)); "
+            "print(json.dumps({k: info[k] for k in ('module', 'isa', 'arch_flags')} | "
+            "{'out': net.predict(X).tolist()}))")
+    env = dict(os.environ, BPROP_ISA=isa)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_forcing_a_level_loads_it_or_says_why_not(level):
+    result = _import_with(level)
+    lacks = _isa.cpu_lacks(level)
+    if _isa.BUILD == "native":
+        assert result.returncode != 0
+        assert (f"ImportError: BPROP_ISA={level} asks for" in result.stderr
+                and "BPROP_NATIVE=ON" in result.stderr
+                and "holds only bprop._core" in result.stderr), result.stderr
+    elif level not in _isa.BUILT_LEVELS:
+        assert result.returncode != 0
+        assert f"this install holds only: {', '.join(_isa.BUILT_LEVELS)}" in result.stderr
+    elif lacks:  # e.g. v4 on an AVX2 machine
+        runs = [lv for lv in _isa.BUILT_LEVELS if not _isa.cpu_lacks(lv)]
+        assert result.returncode != 0
+        assert (f"ImportError: BPROP_ISA={level} asks for" in result.stderr
+                and f"this CPU lacks {', '.join(lacks)}" in result.stderr
+                and f"it runs: {', '.join(runs)}" in result.stderr), result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        got = json.loads(result.stdout.strip().splitlines()[-1])
+        assert got["isa"] == level and got["module"] == MODULES[level]
+        assert got["arch_flags"].startswith("-march=x86-64")
+        # and it computes what this process's core computes
+        net = bprop.Network([bprop.Dense(8, 4, activation="tanh"), bprop.Dense(4, 2)],
+                            dtype="float64", seed=0)
+        X = np.random.default_rng(0).standard_normal((5, 8))
+        np.testing.assert_allclose(got["out"], net.predict(X), rtol=1e-13, atol=1e-15)
+
+
+def test_an_unknown_level_names_the_allowed_values():
+    result = _import_with("avx2")
+    assert result.returncode != 0
+    assert ("ImportError: BPROP_ISA='avx2' is not a level of bprop's core; allowed values: "
+            "baseline, v3, v4" in result.stderr), result.stderr
+
+
+# ---- the choice itself, for CPUs and builds this machine is not ----------------------
+
+def test_choice_is_the_best_level_the_cpu_runs():
+    assert choose_level("", "portable", LEVELS, NO_LACKS) == "v4"
+    assert choose_level("", "portable", LEVELS, AVX2_ONLY) == "v3"
+    assert choose_level("", "portable", ("baseline",), NO_LACKS) == "baseline"
+    assert choose_level(" V3 ", "portable", LEVELS, NO_LACKS) == "v3"
+    assert choose_level("baseline", "portable", LEVELS, AVX2_ONLY) == "baseline"
+    assert choose_level("", "native", (), NO_LACKS) == "native"
+
+
+def test_choice_of_a_level_the_cpu_lacks_says_what_it_lacks_and_what_it_runs():
+    with pytest.raises(ImportError, match=r"^BPROP_ISA=v4 asks for the x86-64-v4 \(AVX-512\) "
+                       r"build of bprop's core, but this CPU lacks AVX512F, AVX512BW; "
+                       r"it runs: baseline, v3\. Unset BPROP_ISA"):
+        choose_level("v4", "portable", LEVELS, AVX2_ONLY)
+
+
+def test_choice_of_a_level_the_build_lacks_says_what_it_holds():
+    with pytest.raises(ImportError, match=r"BPROP_ISA=v3 .* this bprop was built with "
+                       r"BPROP_NATIVE=ON and holds only bprop._core, tuned for the build "
+                       r"machine \(-march=native\)"):
+        choose_level("v3", "native", (), NO_LACKS)
+    with pytest.raises(ImportError, match=r"BPROP_ISA=baseline .* BPROP_NATIVE=ON"):
+        choose_level("baseline", "native", (), NO_LACKS)
+    with pytest.raises(ImportError, match=r"BPROP_ISA=v4 .* this install holds only: "
+                       r"baseline, v3\."):
+        choose_level("v4", "portable", ("baseline", "v3"), NO_LACKS)
+
+
+@pytest.mark.parametrize("value", ["avx2", "v2", "native", "x86-64-v3"])
+def test_choice_of_an_unknown_level_names_the_allowed_values(value):
+    with pytest.raises(ImportError, match=rf"^BPROP_ISA='{value}' is not a level of bprop's "
+                       r"core; allowed values: baseline, v3, v4 \(or unset it"):
+        choose_level(value, "portable", LEVELS, NO_LACKS)
 
 
 def test_set_num_threads_round_trips_and_validates():
@@ -43,15 +175,6 @@ def test_set_num_threads_round_trips_and_validates():
         bprop.set_num_threads(5000)
     with pytest.raises(TypeError, match=r"\[set_num_threads\] n must be an int"):
         bprop.set_num_threads(1.5)
-
-
-def test_baseline_core_can_be_forced():
-    """BPROP_ISA=baseline loads bprop._core whatever the CPU (a native build has
-    only that one; a portable wheel also has _core_avx512)."""
-    env = dict(os.environ, BPROP_ISA="baseline")
-    out = subprocess.run([sys.executable, "-c", "import bprop; print(bprop.config()['module'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "bprop._core"
 
 
 def _run(code, **env_vars):

@@ -1,12 +1,14 @@
-"""Threads (issue 5, item 3).
+"""Threads (issue 5, item 3; issue 10, item 5).
 
 The core serializes calls on one network with a shared_mutex: predict takes it
 shared, every other call (forward, backward, train_step, step) exclusively, and
 all of them release the GIL. So predict from many threads runs in parallel and
 gives exactly the sequential results; predict during fit sees the weights of
 one training step or the next, never a mixture; separate networks train in
-parallel. The speed-up is measured by bench/threads_speedup.py, not asserted
-here (it depends on what else the machine runs).
+parallel. While fit trains a network, the other calls from other threads raise
+RuntimeError (checked under the lock). The speed-up is measured by
+bench/threads_speedup.py, not asserted here (it depends on what else the machine
+runs).
 """
 
 from __future__ import annotations
@@ -84,28 +86,21 @@ def test_eight_threads_predicting_on_one_network_match_sequential_calls(dtype, s
         assert all(r == expected_chunked[i] for r in results[i][1::2]), f"thread {i}"
 
 
-class _Recording:
-    """Mixin: the weights after every step of the optimizer (and before the first)."""
+def _recording(net, opt):
+    """The weights before the first step and after every step that fit makes with
+    `opt`: fit steps through net.train_step, wrapped here on the instance."""
+    snapshots = [[p.copy() for _, p, _ in net.parameters()]]
+    train_step = net.train_step
 
-    def _record(self):
-        self.__dict__.setdefault("snapshots", [])
-        self.snapshots.append([p.copy() for _, p, _ in self.net.parameters()])
+    def recorded(*args, **kwargs):
+        count = opt.step_count
+        value = train_step(*args, **kwargs)
+        if opt.step_count != count:
+            snapshots.append([p.copy() for _, p, _ in net.parameters()])
+        return value
 
-    def _fused_step_taken(self):  # train_step stepped inside the core (fused SGD, plan)
-        super()._fused_step_taken()
-        self._record()
-
-    def step(self):  # the optimizer's own kernels (a user loss)
-        super().step()
-        self._record()
-
-
-class RecordingAdam(_Recording, optim.Adam):
-    pass
-
-
-class RecordingSGD(_Recording, optim.SGD):
-    pass
+    net.train_step = recorded
+    return snapshots
 
 
 def _user_cross_entropy(output, target, sample_weight=None):
@@ -113,11 +108,11 @@ def _user_cross_entropy(output, target, sample_weight=None):
 
 
 CONCURRENT = {
-    "adam": (lambda n: RecordingAdam(n, lr=1e-2), "softmax_cross_entropy"),
-    "sgd-fused": (lambda n: RecordingSGD(n, lr=0.05), "softmax_cross_entropy"),
-    "sgd-momentum": (lambda n: RecordingSGD(n, lr=0.05, momentum=0.9), "softmax_cross_entropy"),
+    "adam": (lambda n: optim.Adam(n, lr=1e-2), "softmax_cross_entropy"),
+    "sgd-fused": (lambda n: optim.SGD(n, lr=0.05), "softmax_cross_entropy"),
+    "sgd-momentum": (lambda n: optim.SGD(n, lr=0.05, momentum=0.9), "softmax_cross_entropy"),
     # a user loss: fit calls forward, backward and then optimizer.step() itself
-    "adam-user-loss": (lambda n: RecordingAdam(n, lr=1e-2), _user_cross_entropy),
+    "adam-user-loss": (lambda n: optim.Adam(n, lr=1e-2), _user_cross_entropy),
 }
 
 
@@ -139,7 +134,7 @@ def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case)
 
     net = _network()
     opt = make_optimizer(net)
-    opt._record()
+    snapshots = _recording(net, opt)
     done = threading.Event()
     seen = [[], []]
 
@@ -163,11 +158,11 @@ def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case)
     # every prediction is that of the weights after some step (or before the first)
     twin = _network()
     outputs = set()
-    for weights in opt.snapshots:
+    for weights in snapshots:
         for (_, p, _), w in zip(twin.parameters(), weights):
             p[...] = w
         outputs.add(twin.predict(Xq).tobytes())
-    assert len(opt.snapshots) == EPOCHS * 64 + 1
+    assert len(snapshots) == EPOCHS * 64 + 1
     observed = seen[0] + seen[1]
     assert len(observed) > 0
     torn = sum(o not in outputs for o in observed)
@@ -175,17 +170,162 @@ def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case)
                        "that a training step left")
 
 
-def test_two_fits_on_one_network_at_once_do_not_crash():
-    """Serialized by the network's lock: the steps interleave, the weights stay whole."""
+# ---- fit's claim on its network (issue 10, item 5) ----------------------------------
+# A user's forward/backward from another thread during fit silently used fit's
+# cached batch or raised a shape error; two fits without an optimizer each made
+# their own Adam over the same weights. Now fit claims the network: the other
+# threads' calls raise RuntimeError; predict and fit's own thread are not affected.
+
+CLAIM_X = np.random.default_rng(6).standard_normal((64, 16))
+CLAIM_Y = np.random.default_rng(7).integers(0, 4, 64)
+
+
+class _PausedFit:
+    """fit on `net` in a thread, held inside its first epoch's callback (so it
+    surely runs) until the block ends; then it finishes and re-raises its error."""
+
+    def __init__(self, net, **kwargs):
+        self.net, self.kwargs = net, kwargs
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.errors = []
+
+    def on_epoch_end(self, epoch, logs):
+        if epoch == 0:
+            self.inside.set()
+            assert self.release.wait(120)
+
+    def _run(self):
+        try:
+            self.history = bprop.fit(self.net, CLAIM_X, CLAIM_Y, callbacks=[self],
+                                     **self.kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            self.errors.append(exc)
+        finally:
+            self.inside.set()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        assert self.inside.wait(120)
+        return self
+
+    def __exit__(self, *exc):
+        self.release.set()
+        self.thread.join()
+        if self.errors and exc[0] is None:
+            raise self.errors[0]
+        return False
+
+
+def _user_loss_f64(output, target, sample_weight=None):
+    return losses.softmax_cross_entropy(output, target, sample_weight)
+
+
+REFUSED = {
+    "forward": lambda net, opt: net.forward(CLAIM_X[:8]),
+    "backward": lambda net, opt: net.backward(np.ones((8, 4))),
+    "step": lambda net, opt: net.step(0.1),
+    "train_step": lambda net, opt: net.train_step(CLAIM_X[:8], CLAIM_Y[:8], optimizer=opt),
+    "train_step-user-loss": lambda net, opt: net.train_step(CLAIM_X[:8], CLAIM_Y[:8],
+                                                            _user_loss_f64, opt),
+    "fit's optimizer step": lambda net, opt: opt.step(),
+    "another optimizer's step": lambda net, opt: optim.SGD(net, lr=0.1, momentum=0.9).step(),
+    "fit": lambda net, opt: bprop.fit(net, CLAIM_X, CLAIM_Y, epochs=1),
+    "core forward": lambda net, opt: net._core.forward(CLAIM_X[:8]),
+    "core clear_cache": lambda net, opt: net._core.clear_cache(),
+}
+
+
+def test_calls_from_another_thread_while_fit_trains_raise_and_change_nothing():
+    alone = _network("float64")
+    bprop.fit(alone, CLAIM_X, CLAIM_Y, optimizer=optim.Adam(alone, lr=1e-2), epochs=3,
+              batch_size=8, seed=1)
+
     net = _network("float64")
-    rng = np.random.default_rng(2)
-    X = rng.standard_normal((256, 16))
-    y = rng.integers(0, 4, 256)
-    opts = [optim.Adam(net, lr=1e-3), optim.SGD(net, lr=0.01, momentum=0.5)]
-    _run_threads([lambda o=o: bprop.fit(net, X, y, optimizer=o, epochs=2, batch_size=8,
-                                        seed=0) for o in opts])
-    assert all(np.isfinite(p).all() for _, p, _ in net.parameters())
-    assert np.isfinite(net.predict(X)).all()
+    opt = optim.Adam(net, lr=1e-2)
+    with _PausedFit(net, optimizer=opt, epochs=3, batch_size=8, seed=1):
+        for name, call in REFUSED.items():
+            with pytest.raises(RuntimeError, match=r"\] the network is being trained by fit "
+                                                   r"in another thread") as info:
+                call(net, opt)
+            where = {"fit's optimizer step": "Optimizer.step",
+                     "another optimizer's step": "Optimizer.step", "fit": "fit",
+                     "core clear_cache": "Network.clear_cache"}.get(name)
+            if where is None:
+                where = "Network." + name.split("-")[0].replace("core ", "")
+                if name == "train_step-user-loss":
+                    where = "Network.forward"  # its first call
+            assert str(info.value).startswith(f"[{where}]"), (name, str(info.value))
+        assert np.isfinite(net.predict(CLAIM_X)).all()  # predict keeps working
+    # the refused calls changed nothing: fit's result is that of fit alone
+    for (name, a, _), (_, b, _) in zip(net.parameters(), alone.parameters()):
+        assert a.tobytes() == b.tobytes(), name
+    assert net._fit_optimizer is opt and opt.step_count == 3 * 8
+    # and once fit has returned, every call works again from any thread
+    net.forward(CLAIM_X[:8])
+    net.backward(np.ones((8, 4)))
+    net.step(0.0)
+
+
+def test_fits_own_thread_may_call_everything_on_the_network():
+    net = _network("float64")
+    opt = optim.Adam(net, lr=1e-2)
+    done = []
+
+    class Callback:
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 0:
+                out = net.forward(CLAIM_X[:8])
+                net.backward(np.ones_like(out))
+                net.step(0.0)
+                opt.step()
+                net.predict(CLAIM_X)
+                net.train_step(CLAIM_X[:8], CLAIM_Y[:8], optimizer=opt)
+                bprop.fit(net, CLAIM_X, CLAIM_Y, epochs=1, batch_size=8)  # nested: same claim
+                done.append(epoch)
+
+    def user_loss(output, target, sample_weight=None):
+        net.predict(CLAIM_X[:2])
+        return losses.softmax_cross_entropy(output, target, sample_weight)
+
+    history = bprop.fit(net, CLAIM_X, CLAIM_Y, loss=user_loss, optimizer=opt, epochs=2,
+                        batch_size=8, callbacks=[Callback()])
+    assert done == [0] and len(history) == 2
+    assert opt.step_count == 2 * 8 + 2 + 8  # fit's steps, the callback's two, nested fit's
+    # the claims are all released: another thread may call forward now
+    _run_threads([lambda: net.forward(CLAIM_X[:8])])
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, ValueError])
+def test_fit_releases_its_claim_when_it_fails(failure):
+    net = _network("float64")
+
+    class Fail:
+        def on_epoch_end(self, epoch, logs):
+            raise failure("from a callback")
+
+    with pytest.raises(failure) as info:
+        bprop.fit(net, CLAIM_X, CLAIM_Y, epochs=3, batch_size=8, callbacks=[Fail()])
+    if failure is KeyboardInterrupt:
+        assert len(info.value.history) == 1  # recorded before its callbacks ran
+    _run_threads([lambda: net.forward(CLAIM_X[:8])])
+
+
+def test_a_second_fit_on_a_network_being_trained_raises_and_changes_nothing():
+    """Two fits at once without an optimizer each made their own Adam over the same
+    weights; now the second one raises before it changes anything."""
+    net = _network("float64")
+    with _PausedFit(net, epochs=2, batch_size=8, seed=0) as first:
+        opt = net._fit_optimizer
+        with pytest.raises(RuntimeError, match=r"^\[fit\] the network is being trained by "
+                                               "fit in another thread"):
+            bprop.fit(net, CLAIM_X, CLAIM_Y, epochs=2, batch_size=8, seed=0)
+        assert net._fit_optimizer is opt
+    assert len(first.history) == 2 and opt.step_count == 2 * 8
+    alone = _network("float64")
+    bprop.fit(alone, CLAIM_X, CLAIM_Y, epochs=2, batch_size=8, seed=0)
+    for (name, a, _), (_, b, _) in zip(net.parameters(), alone.parameters()):
+        assert a.tobytes() == b.tobytes(), name
 
 
 def test_separate_networks_on_separate_threads_match_sequential_fits():

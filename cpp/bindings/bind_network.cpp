@@ -1,8 +1,13 @@
 // Network<float> and Network<double> as bprop._core.Network32 / Network64.
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -17,7 +22,8 @@ namespace {
 using LayerTuple = std::tuple<Index, Index, std::string, double>;
 
 /// The core network plus what the binding must own: a reference to the array
-/// that layer 0's cache points into, and the lock that serializes calls.
+/// that layer 0's cache points into, the lock that serializes calls, and fit's
+/// claim on the network.
 template <typename T>
 struct PyNetwork {
   explicit PyNetwork(const std::vector<LayerSpec>& specs) : net(specs) {}
@@ -25,7 +31,106 @@ struct PyNetwork {
   Network<T> net;
   py::object input;         // keeps layer 0's cached input alive
   std::shared_mutex mutex;  // predict() shares it; every other call holds it alone
+  // The thread whose fit trains the network and how many fits deep (a callback
+  // may fit again); written and read under `mutex` held alone.
+  std::thread::id trainer;
+  int claims = 0;
+  // The thread inside a call that holds `mutex` alone: a signal handler that the
+  // call's poll runs on that thread and that calls into this network again must
+  // raise, not wait for a lock its own thread holds.
+  std::atomic<std::thread::id> holder{};
 };
+
+/// `mutex` held alone for one call, after the checks that make it a clear error
+/// instead of a deadlock or a step interleaved with another thread's fit:
+/// RuntimeError if this thread is already inside a call on the network (a
+/// signal handler) or if fit trains the network in another thread.
+template <typename T>
+class Exclusive {
+ public:
+  Exclusive(PyNetwork<T>& s, const char* where) : s_(s) {
+    const std::thread::id me = std::this_thread::get_id();
+    if (s.holder.load() == me) {
+      throw std::runtime_error(std::string("[") + where + "] called while this thread is "
+                               "inside another call on the network (from a signal handler?)");
+    }
+    lock_ = std::unique_lock<std::shared_mutex>(s.mutex);
+    if (s.claims > 0 && s.trainer != me) {
+      throw std::runtime_error(std::string("[") + where + "] the network is being trained by "
+                               "fit in another thread; call this once fit has returned "
+                               "(predict works meanwhile)");
+    }
+    s.holder.store(me);
+  }
+  Exclusive(const Exclusive&) = delete;
+  Exclusive& operator=(const Exclusive&) = delete;
+  ~Exclusive() { s_.holder.store(std::thread::id()); }
+
+ private:
+  PyNetwork<T>& s_;
+  std::unique_lock<std::shared_mutex> lock_;
+};
+
+// ---- Ctrl-C inside long calls ------------------------------------------------
+// With the GIL released, Python's SIGINT handler only sets a flag, which the
+// interpreter acts on once the call returns. Calls on the main thread (the only
+// one Python runs signal handlers on) whose batch * parameters (the multiply-adds
+// of one forward pass) is at least `min_work` therefore poll between layers: once
+// `interval` seconds have passed since the call began or since the last look, they
+// take the GIL and run the handlers; the exception one raises (KeyboardInterrupt)
+// abandons the call. Smaller calls do not poll (Python sees the signal when they
+// return), and a polling call shorter than `interval` only reads the clock.
+// Taking the GIL can wait up to the switch interval (5 ms) while another thread
+// runs Python, hence once per `interval` at most.
+std::atomic<double> poll_interval{0.1};
+std::atomic<long long> poll_min_work{1LL << 26};
+unsigned long main_thread = 0;  // threading.main_thread().ident
+// Testing aid (_core._signal_at_poll): the looks taken so far, and the one before
+// which SIGINT is raised as Ctrl-C would (0: none). Used with the GIL held.
+long long polls_made = 0;
+long long signal_at = 0;
+
+class SignalPoll {
+ public:
+  /// Built with the GIL held; `work` is the call's batch * parameters.
+  explicit SignalPoll(double work) {
+    if (PyThread_get_thread_ident() != main_thread ||
+        work < static_cast<double>(poll_min_work.load())) {
+      return;
+    }
+    interval_ = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(poll_interval.load()));
+    next_ = Clock::now() + interval_;
+    poll_ = [this] { check(); };
+  }
+  SignalPoll(const SignalPoll&) = delete;
+  SignalPoll& operator=(const SignalPoll&) = delete;
+
+  /// Empty when this call does not poll.
+  const Poll& poll() const { return poll_; }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+
+  void check() {
+    if (Clock::now() < next_) return;
+    {
+      py::gil_scoped_acquire gil;
+      if (++polls_made == signal_at) PyErr_SetInterrupt();  // as a SIGINT would
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    next_ = Clock::now() + interval_;
+  }
+
+  Clock::duration interval_{};
+  Clock::time_point next_{};
+  Poll poll_;
+};
+
+template <typename T>
+double work_of(const PyNetwork<T>& s, Index rows) {
+  return static_cast<double>(rows) * static_cast<double>(s.net.num_parameters());
+}
 
 /// An optimizer's hyperparameters and state arrays, prepared once (when the
 /// optimizer binds or its hyperparameters change) so that a training step passes
@@ -56,8 +161,13 @@ void bind_update_plan(py::module_& m, const char* name) {
   using Plan = UpdatePlan<T>;
   py::class_<Plan>(m, name, py::module_local())
       .def(py::init([](const std::string& rule, py::dict h, const std::vector<Index>& sizes,
-                       const std::vector<py::tuple>& states) {
+                       const std::vector<py::tuple>& states, std::int64_t step_count) {
+             if (step_count < 0) {
+               throw py::value_error("[UpdatePlan] step_count must be >= 0, but got " +
+                                     std::to_string(step_count));
+             }
              auto plan = std::make_unique<Plan>();
+             plan->update.steps = step_count;
              UpdateSpec& s = plan->update.spec;
              if (rule == "sgd") {
                s.rule = UpdateRule::sgd;
@@ -109,7 +219,19 @@ void bind_update_plan(py::module_& m, const char* name) {
              plan->sizes = sizes;
              return plan;
            }),
-           py::arg("rule"), py::arg("hyperparameters"), py::arg("sizes"), py::arg("states"));
+           py::arg("rule"), py::arg("hyperparameters"), py::arg("sizes"), py::arg("states"),
+           py::arg("step_count") = 0)
+      .def_property(
+          "step_count", [](const Plan& p) { return p.update.steps; },
+          [](Plan& p, std::int64_t n) {
+            if (n < 0) {
+              throw py::value_error("[UpdatePlan] step_count must be >= 0, but got " +
+                                    std::to_string(n));
+            }
+            p.update.steps = n;
+          },
+          "Steps taken; the call that makes a step counts it, in C++, once every "
+          "parameter is updated.");
 }
 
 std::vector<LayerSpec> to_specs(const std::vector<LayerTuple>& layers) {
@@ -131,10 +253,9 @@ const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
 }
 
 /// The update of an UpdatePlan, after checking that it was built for this
-/// network's parameter sizes; sets its step number t.
+/// network's parameter sizes.
 template <typename T>
-Update<T>& checked_plan(PyNetwork<T>& s, py::handle plan_obj, std::int64_t t,
-                        const char* where) {
+Update<T>& checked_plan(PyNetwork<T>& s, py::handle plan_obj, const char* where) {
   if (!py::isinstance<UpdatePlan<T>>(plan_obj)) {
     throw py::type_error(std::string("[") + where + "] the optimizer's plan is for another "
                          "dtype than this " + dtype_name<T>() + " network");
@@ -153,8 +274,6 @@ Update<T>& checked_plan(PyNetwork<T>& s, py::handle plan_obj, std::int64_t t,
     throw py::value_error(std::string("[") + where + "] the optimizer was built for a "
                           "different network");
   }
-  if (t < 1) throw py::value_error(std::string("[") + where + "] the step number must be >= 1");
-  plan.update.t = t;
   return plan.update;
 }
 
@@ -190,10 +309,11 @@ void bind_network_type(py::module_& m, const char* name) {
             const Index rows = X.shape(0), cols = X.shape(1);
             py::array_t<T> out({static_cast<py::ssize_t>(rows),
                                 static_cast<py::ssize_t>(s.net.out_features())});
+            SignalPoll poll(work_of(s, rows));
             {
               py::gil_scoped_release nogil;
-              std::unique_lock lock(s.mutex);
-              auto result = s.net.forward(ConstMatrixMap<T>(X.data(), rows, cols));
+              Exclusive<T> lock(s, "Network.forward");
+              auto result = s.net.forward(ConstMatrixMap<T>(X.data(), rows, cols), poll.poll());
               std::memcpy(out.mutable_data(), result.data(),
                           sizeof(T) * static_cast<std::size_t>(result.size()));
               py::gil_scoped_acquire gil;  // lock order: mutex, then GIL
@@ -201,7 +321,9 @@ void bind_network_type(py::module_& m, const char* name) {
             }
             return out;
           },
-          py::arg("X"), "Forward pass; caches a, z per layer. Returns (batch, out_features).")
+          py::arg("X"),
+          "Forward pass; caches a, z per layer. Returns (batch, out_features). Interrupted "
+          "(Ctrl-C), it forgets the cache and changes nothing else.")
       .def(
           "backward",
           [](Self& s, py::handle G_obj, bool accumulate, bool input_grad) -> py::object {
@@ -212,15 +334,16 @@ void bind_network_type(py::module_& m, const char* name) {
               dX = py::array_t<T>({static_cast<py::ssize_t>(std::max<Index>(rows, 0)),
                                    static_cast<py::ssize_t>(s.net.in_features())});
             }
+            SignalPoll poll(work_of(s, rows));
             {
               py::gil_scoped_release nogil;
-              std::unique_lock lock(s.mutex);
+              Exclusive<T> lock(s, "Network.backward");
               ConstMatrixMap<T> Gm(G.data(), rows, cols);
               if (input_grad) {
                 MatrixMap<T> dXm(dX.mutable_data(), rows, s.net.in_features());
-                s.net.backward(Gm, accumulate, &dXm);
+                s.net.backward(Gm, accumulate, &dXm, poll.poll());
               } else {
-                s.net.backward(Gm, accumulate, nullptr);
+                s.net.backward(Gm, accumulate, nullptr, poll.poll());
               }
             }
             if (input_grad) return std::move(dX);
@@ -230,10 +353,16 @@ void bind_network_type(py::module_& m, const char* name) {
       .def(
           "train_step",
           [](Self& s, py::handle X_obj, py::handle y_obj, const std::string& loss_name,
-             py::handle w_obj, double sgd_lr, py::handle plan_obj, std::int64_t t) {
+             py::handle w_obj, double sgd_lr, py::handle plan_obj) {
             const char* where = "Network.train_step";
             Update<T>* update = nullptr;
-            if (!plan_obj.is_none()) update = &checked_plan(s, plan_obj, t, where);
+            if (!plan_obj.is_none()) {
+              if (sgd_lr >= 0) {
+                throw py::value_error(std::string("[") + where + "] give sgd_lr or plan, not "
+                                      "both");
+              }
+              update = &checked_plan(s, plan_obj, where);
+            }
             auto X = strict_array<T>(X_obj, where, "X", 2);
             const Index rows = X.shape(0), cols = X.shape(1);
             Loss loss;
@@ -283,37 +412,40 @@ void bind_network_type(py::module_& m, const char* name) {
               sw = w.data();
             }
             double value = 0;
+            SignalPoll poll(work_of(s, rows));
             {
               py::gil_scoped_release nogil;
-              std::unique_lock lock(s.mutex);
+              Exclusive<T> lock(s, where);
               value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
-                                       target, sw, static_cast<T>(sgd_lr), update);
+                                       target, sw, static_cast<T>(sgd_lr), update, poll.poll());
               py::gil_scoped_acquire gil;
               s.input = X;
             }
             return value;
           },
           py::arg("X"), py::arg("y"), py::arg("loss"), py::arg("sample_weight") = py::none(),
-          py::arg("sgd_lr") = -1.0, py::arg("plan") = py::none(), py::arg("t") = 1,
-          "forward + loss + backward (+ update) in one call: with sgd_lr >= 0 plain SGD is "
-          "fused into the backward sweep; else with an UpdatePlan the optimizer steps each "
-          "layer inside the sweep (step number t). Returns the loss.")
+          py::arg("sgd_lr") = -1.0, py::arg("plan") = py::none(),
+          "forward + loss + backward (+ update) in one call: with an UpdatePlan the optimizer "
+          "steps each layer inside the sweep (plain SGD fused into one product) and the plan "
+          "counts the step; else with sgd_lr >= 0 plain SGD is fused into the sweep. "
+          "Returns the loss. Interrupted (Ctrl-C), the step did not happen: parameters and "
+          "plan are unchanged, the cache and gradients are dropped.")
       .def(
           "apply_plan",
-          [](Self& s, py::handle plan_obj, std::int64_t t) {
-            Update<T>& update = checked_plan(s, plan_obj, t, "Optimizer.step");
+          [](Self& s, py::handle plan_obj) {
+            Update<T>& update = checked_plan(s, plan_obj, "Optimizer.step");
             py::gil_scoped_release nogil;
-            std::unique_lock lock(s.mutex);
+            Exclusive<T> lock(s, "Optimizer.step");
             s.net.apply_optimizer(update);
           },
-          py::arg("plan"), py::arg("t"),
-          "One optimizer step on every parameter from the stored gradients, under the "
-          "network's lock (Optimizer.step).")
+          py::arg("plan"),
+          "One optimizer step on every parameter from the stored gradients, counted in the "
+          "plan, under the network's lock (Optimizer.step).")
       .def(
           "step",
           [](Self& s, double lr) {
             py::gil_scoped_release nogil;
-            std::unique_lock lock(s.mutex);
+            Exclusive<T> lock(s, "Network.step");
             s.net.step(static_cast<T>(lr));
           },
           py::arg("lr"))
@@ -326,6 +458,10 @@ void bind_network_type(py::module_& m, const char* name) {
                                 static_cast<py::ssize_t>(s.net.out_features())});
             {
               py::gil_scoped_release nogil;
+              if (s.holder.load() == std::this_thread::get_id()) {
+                throw std::runtime_error("[Network.predict] called while this thread is inside "
+                                         "another call on the network (from a signal handler?)");
+              }
               std::shared_lock lock(s.mutex);
               s.net.predict(ConstMatrixMap<T>(X.data(), rows, cols), batch_size,
                             MatrixMap<T>(out.mutable_data(), rows, s.net.out_features()));
@@ -337,11 +473,36 @@ void bind_network_type(py::module_& m, const char* name) {
            [](Self& s) {
              {
                py::gil_scoped_release nogil;
-               std::unique_lock lock(s.mutex);
+               Exclusive<T> lock(s, "Network.clear_cache");
                s.net.clear_cache();
              }
              s.input = py::none();
            })
+      // ---- fit's claim -------------------------------------------------------
+      .def(
+          "_begin_training",
+          [](Self& s, const std::string& where) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, where.c_str());
+            s.trainer = std::this_thread::get_id();
+            ++s.claims;
+          },
+          py::arg("where"),
+          "fit claims the network for this thread: until _end_training, forward, backward, "
+          "step, train_step, apply_plan, clear_cache and _begin_training from other threads "
+          "raise RuntimeError (predict does not). Nested claims by one thread count.")
+      .def(
+          "_end_training",
+          [](Self& s) {
+            py::gil_scoped_release nogil;
+            const std::thread::id me = std::this_thread::get_id();
+            // Inside a call on this network (a signal handler's fit, whose
+            // _begin_training raised): there is no claim of this fit to release.
+            if (s.holder.load() == me) return;
+            std::unique_lock lock(s.mutex);
+            if (s.claims > 0 && s.trainer == me && --s.claims == 0) s.trainer = std::thread::id();
+          },
+          "Releases one claim of _begin_training made by this thread (none: does nothing).")
       // ---- views of the C++ storage ----------------------------------------
       .def("weight", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
@@ -392,6 +553,41 @@ void bind_network_type(py::module_& m, const char* name) {
 }  // namespace
 
 void bind_network(py::module_& m) {
+  main_thread = py::module_::import("threading").attr("main_thread")().attr("ident")
+                    .cast<unsigned long>();
+  m.def(
+      "interrupt_polling",
+      [](std::optional<double> interval, std::optional<long long> min_work) {
+        if (interval && !(*interval >= 0 && *interval <= 86400)) {
+          throw py::value_error("[interrupt_polling] interval must be a number of seconds in "
+                                "[0, 86400], but got " + std::to_string(*interval));
+        }
+        if (min_work && *min_work < 0) {
+          throw py::value_error("[interrupt_polling] min_work must be >= 0");
+        }
+        const auto previous = std::make_tuple(poll_interval.load(), poll_min_work.load());
+        if (interval) poll_interval.store(*interval);
+        if (min_work) poll_min_work.store(*min_work);
+        return previous;
+      },
+      py::arg("interval") = py::none(), py::arg("min_work") = py::none(),
+      "How calls look for Ctrl-C: forward, backward and train_step with batch * parameters "
+      ">= min_work, on the main thread, run Python's signal handlers "
+      "between layers, at most every interval seconds. Sets the values given; returns "
+      "the previous (interval, min_work).");
+  m.def(
+      "_signal_at_poll",
+      [](long long n) {
+        if (n < 0) throw py::value_error("[_signal_at_poll] n must be >= 0");
+        const long long made = polls_made;
+        polls_made = 0;
+        signal_at = n;
+        return made;
+      },
+      py::arg("n"),
+      "Testing aid: the n-th look for signals from now (1-based; 0: none) first raises "
+      "SIGINT as Ctrl-C would, so that the SIGINT handler runs inside that call, between "
+      "two layers. Returns how many looks were taken since the previous call.");
   bind_update_plan<float>(m, "UpdatePlan32");
   bind_update_plan<double>(m, "UpdatePlan64");
   bind_network_type<float>(m, "Network32");

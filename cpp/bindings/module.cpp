@@ -1,6 +1,7 @@
 // The compiled module bprop._core: only calls the bind_<area> functions.
-// A portable build also compiles it as bprop._core_avx512 over an AVX-512 build of
-// the core; bprop/__init__.py picks one at import (BPROP_MODULE_NAME says which).
+// A portable build also compiles it as bprop._core_v3 and bprop._core_v4 over the
+// x86-64-v3 and x86-64-v4 builds of the core; bprop/_loader.py loads one at import
+// and registers it as bprop._core (BPROP_MODULE_NAME says which this is).
 #include <Eigen/Core>
 
 #include "bprop/gemm.hpp"

@@ -155,18 +155,24 @@ void Network<T>::check_input(ConstMatrixMap<T> X, const char* where) const {
 }
 
 template <typename T>
-ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
+ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X, const Poll& poll) {
   check_input(X, "Network.forward");
   reserve(X.rows());
   const Index B = X.rows();
   const T* a = X.data();
-  for (Dense<T>& L : layers_) {
-    // z = a W + b, a = sigma(z)
-    gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(), T(0),
-            L.z->data(), L.out());
-    bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
-                               L.bias->data(), L.z->data(), L.output->data(), B, L.out());
-    a = L.output->data();
+  try {
+    for (Dense<T>& L : layers_) {
+      if (poll && &L != &layers_.front()) poll();  // between layers
+      // z = a W + b, a = sigma(z)
+      gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(),
+              T(0), L.z->data(), L.out());
+      bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
+                                 L.bias->data(), L.z->data(), L.output->data(), B, L.out());
+      a = L.output->data();
+    }
+  } catch (...) {
+    clear_cache();  // the caches now mix this batch's first layers with the last batch
+    throw;
   }
   input_ = X.data();
   batch_ = B;
@@ -175,7 +181,7 @@ ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X) {
 
 template <typename T>
 void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
-                          MatrixMap<T>* grad_input) {
+                          MatrixMap<T>* grad_input, const Poll& poll) {
   if (input_ == nullptr) {
     throw std::logic_error("[Network.backward] called before forward: run forward(X) first");
   }
@@ -196,17 +202,19 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
   activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
                          last.z->data(), last.output->data(), grad_output.data(),
                          last.delta->data(), batch_, last.out());
-  sweep(accumulate, grad_input, T(-1), nullptr);
+  try {
+    sweep(accumulate, grad_input, T(-1), nullptr, poll);
+  } catch (...) {
+    has_grad_ = false;  // some layers' gradients are new, others old (or half-accumulated)
+    throw;
+  }
   has_grad_ = true;
 }
 
 template <typename T>
 double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
                               const T* target, const T* sample_weight, T sgd_lr,
-                              const Update<T>* update) {
-  if (sgd_lr >= T(0) && !std::isfinite(sgd_lr)) {
-    throw std::invalid_argument("[Network.train_step] lr must be finite");
-  }
+                              Update<T>* update, const Poll& poll) {
   if (update != nullptr) {
     if (update->states.size() != 2 * layers_.size()) {
       throw std::invalid_argument("[Network.train_step] the optimizer holds state for " +
@@ -214,9 +222,13 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
                                   " parameters, but the network has " +
                                   std::to_string(2 * layers_.size()));
     }
-    if (update->t < 1) {
-      throw std::invalid_argument("[Network.train_step] the step number must be >= 1");
+    if (update->steps < 0) {
+      throw std::invalid_argument("[Network.train_step] the step count must be >= 0");
     }
+    sgd_lr = is_plain_sgd(update->spec) ? static_cast<T>(update->spec.lr) : T(-1);
+  }
+  if (sgd_lr >= T(0) && !std::isfinite(sgd_lr)) {
+    throw std::invalid_argument("[Network.train_step] lr must be finite");
   }
   if (loss == Loss::softmax_cross_entropy && labels != nullptr) {
     for (Index i = 0; i < X.rows(); ++i) {
@@ -234,46 +246,80 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
     throw std::invalid_argument("[Network.train_step] y or sample_weight is a view of this "
                                 "network's own cache, which the step overwrites; pass a copy");
   }
-  forward(X);
-  Dense<T>& last = layers_.back();
-  const Index B = batch_, K = last.out();
-  T* grad = last.delta->data();  // dL/d(output), turned into delta in place below
+  reserve(X.rows());  // a failed allocation changes nothing: before the try below
   double value = 0;
-  switch (loss) {
-    case Loss::softmax_cross_entropy:
-      value = softmax_cross_entropy<T>(last.output->data(), B, K, labels, target, sample_weight,
-                                       grad);
-      break;
-    case Loss::binary_cross_entropy_with_logits:
-      value = binary_cross_entropy_with_logits<T>(last.output->data(), target, B, K,
-                                                  sample_weight, grad);
-      break;
-    case Loss::mean_squared_error:
-      value = mean_squared_error<T>(last.output->data(), target, B, K, sample_weight, grad);
-      break;
+  try {
+    forward(X, poll);
+    Dense<T>& last = layers_.back();
+    const Index B = batch_, K = last.out();
+    T* grad = last.delta->data();  // dL/d(output), turned into delta in place below
+    switch (loss) {
+      case Loss::softmax_cross_entropy:
+        value = softmax_cross_entropy<T>(last.output->data(), B, K, labels, target,
+                                         sample_weight, grad);
+        break;
+      case Loss::binary_cross_entropy_with_logits:
+        value = binary_cross_entropy_with_logits<T>(last.output->data(), target, B, K,
+                                                    sample_weight, grad);
+        break;
+      case Loss::mean_squared_error:
+        value = mean_squared_error<T>(last.output->data(), target, B, K, sample_weight, grad);
+        break;
+    }
+    activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
+                           last.z->data(), last.output->data(), grad, grad, B, K);
+    if (std::isfinite(value)) {
+      sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll);
+    } else {
+      sweep(false, nullptr, T(-1), nullptr, poll);  // gradients for inspection, no update
+    }
+  } catch (...) {
+    // Abandoned by the poll before any parameter changed (the sweep holds the
+    // updates back while it polls): the step did not happen.
+    has_grad_ = false;
+    clear_cache();
+    throw;
   }
-  activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
-                         last.z->data(), last.output->data(), grad, grad, B, K);
-  if (!std::isfinite(value)) {
-    sweep(false, nullptr, T(-1), nullptr);  // gradients for inspection, no update
-    has_grad_ = true;
-    return value;
-  }
-  sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update);
-  has_grad_ = sgd_lr < T(0);
+  const bool finite = std::isfinite(value);
+  has_grad_ = !finite || sgd_lr < T(0);
+  if (finite && update != nullptr) ++update->steps;
   return value;
 }
 
 template <typename T>
 void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
-                       const Update<T>* update) {
+                       const Update<T>* update, const Poll& poll) {
   const Index B = batch_;
   const bool fused = sgd_lr >= T(0);
+  // With a poll, the sweep may be abandoned between any two products, so no
+  // parameter may change before the last product that reads the old weights: the
+  // updates are held back to the end. Each is the same arithmetic on the same
+  // operands as in the interleaved order, so the result is bitwise the same.
+  const bool hold_back = static_cast<bool>(poll);
+  auto input_of = [&](Index l) {
+    return l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
+  };
+  auto sgd_product = [&](Dense<T>& L, Index l) {
+    // W -= lr a^T delta and b -= lr colsum(delta), without storing the gradient
+    gemm<T>(true, false, L.in(), L.out(), B, -sgd_lr, input_of(l), L.in(), L.delta->data(),
+            L.out(), T(1), L.weight->data(), L.out());
+    VectorMap<T>(L.bias->data(), L.out()).noalias() -=
+        sgd_lr * ConstMatrixMap<T>(L.delta->data(), B, L.out()).colwise().sum();
+  };
+  auto optimizer_step = [&](Dense<T>& L, Index l) {
+    // the optimizer's step for this layer, from its stored gradients
+    const auto i = static_cast<std::size_t>(2 * l);
+    apply_update<T>(update->spec, update->steps + 1, L.weight->data(), L.grad_weight->data(),
+                    update->states[i], L.in() * L.out());
+    apply_update<T>(update->spec, update->steps + 1, L.bias->data(), L.grad_bias->data(),
+                    update->states[i + 1], L.out());
+  };
   // The reverse network: one visit per layer, from the output back to the input.
   for (Index l = num_layers() - 1; l >= 0; --l) {
     Dense<T>& L = layers_[static_cast<std::size_t>(l)];
-    const T* a = l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
+    const T* a = input_of(l);
     const T* delta = L.delta->data();
+    if (poll) poll();
     // dL/da of the layer below = delta W^T, formed while W is still unchanged
     T* grad_a = l > 0 ? layers_[static_cast<std::size_t>(l - 1)].delta->data()
                       : (grad_input != nullptr ? grad_input->data() : nullptr);
@@ -283,11 +329,9 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
     }
     ConstMatrixMap<T> D(delta, B, L.out());
     if (fused) {
-      // W -= lr a^T delta and b -= lr colsum(delta), without storing the gradient
-      gemm<T>(true, false, L.in(), L.out(), B, -sgd_lr, a, L.in(), delta, L.out(), T(1),
-              L.weight->data(), L.out());
-      VectorMap<T>(L.bias->data(), L.out()).noalias() -= sgd_lr * D.colwise().sum();
+      if (!hold_back) sgd_product(L, l);
     } else {
+      if (poll && grad_a != nullptr) poll();
       // dL/dW = a^T delta, dL/db = column sums of delta
       gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
               accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
@@ -297,20 +341,25 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
       } else {
         gb.noalias() = D.colwise().sum();
       }
-      if (update != nullptr) {
-        // the optimizer's step for this layer, while its gradient is in cache
-        const auto i = static_cast<std::size_t>(2 * l);
-        apply_update<T>(update->spec, update->t, L.weight->data(), L.grad_weight->data(),
-                        update->states[i], L.in() * L.out());
-        apply_update<T>(update->spec, update->t, L.bias->data(), L.grad_bias->data(),
-                        update->states[i + 1], L.out());
-      }
+      // the optimizer's step, while the layer's gradient is in cache
+      if (update != nullptr && !hold_back) optimizer_step(L, l);
     }
     if (l > 0) {
       // delta of the layer below = sigma'(z) * dL/da, in place
       Dense<T>& P = layers_[static_cast<std::size_t>(l - 1)];
       activation_backward<T>(P.spec.activation, static_cast<T>(P.spec.negative_slope),
                              P.z->data(), P.output->data(), grad_a, grad_a, B, P.out());
+    }
+  }
+  if (hold_back && (fused || update != nullptr)) {
+    // Every delta is formed from the old weights: now the updates, no more polls.
+    for (Index l = num_layers() - 1; l >= 0; --l) {
+      Dense<T>& L = layers_[static_cast<std::size_t>(l)];
+      if (fused) {
+        sgd_product(L, l);
+      } else {
+        optimizer_step(L, l);
+      }
     }
   }
 }
@@ -333,21 +382,23 @@ void Network<T>::step(T lr) {
 }
 
 template <typename T>
-void Network<T>::apply_optimizer(const Update<T>& update) {
+void Network<T>::apply_optimizer(Update<T>& update) {
   if (!has_grad_) {
     throw std::logic_error("[Optimizer.step] the network has no gradients yet: call "
                            "net.forward and net.backward before step()");
   }
-  if (update.states.size() != 2 * layers_.size() || update.t < 1) {
+  if (update.states.size() != 2 * layers_.size() || update.steps < 0) {
     throw std::invalid_argument("[Optimizer.step] the optimizer was built for another network");
   }
+  const std::int64_t t = update.steps + 1;
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     Dense<T>& L = layers_[l];
-    apply_update<T>(update.spec, update.t, L.weight->data(), L.grad_weight->data(),
-                           update.states[2 * l], L.in() * L.out());
-    apply_update<T>(update.spec, update.t, L.bias->data(), L.grad_bias->data(),
-                           update.states[2 * l + 1], L.out());
+    apply_update<T>(update.spec, t, L.weight->data(), L.grad_weight->data(),
+                    update.states[2 * l], L.in() * L.out());
+    apply_update<T>(update.spec, t, L.bias->data(), L.grad_bias->data(),
+                    update.states[2 * l + 1], L.out());
   }
+  update.steps = t;
 }
 
 template <typename T>

@@ -78,14 +78,21 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
       adam.states.push_back(st);
     }
   }
+  // a poll between layers (as the binding's signal check), built once
+  long polls = 0;
+  const bprop::Poll poll = [&polls] { ++polls; };
   auto steps = [&](int n) {
     for (int i = 0; i < n; ++i) {
-      // the one-call step with Adam inside the backward sweep
-      adam.t = i + 1;
+      // the one-call step with Adam inside the backward sweep (it counts its steps)
       net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(-1),
                      &adam);
-      // the one-call step with fused SGD, then the separate calls
+      // the same with a poll: the updates held back to the end of the sweep
+      net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(-1),
+                     &adam, poll);
+      // the one-call step with fused SGD (with and without a poll), then the separate calls
       net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(0.01));
+      net.train_step(Xm, bprop::Loss::softmax_cross_entropy, y.data(), nullptr, nullptr, T(0.01),
+                     nullptr, poll);
       auto out = net.forward(Xm);
       bprop::softmax_cross_entropy<T>(out.data(), batch, net.out_features(), y.data(), nullptr,
                                       nullptr, grad.data());
@@ -100,6 +107,11 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
   steps(50);
   g_counting = false;
   std::printf("  %-28s %ld allocations in 50 steady-state steps\n", name, g_allocations);
+  if (adam.steps != 2 * 53 || polls == 0) {
+    std::printf("  %-28s wrong step count %lld or no polls\n", name,
+                static_cast<long long>(adam.steps));
+    return 1;
+  }
   return g_allocations;
 }
 

@@ -49,7 +49,13 @@ class UpdatePlan32:
         hyperparameters: dict[str, Union[float, bool]],
         sizes: Sequence[int],
         states: Sequence[_State32],
+        step_count: int = 0,
     ) -> None: ...
+    @property
+    def step_count(self) -> int:
+        """Steps taken; the core counts a step in the call that makes it."""
+    @step_count.setter
+    def step_count(self, value: int) -> None: ...
 
 class UpdatePlan64:
     """``UpdatePlan32`` for float64 networks."""
@@ -60,7 +66,13 @@ class UpdatePlan64:
         hyperparameters: dict[str, Union[float, bool]],
         sizes: Sequence[int],
         states: Sequence[_State64],
+        step_count: int = 0,
     ) -> None: ...
+    @property
+    def step_count(self) -> int:
+        """Steps taken; the core counts a step in the call that makes it."""
+    @step_count.setter
+    def step_count(self, value: int) -> None: ...
 
 class Network32:
     """Network<float>: the layers' parameters, gradients and caches in C++."""
@@ -104,14 +116,17 @@ class Network32:
         sample_weight: Optional[_F32] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan32] = None,
-        t: int = 1,
     ) -> float:
-        """Forward, loss and backward (and the update) in one call; returns the loss."""
-    def apply_plan(self, plan: UpdatePlan32, t: int) -> None:
-        """The optimizer's update (step number t) from the stored gradients."""
+        """Forward, loss and backward (and the update, counted in the plan) in one
+        call; returns the loss."""
+    def apply_plan(self, plan: UpdatePlan32) -> None:
+        """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...
     def predict(self, X: _F32, batch_size: int = 0) -> _F32: ...
     def clear_cache(self) -> None: ...
+    def _begin_training(self, where: str) -> None:
+        """fit's claim: other threads' calls (but predict) raise RuntimeError."""
+    def _end_training(self) -> None: ...
     def weight(self, i: int, /) -> _F32: ...
     def bias(self, i: int, /) -> _F32: ...
     def grad_weight(self, i: int, /) -> _F32: ...
@@ -163,14 +178,17 @@ class Network64:
         sample_weight: Optional[_F64] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan64] = None,
-        t: int = 1,
     ) -> float:
-        """Forward, loss and backward (and the update) in one call; returns the loss."""
-    def apply_plan(self, plan: UpdatePlan64, t: int) -> None:
-        """The optimizer's update (step number t) from the stored gradients."""
+        """Forward, loss and backward (and the update, counted in the plan) in one
+        call; returns the loss."""
+    def apply_plan(self, plan: UpdatePlan64) -> None:
+        """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...
     def predict(self, X: _F64, batch_size: int = 0) -> _F64: ...
     def clear_cache(self) -> None: ...
+    def _begin_training(self, where: str) -> None:
+        """fit's claim: other threads' calls (but predict) raise RuntimeError."""
+    def _end_training(self) -> None: ...
     def weight(self, i: int, /) -> _F64: ...
     def bias(self, i: int, /) -> _F64: ...
     def grad_weight(self, i: int, /) -> _F64: ...
@@ -221,4 +239,11 @@ def _gemm_tiles(m: int, n: int, k: int, element_size: int, trans_a: bool = ...,
 def _gemm(A: _Floats, B: _Floats, C: _Floats, trans_a: bool = ..., trans_b: bool = ...,
           alpha: float = ..., beta: float = ..., untiled_threads: int = ...,
           tile: Tuple[int, int] = ...) -> None: ...
+def interrupt_polling(interval: Optional[float] = None,
+                      min_work: Optional[int] = None) -> Tuple[float, int]:
+    """Ctrl-C inside long calls: forward, backward and train_step with batch *
+    parameters >= min_work, on the main thread, run the signal handlers between
+    layers at most every interval seconds. Sets what is given; returns the
+    previous (interval, min_work)."""
+def _signal_at_poll(n: int) -> int: ...
 def build_info() -> _BuildInfo: ...

@@ -213,6 +213,19 @@ class Network:
     forward/backward are the low-level calls: they take C-contiguous arrays of the
     network's dtype exactly and never convert (a TypeError/ValueError says how to fix
     the input). predict converts its input explicitly.
+
+    Ctrl-C: forward, backward and train_step run without the GIL; on the main thread,
+    a call with batch * parameters >= 2**26 runs Python's signal handlers between
+    layers (at most every 0.1 s; ``bprop._core.interrupt_polling``), so a
+    KeyboardInterrupt arrives within about one layer's product instead of at the end
+    of the call. An interrupted call changes no parameter and no optimizer state;
+    each method says what it leaves.
+
+    Threads: calls on one network are serialized; predict runs alongside other
+    predicts. While :func:`bprop.fit` trains the network, forward, backward, step,
+    train_step and fit (and the optimizer's step) from any other thread raise
+    RuntimeError; predict keeps working (it sees the weights between two steps), and
+    fit's own thread (callbacks, a user loss) may call everything.
     """
 
     def __init__(self, layers: Sequence[Dense], dtype="float32", seed: Optional[int] = None) -> None:
@@ -280,6 +293,11 @@ class Network:
 
         Returns:
             (batch, out_features), a new array the caller owns.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C during a long call; the cached forward pass
+                is forgotten (backward needs a new forward), nothing else changes.
+            RuntimeError: fit trains this network in another thread.
         """
         return self._core.forward(X)
 
@@ -294,6 +312,12 @@ class Network:
 
         Returns:
             dL/dX if ``input_grad``, else None.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C during a long call; the stored gradients,
+                partly overwritten, are dropped (``step`` refuses them until the
+                next backward); the forward cache and the parameters are unchanged.
+            RuntimeError: fit trains this network in another thread.
         """
         if not isinstance(accumulate, (bool, np.bool_)):
             raise TypeError(f"[Network.backward] accumulate must be a bool, but got "
@@ -329,6 +353,13 @@ class Network:
 
         Returns:
             The loss of the batch before the update.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C; with a built-in loss the step was either made
+                and counted in ``optimizer.step_count`` or not made at all (then
+                the training caches are dropped). Either way the network and the
+                optimizer agree, and training can go on.
+            RuntimeError: fit trains this network in another thread.
         """
         if optimizer is None or not hasattr(optimizer, "step"):
             raise TypeError("[Network.train_step] optimizer must be an optimizer from "
@@ -346,21 +377,16 @@ class Network:
         if not isinstance(loss, str):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
-        fused_lr = getattr(optimizer, "_fused_sgd_lr", lambda: None)()
         plan = getattr(optimizer, "_plan", None)
-        if fused_lr is not None:
-            value = self._core.train_step(X, y, loss, sample_weight, fused_lr)
-        elif plan is not None:
-            # the optimizer steps each layer inside the backward sweep
-            value = self._core.train_step(X, y, loss, sample_weight, -1.0, plan,
-                                          optimizer.step_count + 1)
-        else:
-            value = self._core.train_step(X, y, loss, sample_weight, -1.0)
-            if math.isfinite(value):
-                optimizer.step()
-            return value
-        if math.isfinite(value):  # a non-finite loss updates nothing
-            optimizer._fused_step_taken()
+        if plan is not None:
+            # The optimizer steps each layer inside the backward sweep (plain SGD as
+            # one product into W) and the plan counts the step, in one C++ call: a
+            # KeyboardInterrupt finds the step made and counted, or neither. A
+            # non-finite loss updates and counts nothing.
+            return self._core.train_step(X, y, loss, sample_weight, -1.0, plan)
+        value = self._core.train_step(X, y, loss, sample_weight, -1.0)
+        if math.isfinite(value):
+            optimizer.step()
         return value
 
     def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:

@@ -89,7 +89,7 @@ class Optimizer:
         self._dtype = net.dtype
         self._params = [(name, p, g) for name, p, g in net.parameters()]
         self._hyper = self._checked(where, hyper)
-        self._step_count = 0
+        self._plan = None
         slots = self._state_names()
         check_fits_in_memory(where, f"its state ({', '.join(slots)}: {len(slots)} arrays the "
                              "size of every parameter)",
@@ -147,8 +147,18 @@ class Optimizer:
 
     @property
     def step_count(self) -> int:
-        """How many steps have been taken (Adam's t)."""
-        return self._step_count
+        """How many steps have been taken (Adam's t). The core counts a step in the
+        same C++ call that makes it, so an interrupted step (Ctrl-C) is either made
+        and counted or neither."""
+        return self._plan.step_count
+
+    @property
+    def _step_count(self) -> int:  # settable: bprop.distributed broadcasts it
+        return self._plan.step_count
+
+    @_step_count.setter
+    def _step_count(self, value: int) -> None:
+        self._plan.step_count = value
 
     @property
     def hyperparameters(self) -> Dict[str, Any]:
@@ -160,30 +170,24 @@ class Optimizer:
         if not self._core.has_backward:
             raise RuntimeError(f"[{type(self).__name__}.step] the network has no gradients "
                                "yet: call net.forward and net.backward before step()")
-        # one C++ call under the network's lock: a concurrent predict never sees a
-        # half-updated network
-        self._core.apply_plan(self._plan, self._step_count + 1)
-        self._step_count += 1
+        # one C++ call under the network's lock, which also counts the step: a
+        # concurrent predict never sees a half-updated network, and Ctrl-C cannot
+        # come between the update and the count
+        self._core.apply_plan(self._plan)
 
     # ---- the fused path of Network.train_step / fit ------------------------------
     def _make_plan(self, rule: str, spec: Dict[str, Any], keys: Tuple[Optional[str], ...]) -> None:
         """Builds the core's UpdatePlan, which ``step()`` applies to every parameter
         and Network.train_step inside the backward sweep, layer by layer, right after
-        each gradient is formed. ``keys`` names the state arrays a, b, c."""
+        each gradient is formed. ``keys`` names the state arrays a, b, c. The plan
+        holds the step count, which the core advances with each step it makes; a
+        new plan takes over the old one's count."""
         plan_type = _core.UpdatePlan32 if self._dtype == np.float32 else _core.UpdatePlan64
         sizes = [p.size for _, p, _ in self._params]
         states = [tuple(self._state[name].get(k) if k else None for k in keys)
                   for name, _, _ in self._params]
-        self._plan = plan_type(rule, spec, sizes, states)
-
-    def _fused_sgd_lr(self) -> Optional[float]:
-        """The lr if this step is plain SGD (which the core can fuse into the
-        backward sweep), else None."""
-        return None
-
-    def _fused_step_taken(self) -> None:
-        """Counts a step that the core made in the fused backward sweep."""
-        self._step_count += 1
+        steps = 0 if self._plan is None else self._plan.step_count
+        self._plan = plan_type(rule, spec, sizes, states, steps)
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data: {"optimizer": class name, "step": int, "hyperparameters": {...},
@@ -262,9 +266,9 @@ class Optimizer:
                 new_state[name][k] = copy
         # All checked: commit.
         self._hyper = hyper
-        self._step_count = int(step)
         self._state = new_state
         self._bind()
+        self._plan.step_count = int(step)
 
     def __reduce__(self):
         """Pickles (and deep-copies) the optimizer with its network, as checkpoint
@@ -330,16 +334,12 @@ class SGD(Optimizer):
 
     def _bind(self):
         h = self._hyper
-        # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core can apply
-        # inside the backward sweep without storing dL/dW.
-        self._fused_lr = h["lr"] if h["momentum"] == 0 and h["weight_decay"] == 0 else None
+        # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core's
+        # train_step applies inside the backward sweep without storing dL/dW.
         self._make_plan("sgd", dict(lr=h["lr"], momentum=h["momentum"],
                                     dampening=h["dampening"], nesterov=h["nesterov"],
                                     weight_decay=h["weight_decay"]),
                         ("momentum_buffer" if h["momentum"] != 0 else None, None, None))
-
-    def _fused_sgd_lr(self):
-        return self._fused_lr
 
 
 class Adam(Optimizer):

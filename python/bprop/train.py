@@ -508,6 +508,18 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             loss, backward pass or update; with the layer); the weights
             (and optimizer state) are restored to the last finite ones, and the
             exception's ``history`` attribute holds the completed epochs.
+        KeyboardInterrupt: Ctrl-C (or another exception raised by a signal
+            handler, which then propagates instead). The step it interrupted was
+            either made and counted in the optimizer's ``step_count`` or not made
+            at all, so the network and optimizer agree; the exception's
+            ``history`` attribute holds the completed epochs (early stopping's
+            best weights are not restored). Calling fit again goes on from
+            there: with ``optimizer=None`` it reuses the same optimizer.
+        RuntimeError: another thread's fit is training the network. While fit
+            runs, the network's forward, backward, step and train_step (and the
+            optimizer's step) from other threads raise RuntimeError too; predict
+            keeps working, and calls from fit's own thread (callbacks, a user
+            loss) work as usual.
     """
     if comm is not None:
         args = dict(locals())  # the arguments, before any other name is bound
@@ -587,8 +599,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
                                  " has only zero sample weights")
 
-    # Everything is checked; from here on the network and optimizer change.
-    net._fit_optimizer = optimizer
+    # Everything is checked; from here on the network and optimizer change (from
+    # fit's claim on the network below, which refuses a second fit in another thread).
     eval_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
     step_loss = builtin.name if builtin is not None else eval_loss
     measure, train_step = _measure, _train_step
@@ -622,8 +634,15 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     stalled = 0
     monitor = "val_loss" if valid is not None else "loss"
 
-    progress = _Progress(epochs, n_batches) if verbose else None
+    progress = None
     try:
+        # The claim: until fit returns, the network's forward, backward, step and
+        # train_step (and fit) from other threads raise RuntimeError; predict works.
+        # Made inside the try, so that a KeyboardInterrupt right after it releases it.
+        net._core._begin_training("fit")
+        net._fit_optimizer = optimizer
+        if verbose:
+            progress = _Progress(epochs, n_batches)
         for epoch in range(epochs):
             start = time.perf_counter()
             # The last finite weights, should this epoch diverge.
@@ -730,7 +749,17 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             if stop:
                 history.stopped_early = epoch < epochs - 1
                 break
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: the interrupted step was made and counted, or not made (the core
+        # counts steps in the call that makes them), so the network and optimizer
+        # agree and fit can be called again to go on. The claim was made (nothing
+        # before it in the try can raise this), so the optimizer is fit's, even if
+        # the interrupt came right after the claim.
+        net._fit_optimizer = optimizer
+        exc.history = history
+        raise
     finally:
+        net._core._end_training()  # first: nothing may come between a raise and this
         if progress is not None:
             progress.close()
 

@@ -83,15 +83,23 @@ struct UpdateState {
   T* c = nullptr;
 };
 
-/// An optimizer step to take: the rule, the step number t >= 1 (Adam's bias
-/// correction; SGD's first momentum step) and one state per parameter, in the
-/// order W0, b0, W1, b1, ...
+/// An optimizer as the core applies it: the rule, the number of steps taken so
+/// far and one state per parameter, in the order W0, b0, W1, b1, ... The next
+/// step is number t = steps + 1 (Adam's bias correction; SGD's first momentum
+/// step). The call that makes a step counts it (++steps) once every parameter
+/// is updated, so the count and the parameters never disagree.
 template <typename T>
 struct Update {
   UpdateSpec spec;
-  std::int64_t t = 1;
+  std::int64_t steps = 0;
   std::vector<UpdateState<T>> states;
 };
+
+/// True for SGD without momentum and weight decay, W -= lr dL/dW, which the
+/// training step makes as one product accumulating into W.
+inline bool is_plain_sgd(const UpdateSpec& spec) {
+  return spec.rule == UpdateRule::sgd && spec.momentum == 0 && spec.weight_decay == 0;
+}
 
 /// Applies `spec` at step t to the n values of one parameter with its state, in
 /// fixed blocks of values run on the thread pool (the update is elementwise, so

@@ -6,6 +6,7 @@
 // and the gradient of a weight is the product of the two: dL/dW = a^T delta.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,14 @@ struct Dense {
   Index out() const { return spec.out_features; }
 };
 
+/// Called by forward, backward and train_step between layers (and between the
+/// two products of a layer's backward step) when not empty. It may throw to
+/// abandon the call; the exception propagates to the caller. Each call says what
+/// an abandoned call leaves; no call abandoned this way changes a parameter or an
+/// optimizer's state. (The binding polls Python's signal handlers with it, so
+/// that Ctrl-C stops a long step.)
+using Poll = std::function<void()>;
+
 /// An ordered stack of dense layers whose widths chain.
 ///
 /// Not thread-safe: calls on one Network must be serialized by the caller,
@@ -63,7 +72,9 @@ class Network {
   /// X itself is layer 0's cached input: it is referenced, not copied, so the
   /// caller keeps it alive and unchanged until the next forward.
   /// Returns the last layer's output (batch, out_features), valid until the next forward.
-  ConstMatrixMap<T> forward(ConstMatrixMap<T> X);
+  /// Abandoned by `poll`: the cached forward pass is forgotten (as by clear_cache());
+  /// parameters and stored gradients are unchanged.
+  ConstMatrixMap<T> forward(ConstMatrixMap<T> X, const Poll& poll = {});
 
   /// Backward sweep from grad_output = dL/d(output) (batch, out_features), one
   /// visit per layer from the last to the first. Stores dL/dW and dL/db in each
@@ -71,7 +82,11 @@ class Network {
   /// null, writes dL/dX (batch, in_features) there.
   /// Throws std::logic_error before any forward pass, std::invalid_argument if
   /// the shape does not match the last forward.
-  void backward(ConstMatrixMap<T> grad_output, bool accumulate, MatrixMap<T>* grad_input);
+  /// Abandoned by `poll`: the stored gradients are partly overwritten, so they are
+  /// dropped (has_backward() becomes false); the forward cache and the parameters
+  /// are unchanged.
+  void backward(ConstMatrixMap<T> grad_output, bool accumulate, MatrixMap<T>* grad_input,
+                const Poll& poll = {});
 
   /// Plain SGD: W -= lr dL/dW, b -= lr dL/db. Throws std::logic_error before any
   /// backward pass, std::invalid_argument for a negative or non-finite lr.
@@ -82,22 +97,34 @@ class Network {
   /// The loss gradient is written straight into the output layer's delta. The
   /// update, if any, is made inside the backward sweep, layer by layer, once the
   /// layer's dL/da for the layer below has been formed from the old weights:
-  ///  - `sgd_lr` >= 0: plain SGD, W -= lr a^T delta as one matrix product
-  ///    accumulating into W, so dL/dW is never stored (the gradient buffers are
-  ///    left as they were and has_backward() becomes false);
+  ///  - plain SGD (`update` with is_plain_sgd(), or no `update` and `sgd_lr` >= 0):
+  ///    W -= lr a^T delta as one matrix product accumulating into W, so dL/dW is
+  ///    never stored (the gradient buffers are left as they were and
+  ///    has_backward() becomes false);
   ///  - else `update` not null: dL/dW and dL/db are stored, then the optimizer's
   ///    fused kernel updates the parameter while they are still in cache;
   ///  - else: the gradients are stored as by backward() and nothing is updated.
-  /// A non-finite loss stores the gradients and updates nothing.
+  /// A step made with `update` is counted in it (++update->steps) in this call.
+  /// A non-finite loss stores the gradients, updates and counts nothing.
+  ///
+  /// With a `poll`, no parameter changes until every product that reads the old
+  /// weights is done: the updates are held back to the end of the sweep (for
+  /// plain SGD, the products into W follow all the deltas), with the same
+  /// arithmetic, so the result is bitwise the same. Abandoned by `poll`, the step
+  /// did not happen: parameters, the update's state and its count are unchanged;
+  /// the forward cache and the stored gradients are dropped (has_forward() and
+  /// has_backward() become false).
   /// Targets: `labels` (batch) for softmax cross-entropy, else `target`
   /// (batch, out_features); `sample_weight` (batch) or null. Returns the loss.
   double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
-                    const T* sample_weight, T sgd_lr, const Update<T>* update = nullptr);
+                    const T* sample_weight, T sgd_lr, Update<T>* update = nullptr,
+                    const Poll& poll = {});
 
   /// Applies an optimizer's update to every parameter from the stored gradients
-  /// (the path of Optimizer.step()). Throws std::logic_error before any backward
-  /// pass, std::invalid_argument if `update` holds state for another shape.
-  void apply_optimizer(const Update<T>& update);
+  /// (the path of Optimizer.step()) and counts the step (++update.steps). Throws
+  /// std::logic_error before any backward pass, std::invalid_argument if `update`
+  /// holds state for another shape.
+  void apply_optimizer(Update<T>& update);
 
   /// Forward pass that leaves the training caches alone, batch_size rows at a
   /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
@@ -120,7 +147,9 @@ class Network {
   // True if [data, data + size) overlaps a layer's z, output or delta buffer.
   bool aliases_cache(const T* data, Index size) const;
   // The backward sweep proper, from the output layer's delta (already formed).
-  void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update);
+  // With a poll, the updates wait until every product that reads the old weights is done.
+  void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update,
+             const Poll& poll);
 
   std::vector<Dense<T>> layers_;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
