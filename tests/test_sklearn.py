@@ -437,3 +437,33 @@ def test_divergence_raises_and_keeps_the_weights():
     for a, b in zip(reg.coefs_ + reg.intercepts_, before):
         np.testing.assert_array_equal(a, b)
     assert reg.loss_curve_ == curve
+
+
+@pytest.mark.parametrize("Estimator,solver", [(MLPClassifier, "adam"), (MLPClassifier, "sgd"),
+                                              (MLPRegressor, "adam")])
+def test_training_steps_call_no_numpy_matrix_products(Estimator, solver, monkeypatch):
+    """The L2 term and every other per-step computation run in the core (issue 11):
+    NumPy's BLAS, whose thread pool would fight bprop's, is not called per step. The
+    NumPy product functions are counted over fits of 1 and of 4 epochs."""
+    X, y = make_classification(n_samples=300, n_features=12, random_state=0)
+    if Estimator is MLPRegressor:
+        y = X[:, :2] @ np.array([[1.0, -2.0], [0.5, 1.0]])
+    counts = {"n": 0}
+    for name in ("dot", "matmul", "vdot", "inner", "tensordot", "einsum"):
+        original = getattr(np, name)
+
+        def counted(*args, _original=original, **kwargs):
+            counts["n"] += 1
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(np, name, counted)
+
+    calls = []
+    for epochs in (1, 4):
+        counts["n"] = 0
+        est = Estimator(hidden_layer_sizes=(16,), solver=solver, alpha=1e-3, batch_size=32,
+                        max_iter=epochs, tol=0.0, n_iter_no_change=100, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y)
+        calls.append(counts["n"])
+    assert calls[0] == calls[1], f"NumPy products: {calls[0]} in 1 epoch, {calls[1]} in 4"

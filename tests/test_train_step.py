@@ -168,3 +168,73 @@ def test_an_optimizer_of_another_network_is_refused():
     a, b = make(ARCHS[0]), make(ARCHS[0])
     with pytest.raises(ValueError, match="optimizer was built for another network"):
         a.train_step(np.ones((2, 5)), np.array([0, 1]), optimizer=bprop.optim.Adam(b))
+
+
+# ---- scikit-learn's objective inside the step (Objective in network.hpp) ----------------
+
+def objective_by_hand(net, X, y, loss, w, loss_scale, grad_scale, l2):
+    """forward, loss and backward as four calls, then scikit-learn's objective built
+    from the stored gradients in NumPy: the oracle for the core's Objective."""
+    value = four_calls(net, X, y, loss, None, w)
+    squares = sum(float(np.sum(layer.weight.astype(np.float64) ** 2)) for layer in net.layers)
+    grads = []
+    for layer in net.layers:
+        grads.append(grad_scale * layer.grad_weight + l2 * layer.weight)
+        grads.append(grad_scale * layer.grad_bias)
+    return loss_scale * value + 0.5 * l2 * squares, grads
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_objective_stores_scaled_gradients_with_the_l2_term(arch, loss, weighted):
+    rng = np.random.default_rng(5)
+    a, b = make(arch), make(arch)
+    X = rng.standard_normal((9, arch[0][0]))
+    y = targets(loss, 9, arch[-1][1], rng, np.float64)
+    w = rng.uniform(0.1, 2.0, 9) if weighted else None
+    va = a._core.train_step(X, y, loss, w, -1.0, None, loss_scale=0.5, grad_scale=3.0, l2=0.7)
+    vb, grads = objective_by_hand(b, X, y, loss, w, 0.5, 3.0, 0.7)
+    assert va == pytest.approx(vb, rel=1e-13)
+    for (name, p, g), expected, (_, q, _) in zip(a.parameters(), grads, b.parameters()):
+        np.testing.assert_array_equal(p, q)  # no optimizer: nothing updated
+        np.testing.assert_allclose(g, expected, rtol=1e-12, atol=1e-15, err_msg=name)
+
+
+@pytest.mark.parametrize("make_opt", OPTIMIZERS + [lambda net: bprop.optim.SGD(net, lr=0.05)])
+def test_objective_steps_the_optimizer_along_the_penalised_gradient(make_opt):
+    """Plain SGD takes the fused path (W scaled by 1 - lr l2, then the product into
+    W); the others apply their kernel to the stored, penalised gradient."""
+    arch = ARCHS[1]
+    rng = np.random.default_rng(6)
+    a, b = make(arch), make(arch)
+    opt_a, opt_b = make_opt(a), make_opt(b)
+    X = rng.standard_normal((7, arch[0][0]))
+    y = targets("mean_squared_error", 7, arch[-1][1], rng, np.float64)
+    for _ in range(3):
+        va = a._core.train_step(X, y, "mean_squared_error", None, -1.0, opt_a._plan,
+                                loss_scale=0.5, grad_scale=2.5, l2=0.3)
+        vb, grads = objective_by_hand(b, X, y, "mean_squared_error", None, 0.5, 2.5, 0.3)
+        for (_, _, g), new in zip(b.parameters(), grads):
+            g[...] = new
+        opt_b.step()
+        assert va == pytest.approx(vb, rel=1e-13)
+    assert opt_a.step_count == opt_b.step_count == 3
+    for pa, pb in zip(weights(a), weights(b)):
+        np.testing.assert_allclose(pa, pb, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs", [dict(l2=-1.0), dict(l2=float("nan")),
+                                    dict(grad_scale=float("inf")),
+                                    dict(loss_scale=float("nan"))])
+def test_a_bad_objective_is_refused_and_changes_nothing(kwargs):
+    net = make(ARCHS[0])
+    opt = bprop.optim.Adam(net, lr=1e-2)
+    before = weights(net)
+    X = np.ones((3, 5))
+    with pytest.raises(ValueError, match=r"\[Network.train_step\] the objective's"):
+        net._core.train_step(X, np.array([0, 1, 2]), "softmax_cross_entropy", None, -1.0,
+                             opt._plan, **kwargs)
+    assert opt.step_count == 0
+    for p, q in zip(before, weights(net)):
+        np.testing.assert_array_equal(p, q)

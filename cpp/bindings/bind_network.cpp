@@ -353,8 +353,11 @@ void bind_network_type(py::module_& m, const char* name) {
       .def(
           "train_step",
           [](Self& s, py::handle X_obj, py::handle y_obj, const std::string& loss_name,
-             py::handle w_obj, double sgd_lr, py::handle plan_obj) {
+             py::handle w_obj, double sgd_lr, py::handle plan_obj, double loss_scale,
+             double grad_scale, double l2) {
             const char* where = "Network.train_step";
+            const Objective objective{loss_scale, grad_scale, l2};
+            const bool plain = loss_scale == 1 && grad_scale == 1 && l2 == 0;
             Update<T>* update = nullptr;
             if (!plan_obj.is_none()) {
               if (sgd_lr >= 0) {
@@ -417,7 +420,8 @@ void bind_network_type(py::module_& m, const char* name) {
               py::gil_scoped_release nogil;
               Exclusive<T> lock(s, where);
               value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
-                                       target, sw, static_cast<T>(sgd_lr), update, poll.poll());
+                                       target, sw, static_cast<T>(sgd_lr), update, poll.poll(),
+                                       plain ? nullptr : &objective);
               py::gil_scoped_acquire gil;
               s.input = X;
             }
@@ -425,10 +429,13 @@ void bind_network_type(py::module_& m, const char* name) {
           },
           py::arg("X"), py::arg("y"), py::arg("loss"), py::arg("sample_weight") = py::none(),
           py::arg("sgd_lr") = -1.0, py::arg("plan") = py::none(),
+          py::arg("loss_scale") = 1.0, py::arg("grad_scale") = 1.0, py::arg("l2") = 0.0,
           "forward + loss + backward (+ update) in one call: with an UpdatePlan the optimizer "
           "steps each layer inside the sweep (plain SGD fused into one product) and the plan "
           "counts the step; else with sgd_lr >= 0 plain SGD is fused into the sweep. "
-          "Returns the loss. Interrupted (Ctrl-C), the step did not happen: parameters and "
+          "Returns the loss, or scikit-learn's objective loss_scale * loss + 0.5 * l2 * "
+          "sum ||W||^2, stepped along grad_scale * dL/d(output) and l2 * W on each weight "
+          "(see Objective in network.hpp). Interrupted (Ctrl-C), the step did not happen: parameters and "
           "plan are unchanged, the cache and gradients are dropped.")
       .def(
           "apply_plan",

@@ -214,7 +214,16 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
 template <typename T>
 double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
                               const T* target, const T* sample_weight, T sgd_lr,
-                              Update<T>* update, const Poll& poll) {
+                              Update<T>* update, const Poll& poll, const Objective* objective) {
+  if (objective != nullptr &&
+      !(std::isfinite(objective->loss_scale) && std::isfinite(objective->grad_scale) &&
+        std::isfinite(objective->l2) && objective->l2 >= 0)) {
+    throw std::invalid_argument(
+        "[Network.train_step] the objective's loss_scale and grad_scale must be finite and "
+        "its l2 finite and >= 0, but got loss_scale=" + std::to_string(objective->loss_scale) +
+        ", grad_scale=" + std::to_string(objective->grad_scale) +
+        ", l2=" + std::to_string(objective->l2));
+  }
   if (update != nullptr) {
     if (update->states.size() != 2 * layers_.size()) {
       throw std::invalid_argument("[Network.train_step] the optimizer holds state for " +
@@ -266,12 +275,21 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
         value = mean_squared_error<T>(last.output->data(), target, B, K, sample_weight, grad);
         break;
     }
+    T l2 = T(0);
+    if (objective != nullptr) {
+      if (objective->grad_scale != 1) {
+        MatrixMap<T>(grad, B, K) *= static_cast<T>(objective->grad_scale);
+      }
+      l2 = static_cast<T>(objective->l2);
+      value *= objective->loss_scale;
+      if (l2 != T(0)) value += 0.5 * objective->l2 * weight_squares();
+    }
     activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
                            last.z->data(), last.output->data(), grad, grad, B, K);
     if (std::isfinite(value)) {
-      sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll);
+      sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll, l2);
     } else {
-      sweep(false, nullptr, T(-1), nullptr, poll);  // gradients for inspection, no update
+      sweep(false, nullptr, T(-1), nullptr, poll, l2);  // gradients for inspection, no update
     }
   } catch (...) {
     // Abandoned by the poll before any parameter changed (the sweep holds the
@@ -287,8 +305,18 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
 }
 
 template <typename T>
+double Network<T>::weight_squares() const {
+  double sum = 0;
+  for (const Dense<T>& L : layers_) {
+    sum += ConstVectorMap<T>(L.weight->data(), L.in() * L.out()).template cast<double>()
+               .squaredNorm();
+  }
+  return sum;
+}
+
+template <typename T>
 void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
-                       const Update<T>* update, const Poll& poll) {
+                       const Update<T>* update, const Poll& poll, T l2) {
   const Index B = batch_;
   const bool fused = sgd_lr >= T(0);
   // With a poll, the sweep may be abandoned between any two products, so no
@@ -300,7 +328,8 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
     return l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
   };
   auto sgd_product = [&](Dense<T>& L, Index l) {
-    // W -= lr a^T delta and b -= lr colsum(delta), without storing the gradient
+    // W -= lr (a^T delta + l2 W) and b -= lr colsum(delta), without storing the gradient
+    if (l2 != T(0)) VectorMap<T>(L.weight->data(), L.in() * L.out()) *= T(1) - sgd_lr * l2;
     gemm<T>(true, false, L.in(), L.out(), B, -sgd_lr, input_of(l), L.in(), L.delta->data(),
             L.out(), T(1), L.weight->data(), L.out());
     VectorMap<T>(L.bias->data(), L.out()).noalias() -=
@@ -335,6 +364,10 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
       // dL/dW = a^T delta, dL/db = column sums of delta
       gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
               accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
+      if (l2 != T(0)) {
+        VectorMap<T>(L.grad_weight->data(), L.in() * L.out()).noalias() +=
+            l2 * ConstVectorMap<T>(L.weight->data(), L.in() * L.out());
+      }
       VectorMap<T> gb(L.grad_bias->data(), L.out());
       if (accumulate) {
         gb.noalias() += D.colwise().sum();

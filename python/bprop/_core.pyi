@@ -116,6 +116,9 @@ class Network32:
         sample_weight: Optional[_F32] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan32] = None,
+        loss_scale: float = 1.0,
+        grad_scale: float = 1.0,
+        l2: float = 0.0,
     ) -> float:
         """Forward, loss and backward (and the update, counted in the plan) in one
         call; returns the loss."""
@@ -178,6 +181,9 @@ class Network64:
         sample_weight: Optional[_F64] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan64] = None,
+        loss_scale: float = 1.0,
+        grad_scale: float = 1.0,
+        l2: float = 0.0,
     ) -> float:
         """Forward, loss and backward (and the update, counted in the plan) in one
         call; returns the loss."""

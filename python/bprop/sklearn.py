@@ -27,9 +27,10 @@ The objective is scikit-learn's, term for term:
 ``alpha`` is an explicit L2 term on the weights only (not the intercepts), as
 scikit-learn defines it: each minibatch adds ``0.5 * alpha * ||W||^2 / n_b`` to
 the loss and ``alpha * W / n_b`` to dL/dW, where n_b is the minibatch size (the
-sum of its sample weights when ``sample_weight`` is given). It is added to the
-gradient views between the core's backward sweep and the optimizer's step, so
-the optimizers' own ``weight_decay`` stays 0.
+sum of its sample weights when ``sample_weight`` is given). Each minibatch is
+one call of the core (forward, loss, L2 term, backward sweep and the optimizer's
+update; see ``Objective`` in cpp/include/bprop/network.hpp), so nothing on the
+per-step path runs in NumPy; the optimizers' own ``weight_decay`` stays 0.
 
 Differences from scikit-learn, all by design:
 
@@ -87,7 +88,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       f"pip install 'scikit-learn>=1.6' ({exc})") from exc
 
 from . import optim
-from .losses import binary_cross_entropy_with_logits, mean_squared_error, softmax_cross_entropy
 from .network import Dense, Network
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -97,43 +97,6 @@ _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "
                 "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu"}
 _STOCHASTIC_SOLVERS = ("adam", "sgd", "rmsprop")
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
-
-
-class _Penalty:
-    """Turns the gradient of bprop's loss, left in the network's gradient views by
-    ``backward``, into the gradient of scikit-learn's objective:
-
-        dL/dW <- scale * dL/dW + decay * W,  dL/db <- scale * dL/db
-
-    with decay = alpha / n_b, and ``scale`` converting bprop's loss (a mean over
-    all outputs) into scikit-learn's (summed over the outputs). ``apply`` returns
-    the L2 term of the loss, 0.5 * decay * ||W||^2, measured before the update.
-    """
-
-    def __init__(self, net: Network, scale: float) -> None:
-        self.scale = scale
-        self.weights = [(layer.weight, layer.grad_weight) for layer in net.layers]
-        self.bias_grads = [layer.grad_bias for layer in net.layers]
-
-    def apply(self, decay: float) -> float:
-        scale = self.scale
-        squares = 0.0
-        for W, G in self.weights:
-            if scale != 1.0:
-                G *= scale
-            if decay:
-                flat = W.reshape(-1)
-                squares += float(np.dot(flat, flat))
-                G += decay * W
-        if scale != 1.0:
-            for g in self.bias_grads:
-                g *= scale
-        return 0.5 * decay * squares
-
-
-_LOSSES = {"softmax_cross_entropy": softmax_cross_entropy,
-           "binary_cross_entropy_with_logits": binary_cross_entropy_with_logits,
-           "mean_squared_error": mean_squared_error}
 
 
 class _BaseMLP(BaseEstimator):
@@ -410,9 +373,10 @@ class _BaseMLP(BaseEstimator):
             batch_size = int(np.clip(self.batch_size, 1, n))
 
         loss_scale, grad_scale = self._loss_scales(net.out_features)
-        penalty = _Penalty(net, grad_scale)
-        loss_fn = _LOSSES[self._loss_name()]
+        loss_name = self._loss_name()
         alpha = float(self.alpha)
+        train_step = net._core.train_step
+        plan = optimizer._plan
         params = [p for _, p, _ in net.parameters()]
         best_params = state["_best_params"]
         tol = float(self.tol)
@@ -438,8 +402,11 @@ class _BaseMLP(BaseEstimator):
                 weight_sum = float(hi - lo) if wb is None else float(wb.sum(dtype=np.float64))
                 if weight_sum == 0.0:
                     continue  # nothing to learn from a batch of zero weights
-                # forward, loss and backward, then scikit-learn's gradient, then the update
-                value, grad = loss_fn(net.forward(Xe[lo:hi]), te[lo:hi], wb)
+                # forward, scikit-learn's objective, backward and the update in one
+                # call of the core (a non-finite objective updates nothing)
+                value = train_step(Xe[lo:hi], te[lo:hi], loss_name, wb, -1.0, plan,
+                                   loss_scale=loss_scale, grad_scale=grad_scale,
+                                   l2=alpha / weight_sum)
                 if not math.isfinite(value):
                     raise ValueError(
                         f"{where} training diverged in epoch {state['n_iter_'] + 1}: the loss "
@@ -447,9 +414,6 @@ class _BaseMLP(BaseEstimator):
                         "The input data may contain large values and need to be preprocessed "
                         "(e.g. StandardScaler), or learning_rate_init "
                         f"(={self.learning_rate_init}) is too large.")
-                net.backward(grad)
-                value = loss_scale * value + penalty.apply(alpha / weight_sum)
-                optimizer.step()
                 accumulated += value * (hi - lo)
                 counted += hi - lo
             state["n_iter_"] += 1
@@ -546,11 +510,10 @@ class _BaseMLP(BaseEstimator):
                    target: np.ndarray, sample_weight: Optional[np.ndarray]) -> None:
         """Full-batch L-BFGS-B (SciPy) on scikit-learn's objective; the loss and
         its gradient come from one forward/backward sweep of the core."""
-        loss_fn = _LOSSES[self._loss_name()]
+        loss_name = self._loss_name()
         loss_scale, grad_scale = self._loss_scales(net.out_features)
         weight_sum = (float(X.shape[0]) if sample_weight is None
                       else float(sample_weight.sum(dtype=np.float64)))
-        penalty = _Penalty(net, grad_scale)
         decay = float(self.alpha) / weight_sum
         views = [(p, g) for _, p, g in net.parameters()]
         sizes = np.cumsum([0] + [p.size for p, _ in views])
@@ -559,16 +522,15 @@ class _BaseMLP(BaseEstimator):
         def loss_and_grad(theta: np.ndarray) -> Tuple[float, np.ndarray]:
             for (p, _), lo, hi in zip(views, sizes[:-1], sizes[1:]):
                 p[...] = theta[lo:hi].reshape(p.shape)
-            with np.errstate(over="ignore", invalid="ignore"):
-                out = net.forward(X)
-                if not np.isfinite(out).all():
-                    return math.inf, np.zeros_like(theta)
-                value, grad = loss_fn(out, target, sample_weight)
-                net.backward(grad)
-            l2 = penalty.apply(decay)
+            # forward, the objective and backward in one call of the core, which
+            # leaves the gradients in the views (no optimizer: nothing is updated)
+            value = net._core.train_step(X, target, loss_name, sample_weight, -1.0, None,
+                                         loss_scale=loss_scale, grad_scale=grad_scale, l2=decay)
+            if not math.isfinite(value):
+                return math.inf, np.zeros_like(theta)
             for (_, g), lo, hi in zip(views, sizes[:-1], sizes[1:]):
                 packed_grad[lo:hi] = g.reshape(-1)
-            return loss_scale * value + l2, packed_grad.copy()
+            return value, packed_grad.copy()
 
         theta0 = np.concatenate([p.reshape(-1) for p, _ in views]).astype(np.float64)
         result = scipy.optimize.minimize(

@@ -50,6 +50,18 @@ struct Dense {
 /// that Ctrl-C stops a long step.)
 using Poll = std::function<void()>;
 
+/// An objective built on a built-in loss, as scikit-learn's MLP defines it:
+///   loss_scale * loss + 0.5 * l2 * (sum over layers of ||W||^2),
+/// stepped along grad_scale * dL/d(output) and, for each weight (not the biases),
+/// l2 * W added to dL/dW. (scikit-learn's regressor steps along a gradient that is
+/// not its reported loss's, hence two scales.) The L2 term is measured on the
+/// weights before the step, summed in float64 layer by layer in a fixed order.
+struct Objective {
+  double loss_scale = 1;
+  double grad_scale = 1;
+  double l2 = 0;
+};
+
 /// An ordered stack of dense layers whose widths chain.
 ///
 /// Not thread-safe: calls on one Network must be serialized by the caller,
@@ -115,10 +127,13 @@ class Network {
   /// the forward cache and the stored gradients are dropped (has_forward() and
   /// has_backward() become false).
   /// Targets: `labels` (batch) for softmax cross-entropy, else `target`
-  /// (batch, out_features); `sample_weight` (batch) or null. Returns the loss.
+  /// (batch, out_features); `sample_weight` (batch) or null. Returns the loss, or
+  /// with an `objective` that objective (its L2 term changes dL/dW, stored or
+  /// fused into the update alike). Throws std::invalid_argument for an objective
+  /// whose numbers are not finite or whose l2 is negative.
   double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
                     const T* sample_weight, T sgd_lr, Update<T>* update = nullptr,
-                    const Poll& poll = {});
+                    const Poll& poll = {}, const Objective* objective = nullptr);
 
   /// Applies an optimizer's update to every parameter from the stored gradients
   /// (the path of Optimizer.step()) and counts the step (++update.steps). Throws
@@ -148,8 +163,11 @@ class Network {
   bool aliases_cache(const T* data, Index size) const;
   // The backward sweep proper, from the output layer's delta (already formed).
   // With a poll, the updates wait until every product that reads the old weights is done.
+  // l2: add l2 * W to each dL/dW (fused SGD: W *= 1 - lr l2 before its product).
   void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update,
-             const Poll& poll);
+             const Poll& poll, T l2 = T(0));
+  // sum over layers of ||W||^2, in float64, layer by layer
+  double weight_squares() const;
 
   std::vector<Dense<T>> layers_;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
