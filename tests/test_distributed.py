@@ -39,8 +39,8 @@ def launch(ranks, scenario, timeout, module=True):
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable]
     cmd += ["-m", "mpi4py"] if module else []
     cmd += [str(WORKER), scenario]
-    # Ranks share the machine's cores: one BLAS thread each.
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # Ranks share the machine's cores: one bprop thread (and one BLAS thread) each.
+    env = dict(os.environ, BPROP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           check=False)
