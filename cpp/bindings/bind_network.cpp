@@ -202,15 +202,30 @@ void bind_update_plan(py::module_& m, const char* name) {
              for (std::size_t i = 0; i < states.size(); ++i) {
                const py::tuple& st = states[i];
                if (st.size() != 3) throw py::value_error("[UpdatePlan] each state is (a, b, c)");
+               T* a = optional_state<T>(st[0], sizes[i], "state a");
+               T* b = optional_state<T>(st[1], sizes[i], "state b");
+               T* c = optional_state<T>(st[2], sizes[i], "state c");
+               // the Python optimizers' three slots, by the rule's names
                UpdateState<T> u;
-               u.a = optional_state<T>(st[0], sizes[i], "state a");
-               u.b = optional_state<T>(st[1], sizes[i], "state b");
-               u.c = optional_state<T>(st[2], sizes[i], "state c");
+               switch (s.rule) {
+                 case UpdateRule::sgd:
+                   u.momentum_buffer = a;
+                   break;
+                 case UpdateRule::adam:
+                   u.exp_avg = a;
+                   u.exp_avg_sq = b;
+                   break;
+                 case UpdateRule::rmsprop:
+                   u.square_avg = a;
+                   u.grad_avg = b;
+                   u.momentum_buffer = c;
+                   break;
+               }
                const bool needs_a = s.rule != UpdateRule::sgd || s.momentum != 0;
                const bool needs_b = s.rule == UpdateRule::adam ||
                                     (s.rule == UpdateRule::rmsprop && s.centered);
                const bool needs_c = s.rule == UpdateRule::rmsprop && s.momentum > 0;
-               if ((needs_a && !u.a) || (needs_b && !u.b) || (needs_c && !u.c)) {
+               if ((needs_a && !a) || (needs_b && !b) || (needs_c && !c)) {
                  throw py::value_error("[UpdatePlan] a state array this rule needs is missing");
                }
                plan->update.states.push_back(u);
@@ -238,7 +253,7 @@ std::vector<LayerSpec> to_specs(const std::vector<LayerTuple>& layers) {
   std::vector<LayerSpec> specs;
   specs.reserve(layers.size());
   for (const auto& [in, out, activation, slope] : layers) {
-    specs.push_back({in, out, parse_activation(activation, "Dense"), slope});
+    specs.push_back(LayerSpec::dense_layer(in, out, parse_activation(activation, "Dense"), slope));
   }
   return specs;
 }
@@ -249,7 +264,12 @@ const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
     throw py::index_error("layer index " + std::to_string(i) + " out of range for a network of " +
                           std::to_string(self.net.num_layers()) + " layers");
   }
-  return self.net.layer(i);
+  const Layer<T>& layer = self.net.layer(i);
+  if (layer.kind() != LayerSpec::Kind::dense) {
+    throw py::type_error("layer " + std::to_string(i) + " is a " + kind_name(layer.kind()) +
+                         ", not a Dense layer");
+  }
+  return static_cast<const Dense<T>&>(layer);
 }
 
 /// The update of an UpdatePlan, after checking that it was built for this
@@ -261,16 +281,12 @@ Update<T>& checked_plan(PyNetwork<T>& s, py::handle plan_obj, const char* where)
                          "dtype than this " + dtype_name<T>() + " network");
   }
   auto& plan = plan_obj.cast<UpdatePlan<T>&>();
-  std::size_t i = 0;
-  bool match = true;
-  for (Index l = 0; l < s.net.num_layers() && match; ++l) {
-    const Dense<T>& L = s.net.layer(l);
-    for (Index n : {L.in() * L.out(), L.out()}) {
-      match = match && i < plan.sizes.size() && plan.sizes[i] == n;
-      ++i;
-    }
+  const auto& params = s.net.parameters();
+  bool match = params.size() == plan.sizes.size();
+  for (std::size_t i = 0; i < params.size() && match; ++i) {
+    match = plan.sizes[i] == params[i].parameter->size();
   }
-  if (!match || i != plan.sizes.size()) {
+  if (!match) {
     throw py::value_error(std::string("[") + where + "] the optimizer was built for a "
                           "different network");
   }
@@ -298,7 +314,7 @@ void bind_network_type(py::module_& m, const char* name) {
       .def_property_readonly("batch", [](const Self& s) { return s.net.batch(); })
       .def("layer_spec",
            [](const Self& s, Index i) {
-             const LayerSpec& spec = layer_at(s, i).spec;
+             const LayerSpec& spec = layer_at(s, i).spec();
              return LayerTuple{spec.in_features, spec.out_features,
                                activation_name(spec.activation), spec.negative_slope};
            })
@@ -513,19 +529,19 @@ void bind_network_type(py::module_& m, const char* name) {
       // ---- views of the C++ storage ----------------------------------------
       .def("weight", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.weight, {L.in(), L.out()}, true);
+        return view_of<T>(L.weight().value, {L.in_features(), L.out_features()}, true);
       })
       .def("bias", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.bias, {L.out()}, true);
+        return view_of<T>(L.bias()->value, {L.out_features()}, true);
       })
       .def("grad_weight", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.grad_weight, {L.in(), L.out()}, true);
+        return view_of<T>(L.weight().grad, {L.in_features(), L.out_features()}, true);
       })
       .def("grad_bias", [](const Self& s, Index i) {
         const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.grad_bias, {L.out()}, true);
+        return view_of<T>(L.bias()->grad, {L.out_features()}, true);
       })
       .def("input", [](const Self& s, Index i) -> py::object {
         const Dense<T>& L = layer_at(s, i);
@@ -538,22 +554,22 @@ void bind_network_type(py::module_& m, const char* name) {
           return std::move(v);
         }
         const Dense<T>& P = layer_at(s, i - 1);
-        return view_of<T>(P.output, {s.net.batch(), L.in()}, false);
+        return view_of<T>(P.output(), {s.net.batch(), L.in_features()}, false);
       })
       .def("z", [](const Self& s, Index i) -> py::object {
         const Dense<T>& L = layer_at(s, i);
         if (!s.net.has_forward()) return py::none();
-        return view_of<T>(L.z, {s.net.batch(), L.out()}, false);
+        return view_of<T>(L.z(), {s.net.batch(), L.out_features()}, false);
       })
       .def("output", [](const Self& s, Index i) -> py::object {
         const Dense<T>& L = layer_at(s, i);
         if (!s.net.has_forward()) return py::none();
-        return view_of<T>(L.output, {s.net.batch(), L.out()}, false);
+        return view_of<T>(L.output(), {s.net.batch(), L.out_features()}, false);
       })
       .def("delta", [](const Self& s, Index i) -> py::object {
         const Dense<T>& L = layer_at(s, i);
         if (!s.net.has_backward() || !s.net.has_forward()) return py::none();
-        return view_of<T>(L.delta, {s.net.batch(), L.out()}, false);
+        return view_of<T>(L.delta(), {s.net.batch(), L.out_features()}, false);
       });
 }
 

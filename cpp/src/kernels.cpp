@@ -175,15 +175,15 @@ void apply_update_serial(const UpdateSpec& s, std::int64_t t, T* param, const T*
                          const UpdateState<T>& state, Index n) {
   switch (s.rule) {
     case UpdateRule::sgd:
-      sgd_update<T>(param, grad, state.a, n, T(s.lr), T(s.momentum), T(s.dampening), s.nesterov,
+      sgd_update<T>(param, grad, state.momentum_buffer, n, T(s.lr), T(s.momentum), T(s.dampening), s.nesterov,
                     T(s.weight_decay), t == 1);
       return;
     case UpdateRule::adam:
-      adam_update<T>(param, grad, state.a, state.b, n, T(s.lr), T(s.beta1), T(s.beta2), T(s.eps),
+      adam_update<T>(param, grad, state.exp_avg, state.exp_avg_sq, n, T(s.lr), T(s.beta1), T(s.beta2), T(s.eps),
                      T(s.weight_decay), t, s.decoupled);
       return;
     case UpdateRule::rmsprop:
-      rmsprop_update<T>(param, grad, state.a, state.b, state.c, n, T(s.lr), T(s.alpha), T(s.eps),
+      rmsprop_update<T>(param, grad, state.square_avg, state.grad_avg, state.momentum_buffer, n, T(s.lr), T(s.alpha), T(s.eps),
                         T(s.weight_decay), T(s.momentum), s.centered);
       return;
   }
@@ -201,13 +201,27 @@ void apply_update(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
                   const UpdateState<T>& state, Index n) {
   auto block = [&](Index b) {
     const Index i0 = b * kUpdateBlock;
-    UpdateState<T> part;
-    part.a = state.a != nullptr ? state.a + i0 : nullptr;
-    part.b = state.b != nullptr ? state.b + i0 : nullptr;
-    part.c = state.c != nullptr ? state.c + i0 : nullptr;
-    apply_update_serial<T>(s, t, param + i0, grad + i0, part, std::min(kUpdateBlock, n - i0));
+    apply_update_serial<T>(s, t, param + i0, grad + i0, state.offset(i0),
+                           std::min(kUpdateBlock, n - i0));
   };
   parallel_for((n + kUpdateBlock - 1) / kUpdateBlock, block);
+}
+
+std::vector<const char*> state_names(const UpdateSpec& s) {
+  switch (s.rule) {
+    case UpdateRule::sgd:
+      if (s.momentum != 0) return {"momentum_buffer"};
+      return {};
+    case UpdateRule::adam:
+      return {"exp_avg", "exp_avg_sq"};
+    case UpdateRule::rmsprop: {
+      std::vector<const char*> names = {"square_avg"};
+      if (s.centered) names.push_back("grad_avg");
+      if (s.momentum > 0) names.push_back("momentum_buffer");
+      return names;
+    }
+  }
+  return {};
 }
 
 template <typename T>

@@ -1,6 +1,5 @@
 #include "network_impl.hpp"
 
 namespace bprop {
-template struct Dense<float>;
 template class Network<float>;
 }  // namespace bprop

@@ -1,7 +1,8 @@
-// Template definitions of Dense and Network, instantiated in network_f32.cpp
-// and network_f64.cpp so that the two scalar types compile in parallel.
+// Template definitions of Network, instantiated in network_f32.cpp and
+// network_f64.cpp so that the two scalar types compile in parallel.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -20,7 +21,7 @@ inline std::string shape_str(Index rows, Index cols) {
   return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
 }
 
-// The largest element count a layer may have: its byte size must fit in a
+// The largest element count a cache may have: its byte size must fit in a
 // signed 64-bit integer with room to spare.
 template <typename T>
 constexpr Index max_elements() {
@@ -30,88 +31,84 @@ constexpr Index max_elements() {
 }  // namespace detail
 
 template <typename T>
-Dense<T>::Dense(const LayerSpec& s)
-    : spec(s),
-      weight(make_storage<T>(static_cast<std::size_t>(s.in_features * s.out_features))),
-      bias(make_storage<T>(static_cast<std::size_t>(s.out_features))),
-      grad_weight(make_storage<T>(static_cast<std::size_t>(s.in_features * s.out_features))),
-      grad_bias(make_storage<T>(static_cast<std::size_t>(s.out_features))),
-      z(make_storage<T>(0)),
-      output(z),
-      delta(make_storage<T>(0)) {}
-
-template <typename T>
 Network<T>::Network(const std::vector<LayerSpec>& specs) {
   if (specs.empty()) {
-    throw std::invalid_argument("[Network] layers must hold at least one Dense layer, but got none");
+    throw std::invalid_argument("[Network] layers must hold at least one layer, but got none");
   }
-  for (std::size_t i = 0; i < specs.size(); ++i) {
-    const LayerSpec& s = specs[i];
-    const std::string tag = "[Network] layer " + std::to_string(i);
-    if (s.in_features <= 0 || s.out_features <= 0) {
-      throw std::invalid_argument(tag + " must have positive sizes, but has in_features=" +
-                                  std::to_string(s.in_features) + ", out_features=" +
-                                  std::to_string(s.out_features));
-    }
-    if (s.in_features > detail::max_elements<T>() / s.out_features) {
-      throw std::invalid_argument(tag + " is too large: in_features * out_features = " +
-                                  std::to_string(s.in_features) + " * " +
-                                  std::to_string(s.out_features) + " overflows");
-    }
-    if (!std::isfinite(s.negative_slope)) {
-      throw std::invalid_argument(tag + " negative_slope must be finite");
-    }
-    if (i > 0 && specs[i - 1].out_features != s.in_features) {
-      throw std::invalid_argument(tag + " expects " + std::to_string(s.in_features) +
-                                  " input features, but layer " + std::to_string(i - 1) +
-                                  " produces " + std::to_string(specs[i - 1].out_features));
-    }
+  Index width = -1;
+  for (const LayerSpec& s : specs) {
+    width = declared_in_features(s);
+    if (width >= 0) break;
   }
+  if (width < 0) {
+    throw std::invalid_argument("[Network] layers must include a layer with a width (Dense, "
+                                "BatchNorm or LayerNorm), but got only Activation and Dropout "
+                                "layers");
+  }
+  in_features_ = width;
   layers_.reserve(specs.size());
   for (std::size_t i = 0; i < specs.size(); ++i) {
-    const LayerSpec& s = specs[i];
-    with_context("[Network] layer " + std::to_string(i) + ", weight " +
-                     detail::shape_str(s.in_features, s.out_features) + " and its gradient",
-                 [&] { layers_.emplace_back(s); });
+    layers_.push_back(make_layer<T>(specs[i], width, "[Network] layers." + std::to_string(i)));
+    width = layers_.back()->out_features();
   }
+  // The index of every layer, parameter and buffer, depth first; the dropout
+  // layers numbered in that order.
+  std::int64_t dropouts = 0;
+  auto visit = [&](auto&& self, Layer<T>& layer, const std::string& prefix) -> void {
+    all_.push_back(&layer);
+    layer.first_parameter = static_cast<Index>(params_.size());
+    for (Parameter<T>* p : layer.parameters()) params_.push_back({prefix + p->name, p, &layer});
+    layer.parameter_count = static_cast<Index>(params_.size()) - layer.first_parameter;
+    for (Buffer<T>* b : layer.buffers()) buffers_.push_back({prefix + b->name, b, &layer});
+    if (layer.kind() == LayerSpec::Kind::dropout) {
+      static_cast<Dropout<T>&>(layer).set_index(dropouts++);
+    }
+    const std::vector<Layer<T>*> children = layer.children();
+    for (std::size_t j = 0; j < children.size(); ++j) {
+      self(self, *children[j], prefix + "layers." + std::to_string(j) + ".");
+    }
+  };
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    visit(visit, *layers_[i], "layers." + std::to_string(i) + ".");
+  }
+  sweep_.held.reserve(all_.size());
 }
 
 template <typename T>
 Index Network<T>::num_parameters() const {
   Index n = 0;
-  for (const Dense<T>& L : layers_) n += L.in() * L.out() + L.out();
+  for (const NamedParameter<T>& p : params_) n += p.parameter->size();
   return n;
+}
+
+template <typename T>
+void Network<T>::set_dropout_step(std::int64_t step) {
+  if (step < 0) {
+    throw std::invalid_argument("[Network] dropout_step must be >= 0, but got " +
+                                std::to_string(step));
+  }
+  dropout_step_ = step;
 }
 
 template <typename T>
 void Network<T>::reserve(Index batch) {
   if (batch <= capacity_) return;
-  for (const Dense<T>& L : layers_) {
-    if (batch > detail::max_elements<T>() / L.out()) {
+  for (const Layer<T>* L : all_) {
+    if (batch > detail::max_elements<T>() / std::max(L->out_features(), L->in_features())) {
       throw std::invalid_argument("[Network.forward] a batch of " + std::to_string(batch) +
                                   " rows is too large for layer widths this size");
     }
   }
   // Allocate everything first so that a failed allocation changes nothing.
   std::vector<StoragePtr<T>> fresh;
-  fresh.reserve(layers_.size() * 3);
-  with_context("[Network.forward] the caches (z, output, delta) for a batch of " +
-                   std::to_string(batch) + " rows",
+  fresh.reserve(all_.size() * 4);
+  with_context("[Network.forward] the caches for a batch of " + std::to_string(batch) + " rows",
                [&] {
-                 for (const Dense<T>& L : layers_) {
-                   const auto n = static_cast<std::size_t>(batch * L.out());
-                   fresh.push_back(make_storage<T>(n));
-                   fresh.push_back(L.spec.activation == Activation::identity
-                                       ? fresh.back()
-                                       : make_storage<T>(n));
-                   fresh.push_back(make_storage<T>(n));
-                 }
+                 for (const auto& L : layers_) L->allocate(batch, fresh);
                });
-  for (std::size_t i = 0; i < layers_.size(); ++i) {
-    layers_[i].z = std::move(fresh[3 * i]);
-    layers_[i].output = std::move(fresh[3 * i + 1]);
-    layers_[i].delta = std::move(fresh[3 * i + 2]);
-  }
+  auto next = fresh.begin();
+  for (auto& L : layers_) L->adopt(next);
+  caches_ = std::move(fresh);
   capacity_ = batch;
 }
 
@@ -119,12 +116,10 @@ template <typename T>
 bool Network<T>::aliases_cache(const T* data, Index size) const {
   const auto lo = reinterpret_cast<std::uintptr_t>(data);
   const auto hi = reinterpret_cast<std::uintptr_t>(data + size);
-  for (const Dense<T>& L : layers_) {
-    for (const StoragePtr<T>* s : {&L.z, &L.output, &L.delta}) {
-      const auto b = reinterpret_cast<std::uintptr_t>((*s)->data());
-      const auto e = reinterpret_cast<std::uintptr_t>((*s)->data() + (*s)->size());
-      if (lo < e && b < hi) return true;
-    }
+  for (const StoragePtr<T>& s : caches_) {
+    const auto b = reinterpret_cast<std::uintptr_t>(s->data());
+    const auto e = reinterpret_cast<std::uintptr_t>(s->data() + s->size());
+    if (lo < e && b < hi) return true;
   }
   return false;
 }
@@ -146,37 +141,55 @@ void Network<T>::check_input(ConstMatrixMap<T> X, const char* where) const {
     throw std::invalid_argument(std::string("[") + where +
                                 "] X has 0 rows; expected at least one sample");
   }
+  if (training_ && X.rows() < 2) {
+    for (const Layer<T>* L : all_) {
+      if (L->kind() == LayerSpec::Kind::batch_norm) {
+        throw std::invalid_argument(
+            std::string("[") + where + "] X has 1 row, but BatchNorm in training mode needs "
+            "more than one row per batch (the variance of one row is 0); use a larger "
+            "batch, or eval mode (net.eval())");
+      }
+    }
+  }
   if (aliases_cache(X.data(), X.size())) {
     throw std::invalid_argument(std::string("[") + where +
-                                "] X is a view of this network's own cache (a layer's z, "
-                                "output or delta), which this call overwrites; pass a copy "
-                                "(X.copy())");
+                                "] X is a view of this network's own cache (a layer's input, "
+                                "output or gradient buffer), which this call overwrites; pass "
+                                "a copy (X.copy())");
   }
+}
+
+template <typename T>
+const T* Network<T>::run_forward(const T* X, Index batch, const Poll& poll) {
+  const ForwardContext ctx{training_, dropout_seed_, dropout_step_};
+  const T* a = X;
+  try {
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      if (poll && l > 0) poll();  // between layers
+      a = layers_[l]->forward(a, batch, ctx);
+    }
+  } catch (...) {
+    clear_cache();  // the caches now mix this batch's first layers with the last batch
+    throw;
+  }
+  input_ = X;
+  batch_ = batch;
+  return a;
+}
+
+template <typename T>
+void Network<T>::commit_forward() {
+  for (Layer<T>* L : all_) L->commit();
+  if (training_) ++dropout_step_;
 }
 
 template <typename T>
 ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X, const Poll& poll) {
   check_input(X, "Network.forward");
   reserve(X.rows());
-  const Index B = X.rows();
-  const T* a = X.data();
-  try {
-    for (Dense<T>& L : layers_) {
-      if (poll && &L != &layers_.front()) poll();  // between layers
-      // z = a W + b, a = sigma(z)
-      gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(),
-              T(0), L.z->data(), L.out());
-      bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
-                                 L.bias->data(), L.z->data(), L.output->data(), B, L.out());
-      a = L.output->data();
-    }
-  } catch (...) {
-    clear_cache();  // the caches now mix this batch's first layers with the last batch
-    throw;
-  }
-  input_ = X.data();
-  batch_ = B;
-  return ConstMatrixMap<T>(layers_.back().output->data(), B, out_features());
+  const T* out = run_forward(X.data(), X.rows(), poll);
+  commit_forward();
+  return ConstMatrixMap<T>(out, batch_, out_features());
 }
 
 template <typename T>
@@ -197,11 +210,9 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
                                 detail::shape_str(grad_input->rows(), grad_input->cols()) +
                                 ", expected " + detail::shape_str(batch_, in_features()));
   }
-  // delta of the output layer: sigma'(z) * dL/da (softmax: its Jacobian-vector product)
-  Dense<T>& last = layers_.back();
-  activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
-                         last.z->data(), last.output->data(), grad_output.data(),
-                         last.delta->data(), batch_, last.out());
+  // dL/d(output) into the last layer's gradient buffer, where its backward starts
+  std::copy(grad_output.data(), grad_output.data() + grad_output.size(),
+            layers_.back()->grad_output());
   try {
     sweep(accumulate, grad_input, T(-1), nullptr, poll);
   } catch (...) {
@@ -209,6 +220,17 @@ void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
     throw;
   }
   has_grad_ = true;
+}
+
+template <typename T>
+double Network<T>::weight_squares() const {
+  double sum = 0;
+  for (const NamedParameter<T>& np : params_) {
+    const Parameter<T>& p = *np.parameter;
+    if (!p.decays) continue;
+    sum += ConstVectorMap<T>(p.value->data(), p.size()).template cast<double>().squaredNorm();
+  }
+  return sum;
 }
 
 template <typename T>
@@ -225,11 +247,11 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
         ", l2=" + std::to_string(objective->l2));
   }
   if (update != nullptr) {
-    if (update->states.size() != 2 * layers_.size()) {
+    if (update->states.size() != params_.size()) {
       throw std::invalid_argument("[Network.train_step] the optimizer holds state for " +
                                   std::to_string(update->states.size()) +
                                   " parameters, but the network has " +
-                                  std::to_string(2 * layers_.size()));
+                                  std::to_string(params_.size()));
     }
     if (update->steps < 0) {
       throw std::invalid_argument("[Network.train_step] the step count must be >= 0");
@@ -258,21 +280,18 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
   reserve(X.rows());  // a failed allocation changes nothing: before the try below
   double value = 0;
   try {
-    forward(X, poll);
-    Dense<T>& last = layers_.back();
-    const Index B = batch_, K = last.out();
-    T* grad = last.delta->data();  // dL/d(output), turned into delta in place below
+    const T* output = run_forward(X.data(), X.rows(), poll);
+    const Index B = batch_, K = out_features();
+    T* grad = layers_.back()->grad_output();  // dL/d(output)
     switch (loss) {
       case Loss::softmax_cross_entropy:
-        value = softmax_cross_entropy<T>(last.output->data(), B, K, labels, target,
-                                         sample_weight, grad);
+        value = softmax_cross_entropy<T>(output, B, K, labels, target, sample_weight, grad);
         break;
       case Loss::binary_cross_entropy_with_logits:
-        value = binary_cross_entropy_with_logits<T>(last.output->data(), target, B, K,
-                                                    sample_weight, grad);
+        value = binary_cross_entropy_with_logits<T>(output, target, B, K, sample_weight, grad);
         break;
       case Loss::mean_squared_error:
-        value = mean_squared_error<T>(last.output->data(), target, B, K, sample_weight, grad);
+        value = mean_squared_error<T>(output, target, B, K, sample_weight, grad);
         break;
     }
     T l2 = T(0);
@@ -284,8 +303,6 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
       value *= objective->loss_scale;
       if (l2 != T(0)) value += 0.5 * objective->l2 * weight_squares();
     }
-    activation_backward<T>(last.spec.activation, static_cast<T>(last.spec.negative_slope),
-                           last.z->data(), last.output->data(), grad, grad, B, K);
     if (std::isfinite(value)) {
       sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll, l2);
     } else {
@@ -293,11 +310,12 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
     }
   } catch (...) {
     // Abandoned by the poll before any parameter changed (the sweep holds the
-    // updates back while it polls): the step did not happen.
+    // updates back while it polls): the step did not happen, and no buffer changed.
     has_grad_ = false;
     clear_cache();
     throw;
   }
+  commit_forward();
   const bool finite = std::isfinite(value);
   has_grad_ = !finite || sgd_lr < T(0);
   if (finite && update != nullptr) ++update->steps;
@@ -305,96 +323,79 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
 }
 
 template <typename T>
-double Network<T>::weight_squares() const {
-  double sum = 0;
-  for (const Dense<T>& L : layers_) {
-    sum += ConstVectorMap<T>(L.weight->data(), L.in() * L.out()).template cast<double>()
-               .squaredNorm();
+void Network<T>::on_ready(void* self, Layer<T>& layer) {
+  auto& net = *static_cast<Network<T>*>(self);
+  if (net.sweep_.hold_back) {
+    net.sweep_.held.push_back(&layer);  // capacity reserved: no allocation
+  } else {
+    net.update_layer(layer);
   }
-  return sum;
+}
+
+template <typename T>
+void Network<T>::on_poll(void* self) {
+  const Poll* poll = static_cast<Network<T>*>(self)->sweep_.poll;
+  if (poll != nullptr && *poll) (*poll)();
+}
+
+template <typename T>
+void Network<T>::update_layer(Layer<T>& layer) {
+  const auto first = static_cast<std::size_t>(layer.first_parameter);
+  const auto end = first + static_cast<std::size_t>(layer.parameter_count);
+  if (sweep_.sgd_lr >= T(0)) {
+    if (layer.apply_fused_sgd(sweep_.sgd_lr, sweep_.l2, batch_)) return;
+    // p -= lr (dL/dp + l2 p for a parameter that decays), from the stored gradient
+    for (std::size_t i = first; i < end; ++i) {
+      const Parameter<T>& p = *params_[i].parameter;
+      const T decay = p.decays ? sweep_.l2 : T(0);
+      T* v = p.value->data();
+      const T* g = p.grad->data();
+      for (Index j = 0; j < p.size(); ++j) v[j] -= sweep_.sgd_lr * (g[j] + decay * v[j]);
+    }
+    return;
+  }
+  // the optimizer's step for this layer's parameters, while their gradients are in cache
+  const Update<T>& update = *sweep_.update;
+  for (std::size_t i = first; i < end; ++i) {
+    const Parameter<T>& p = *params_[i].parameter;
+    apply_update<T>(update.spec, update.steps + 1, p.value->data(), p.grad->data(),
+                    update.states[i], p.size());
+  }
 }
 
 template <typename T>
 void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
                        const Update<T>* update, const Poll& poll, T l2) {
-  const Index B = batch_;
-  const bool fused = sgd_lr >= T(0);
+  const bool updating = sgd_lr >= T(0) || update != nullptr;
+  sweep_.sgd_lr = sgd_lr;
+  sweep_.l2 = l2;
+  sweep_.update = update;
+  sweep_.poll = poll ? &poll : nullptr;
   // With a poll, the sweep may be abandoned between any two products, so no
-  // parameter may change before the last product that reads the old weights: the
+  // parameter may change before the last product that reads the old ones: the
   // updates are held back to the end. Each is the same arithmetic on the same
   // operands as in the interleaved order, so the result is bitwise the same.
-  const bool hold_back = static_cast<bool>(poll);
-  auto input_of = [&](Index l) {
-    return l == 0 ? input_ : layers_[static_cast<std::size_t>(l - 1)].output->data();
-  };
-  auto sgd_product = [&](Dense<T>& L, Index l) {
-    // W -= lr (a^T delta + l2 W) and b -= lr colsum(delta), without storing the gradient
-    if (l2 != T(0)) VectorMap<T>(L.weight->data(), L.in() * L.out()) *= T(1) - sgd_lr * l2;
-    gemm<T>(true, false, L.in(), L.out(), B, -sgd_lr, input_of(l), L.in(), L.delta->data(),
-            L.out(), T(1), L.weight->data(), L.out());
-    VectorMap<T>(L.bias->data(), L.out()).noalias() -=
-        sgd_lr * ConstMatrixMap<T>(L.delta->data(), B, L.out()).colwise().sum();
-  };
-  auto optimizer_step = [&](Dense<T>& L, Index l) {
-    // the optimizer's step for this layer, from its stored gradients
-    const auto i = static_cast<std::size_t>(2 * l);
-    apply_update<T>(update->spec, update->steps + 1, L.weight->data(), L.grad_weight->data(),
-                    update->states[i], L.in() * L.out());
-    apply_update<T>(update->spec, update->steps + 1, L.bias->data(), L.grad_bias->data(),
-                    update->states[i + 1], L.out());
-  };
+  sweep_.hold_back = static_cast<bool>(poll) && updating;
+  sweep_.held.clear();
+  BackwardContext<T> ctx;
+  ctx.accumulate = accumulate;
+  ctx.sgd_lr = sgd_lr;
+  ctx.l2 = l2;
+  ctx.network = this;
+  ctx.on_ready = updating ? &Network<T>::on_ready : nullptr;
+  ctx.poll = poll ? &Network<T>::on_poll : nullptr;
   // The reverse network: one visit per layer, from the output back to the input.
-  for (Index l = num_layers() - 1; l >= 0; --l) {
-    Dense<T>& L = layers_[static_cast<std::size_t>(l)];
-    const T* a = input_of(l);
-    const T* delta = L.delta->data();
-    if (poll) poll();
-    // dL/da of the layer below = delta W^T, formed while W is still unchanged
-    T* grad_a = l > 0 ? layers_[static_cast<std::size_t>(l - 1)].delta->data()
-                      : (grad_input != nullptr ? grad_input->data() : nullptr);
-    if (grad_a != nullptr) {
-      gemm<T>(false, true, B, L.in(), L.out(), T(1), delta, L.out(), L.weight->data(), L.out(),
-              T(0), grad_a, L.in());
-    }
-    ConstMatrixMap<T> D(delta, B, L.out());
-    if (fused) {
-      if (!hold_back) sgd_product(L, l);
-    } else {
-      if (poll && grad_a != nullptr) poll();
-      // dL/dW = a^T delta, dL/db = column sums of delta
-      gemm<T>(true, false, L.in(), L.out(), B, T(1), a, L.in(), delta, L.out(),
-              accumulate ? T(1) : T(0), L.grad_weight->data(), L.out());
-      if (l2 != T(0)) {
-        VectorMap<T>(L.grad_weight->data(), L.in() * L.out()).noalias() +=
-            l2 * ConstVectorMap<T>(L.weight->data(), L.in() * L.out());
-      }
-      VectorMap<T> gb(L.grad_bias->data(), L.out());
-      if (accumulate) {
-        gb.noalias() += D.colwise().sum();
-      } else {
-        gb.noalias() = D.colwise().sum();
-      }
-      // the optimizer's step, while the layer's gradient is in cache
-      if (update != nullptr && !hold_back) optimizer_step(L, l);
-    }
-    if (l > 0) {
-      // delta of the layer below = sigma'(z) * dL/da, in place
-      Dense<T>& P = layers_[static_cast<std::size_t>(l - 1)];
-      activation_backward<T>(P.spec.activation, static_cast<T>(P.spec.negative_slope),
-                             P.z->data(), P.output->data(), grad_a, grad_a, B, P.out());
-    }
+  for (std::size_t l = layers_.size(); l-- > 0;) {
+    T* below = l > 0 ? layers_[l - 1]->grad_output()
+                     : (grad_input != nullptr ? grad_input->data() : nullptr);
+    layers_[l]->backward(below, batch_, ctx);
   }
-  if (hold_back && (fused || update != nullptr)) {
-    // Every delta is formed from the old weights: now the updates, no more polls.
-    for (Index l = num_layers() - 1; l >= 0; --l) {
-      Dense<T>& L = layers_[static_cast<std::size_t>(l)];
-      if (fused) {
-        sgd_product(L, l);
-      } else {
-        optimizer_step(L, l);
-      }
-    }
+  if (sweep_.hold_back) {
+    // Every gradient is formed from the old parameters: now the updates, no more polls.
+    for (Layer<T>* L : sweep_.held) update_layer(*L);
   }
+  sweep_.held.clear();
+  sweep_.poll = nullptr;
 }
 
 template <typename T>
@@ -406,11 +407,10 @@ void Network<T>::step(T lr) {
     throw std::invalid_argument("[Network.step] lr must be a finite number >= 0, but got " +
                                 std::to_string(lr));
   }
-  for (Dense<T>& L : layers_) {
-    MatrixMap<T> W(L.weight->data(), L.in(), L.out());
-    VectorMap<T> b(L.bias->data(), L.out());
-    W.noalias() -= lr * ConstMatrixMap<T>(L.grad_weight->data(), L.in(), L.out());
-    b.noalias() -= lr * ConstVectorMap<T>(L.grad_bias->data(), L.out());
+  for (const NamedParameter<T>& np : params_) {
+    const Parameter<T>& p = *np.parameter;
+    VectorMap<T>(p.value->data(), p.size()).noalias() -=
+        lr * ConstVectorMap<T>(p.grad->data(), p.size());
   }
 }
 
@@ -420,16 +420,13 @@ void Network<T>::apply_optimizer(Update<T>& update) {
     throw std::logic_error("[Optimizer.step] the network has no gradients yet: call "
                            "net.forward and net.backward before step()");
   }
-  if (update.states.size() != 2 * layers_.size() || update.steps < 0) {
+  if (update.states.size() != params_.size() || update.steps < 0) {
     throw std::invalid_argument("[Optimizer.step] the optimizer was built for another network");
   }
   const std::int64_t t = update.steps + 1;
-  for (std::size_t l = 0; l < layers_.size(); ++l) {
-    Dense<T>& L = layers_[l];
-    apply_update<T>(update.spec, t, L.weight->data(), L.grad_weight->data(),
-                    update.states[2 * l], L.in() * L.out());
-    apply_update<T>(update.spec, t, L.bias->data(), L.grad_bias->data(),
-                    update.states[2 * l + 1], L.out());
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const Parameter<T>& p = *params_[i].parameter;
+    apply_update<T>(update.spec, t, p.value->data(), p.grad->data(), update.states[i], p.size());
   }
   update.steps = t;
 }
@@ -449,27 +446,25 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
   const Index N = X.rows();
   if (N == 0) return;
   const Index chunk = batch_size <= 0 ? N : std::min(batch_size, N);
-  Index width = 0;
-  for (const Dense<T>& L : layers_) width = std::max(width, L.out());
-  // Two ping-pong workspaces of this call's own: the training caches stay untouched.
-  const auto workspace = static_cast<std::size_t>(chunk * width);
-  auto allocate = [&] { return allocate_storage<T>(workspace); };
+  Index width = 0, inner = 0;
+  for (const auto& L : layers_) {
+    width = std::max(width, L->out_features());
+    inner = std::max(inner, L->predict_workspace(chunk));
+  }
+  // Ping-pong workspaces of this call's own: the training caches stay untouched.
+  const auto workspace = static_cast<std::size_t>(2 * chunk * width + inner);
   const std::string what = "[Network.predict] a workspace of " + std::to_string(chunk) +
                            " rows (pass a smaller batch_size)";
-  Storage<T> ping = with_context(what, allocate);
-  Storage<T> pong = with_context(what, allocate);
+  Storage<T> ws = with_context(what, [&] { return allocate_storage<T>(workspace); });
+  T* buffers[2] = {ws.data(), ws.data() + chunk * width};
+  T* scratch = ws.data() + 2 * chunk * width;
   for (Index start = 0; start < N; start += chunk) {
     const Index B = std::min(chunk, N - start);
     const T* a = X.data() + start * in_features();
-    T* buffers[2] = {ping.data(), pong.data()};
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const Dense<T>& L = layers_[l];
-      T* z = l + 1 == layers_.size() ? out.data() + start * out_features() : buffers[l % 2];
-      gemm<T>(false, false, B, L.out(), L.in(), T(1), a, L.in(), L.weight->data(), L.out(),
-              T(0), z, L.out());
-      bias_activation_forward<T>(L.spec.activation, static_cast<T>(L.spec.negative_slope),
-                                 L.bias->data(), z, z, B, L.out());
-      a = z;
+      T* dst = l + 1 == layers_.size() ? out.data() + start * out_features() : buffers[l % 2];
+      layers_[l]->predict(a, dst, B, scratch);
+      a = dst;
     }
   }
 }

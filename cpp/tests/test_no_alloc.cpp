@@ -53,8 +53,10 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
   bprop::Network<T> net(specs);
   std::mt19937 gen(0);
   std::normal_distribution<double> normal(0.0, 0.05);
-  for (bprop::Index l = 0; l < net.num_layers(); ++l) {
-    for (T& w : *net.layer(l).weight) w = static_cast<T>(normal(gen));
+  for (const auto& p : net.parameters()) {
+    if (p.parameter->decays) {
+      for (T& w : *p.parameter->value) w = static_cast<T>(normal(gen));
+    }
   }
   std::vector<T> X(static_cast<std::size_t>(batch * net.in_features()));
   for (T& x : X) x = static_cast<T>(normal(gen) * 20);
@@ -68,15 +70,15 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
   bprop::Update<T> adam;
   adam.spec.rule = bprop::UpdateRule::adam;
   adam.spec.lr = 1e-3;
-  for (bprop::Index l = 0; l < net.num_layers(); ++l) {
-    for (bprop::Index n : {net.layer(l).in() * net.layer(l).out(), net.layer(l).out()}) {
-      adam_state.emplace_back(static_cast<std::size_t>(n));
-      adam_state.emplace_back(static_cast<std::size_t>(n));
-      bprop::UpdateState<T> st;
-      st.a = adam_state[adam_state.size() - 2].data();
-      st.b = adam_state.back().data();
-      adam.states.push_back(st);
-    }
+  adam_state.reserve(2 * net.parameters().size());
+  for (const auto& p : net.parameters()) {
+    const auto n = static_cast<std::size_t>(p.parameter->size());
+    adam_state.emplace_back(n);
+    adam_state.emplace_back(n);
+    bprop::UpdateState<T> st;
+    st.exp_avg = adam_state[adam_state.size() - 2].data();
+    st.exp_avg_sq = adam_state.back().data();
+    adam.states.push_back(st);
   }
   // a poll between layers (as the binding's signal check), built once
   long polls = 0;
@@ -115,19 +117,46 @@ long run(const char* name, std::vector<bprop::LayerSpec> specs, bprop::Index bat
   return g_allocations;
 }
 
+bprop::LayerSpec layer(bprop::LayerSpec::Kind kind, bprop::Index features = 0) {
+  bprop::LayerSpec s;
+  s.kind = kind;
+  s.in_features = features;
+  return s;
+}
+
 int run_all() {
   using bprop::Activation;
+  using Kind = bprop::LayerSpec::Kind;
+  const auto dense = bprop::LayerSpec::dense_layer;
   long n = 0;
   n += run<float>("float32 784-128-10 B=32",
-                  {{784, 128, Activation::relu, 0.01}, {128, 10, Activation::identity, 0.01}}, 32);
+                  {dense(784, 128, Activation::relu, 0.01, true),
+                   dense(128, 10, Activation::identity, 0.01, true)},
+                  32);
   n += run<float>("float32 784-256-256-10 B=128",
-                  {{784, 256, Activation::gelu, 0.01},
-                   {256, 256, Activation::tanh, 0.01},
-                   {256, 10, Activation::softmax, 0.01}},
+                  {dense(784, 256, Activation::gelu, 0.01, true),
+                   dense(256, 256, Activation::tanh, 0.01, true),
+                   dense(256, 10, Activation::softmax, 0.01, true)},
                   128);
   n += run<double>("float64 1024-1024-10 B=256",
-                   {{1024, 1024, Activation::relu, 0.01}, {1024, 10, Activation::identity, 0.01}},
+                   {dense(1024, 1024, Activation::relu, 0.01, true),
+                    dense(1024, 10, Activation::identity, 0.01, true)},
                    256);
+  // every kind of layer: Dense without bias, BatchNorm, Activation, Dropout,
+  // Residual, LayerNorm
+  bprop::LayerSpec relu = layer(Kind::activation);
+  relu.activation = Activation::relu;
+  bprop::LayerSpec dropout = layer(Kind::dropout);
+  dropout.p = 0.2;
+  bprop::LayerSpec residual = layer(Kind::residual);
+  residual.layers = {dense(256, 256, Activation::relu, 0.01, true), dropout,
+                     dense(256, 256, Activation::identity, 0.01, true)};
+  n += run<float>("float32 every layer B=64",
+                  {dense(100, 256, Activation::identity, 0.01, false),
+                   layer(Kind::batch_norm, 256), relu, dropout, residual,
+                   layer(Kind::layer_norm, 256),
+                   dense(256, 10, Activation::identity, 0.01, true)},
+                  64);
   return n;
 }
 

@@ -73,15 +73,28 @@ struct UpdateSpec {
   bool centered = false;               // rmsprop
 };
 
-/// The state arrays of one parameter, owned by the caller:
-/// sgd: a = momentum buffer; adam: a = exp_avg, b = exp_avg_sq;
-/// rmsprop: a = square_avg, b = grad_avg, c = momentum buffer.
+/// The state arrays of one parameter, owned by the caller, by the names
+/// torch.optim gives them; null where the rule (or its settings) keeps none:
+/// sgd: momentum_buffer (momentum > 0); adam: exp_avg, exp_avg_sq; rmsprop:
+/// square_avg, grad_avg (centered), momentum_buffer (momentum > 0).
 template <typename T>
 struct UpdateState {
-  T* a = nullptr;
-  T* b = nullptr;
-  T* c = nullptr;
+  T* momentum_buffer = nullptr;
+  T* exp_avg = nullptr;
+  T* exp_avg_sq = nullptr;
+  T* square_avg = nullptr;
+  T* grad_avg = nullptr;
+
+  /// The same state from element i on (a block of the parameter).
+  UpdateState offset(Index i) const {
+    auto at = [i](T* p) { return p != nullptr ? p + i : nullptr; };
+    return {at(momentum_buffer), at(exp_avg), at(exp_avg_sq), at(square_avg), at(grad_avg)};
+  }
 };
+
+/// The state names a rule keeps, in this order, given its settings: what an
+/// optimizer's state_dict holds per parameter.
+std::vector<const char*> state_names(const UpdateSpec& spec);
 
 /// An optimizer as the core applies it: the rule, the number of steps taken so
 /// far and one state per parameter, in the order W0, b0, W1, b1, ... The next

@@ -1,46 +1,23 @@
-// Dense layers and the network that chains them.
+// The network: an ordered sequence of layers (layer.hpp, layers.hpp).
 //
-// The method is the lecture's: the forward pass caches each layer's input a and
-// pre-activation z; the backward pass runs one sweep from the output layer back
-// to the input through the "reverse network", forming delta = dL/dz per layer,
-// and the gradient of a weight is the product of the two: dL/dW = a^T delta.
+// The method is the lecture's: the forward pass caches what each layer's backward
+// needs (a Dense layer its input a and pre-activation z); the backward pass runs
+// one sweep from the last layer back to the first through the "reverse network",
+// each layer receiving dL/d(its output) and passing dL/d(its input) down, and a
+// weight's gradient is the product of the two: dL/dW = a^T delta.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
-#include "bprop/activation.hpp"
 #include "bprop/kernels.hpp"
+#include "bprop/layers.hpp"
 #include "bprop/types.hpp"
 
 namespace bprop {
-
-/// The shape of one dense layer: z = a W + b, output = sigma(z).
-struct LayerSpec {
-  Index in_features = 0;
-  Index out_features = 0;
-  Activation activation = Activation::identity;
-  double negative_slope = 0.01;  // leaky_relu only
-};
-
-/// One dense layer's parameters, gradients and training caches.
-/// weight is (in_features, out_features), bias (out_features).
-template <typename T>
-struct Dense {
-  explicit Dense(const LayerSpec& spec);
-
-  LayerSpec spec;
-  StoragePtr<T> weight, bias;            // parameters
-  StoragePtr<T> grad_weight, grad_bias;  // dL/dW = a^T delta, dL/db = colsum(delta)
-  // Training caches, (capacity, out_features); the first `batch` rows are live.
-  StoragePtr<T> z;       // pre-activation
-  StoragePtr<T> output;  // a = sigma(z); the same storage as z for identity
-  StoragePtr<T> delta;   // dL/dz
-
-  Index in() const { return spec.in_features; }
-  Index out() const { return spec.out_features; }
-};
 
 /// Called by forward, backward and train_step between layers (and between the
 /// two products of a layer's backward step) when not empty. It may throw to
@@ -62,35 +39,69 @@ struct Objective {
   double l2 = 0;
 };
 
-/// An ordered stack of dense layers whose widths chain.
+/// A parameter or buffer of the network with its dotted name ("layers.2.weight",
+/// "layers.4.layers.0.bias", "layers.1.running_mean") and the layer that owns it.
+template <typename T>
+struct NamedParameter {
+  std::string name;
+  Parameter<T>* parameter;
+  Layer<T>* layer;
+};
+template <typename T>
+struct NamedBuffer {
+  std::string name;
+  Buffer<T>* buffer;
+  Layer<T>* layer;
+};
+
+/// An ordered sequence of layers whose widths chain.
 ///
 /// Not thread-safe: calls on one Network must be serialized by the caller,
-/// except predict(), which only reads the parameters.
+/// except predict(), which only reads the parameters and buffers.
 template <typename T>
 class Network {
  public:
-  /// Throws std::invalid_argument if `specs` is empty, a size is not positive,
-  /// a layer is too large to address, or the widths do not chain.
+  /// Throws std::invalid_argument if `specs` is empty, holds no layer with a
+  /// width, or a layer cannot be built (bad settings, widths that do not chain).
   explicit Network(const std::vector<LayerSpec>& specs);
 
   Index num_layers() const { return static_cast<Index>(layers_.size()); }
-  Index in_features() const { return layers_.front().in(); }
-  Index out_features() const { return layers_.back().out(); }
+  Index in_features() const { return in_features_; }
+  Index out_features() const { return layers_.back()->out_features(); }
   Index num_parameters() const;
-  Dense<T>& layer(Index i) { return layers_.at(static_cast<std::size_t>(i)); }
-  const Dense<T>& layer(Index i) const { return layers_.at(static_cast<std::size_t>(i)); }
+  Layer<T>& layer(Index i) { return *layers_.at(static_cast<std::size_t>(i)); }
+  const Layer<T>& layer(Index i) const { return *layers_.at(static_cast<std::size_t>(i)); }
+  /// Every layer, nested ones included, depth first (a Residual before its layers).
+  const std::vector<Layer<T>*>& all_layers() const { return all_; }
+  /// Every parameter in layer order (within a layer: weight, then bias), and every
+  /// buffer: the index an optimizer's state follows.
+  const std::vector<NamedParameter<T>>& parameters() const { return params_; }
+  const std::vector<NamedBuffer<T>>& buffers() const { return buffers_; }
 
-  /// Forward pass over X (batch, in_features), caching each layer's z and output.
-  /// X itself is layer 0's cached input: it is referenced, not copied, so the
-  /// caller keeps it alive and unchanged until the next forward.
+  /// Training mode (a new network's) or eval mode: what forward and train_step
+  /// do in Dropout and BatchNorm. predict always runs in eval mode.
+  bool training() const { return training_; }
+  void set_training(bool training) { training_ = training; }
+  /// The key of the dropout masks and the number of training forward passes made
+  /// so far (the step the next mask is drawn for).
+  std::uint64_t dropout_seed() const { return dropout_seed_; }
+  void set_dropout_seed(std::uint64_t seed) { dropout_seed_ = seed; }
+  std::int64_t dropout_step() const { return dropout_step_; }
+  void set_dropout_step(std::int64_t step);
+
+  /// Forward pass over X (batch, in_features) in the current mode, caching what
+  /// each layer's backward needs. X itself is layer 0's cached input: it is
+  /// referenced, not copied, so the caller keeps it alive and unchanged until the
+  /// next forward. In training mode it counts a dropout step and updates
+  /// BatchNorm's running statistics (once it has succeeded).
   /// Returns the last layer's output (batch, out_features), valid until the next forward.
   /// Abandoned by `poll`: the cached forward pass is forgotten (as by clear_cache());
   /// parameters and stored gradients are unchanged.
   ConstMatrixMap<T> forward(ConstMatrixMap<T> X, const Poll& poll = {});
 
   /// Backward sweep from grad_output = dL/d(output) (batch, out_features), one
-  /// visit per layer from the last to the first. Stores dL/dW and dL/db in each
-  /// layer (added to the previous ones if `accumulate`). If grad_input is not
+  /// visit per layer from the last to the first. Stores every parameter's
+  /// gradient (added to the previous ones if `accumulate`). If grad_input is not
   /// null, writes dL/dX (batch, in_features) there.
   /// Throws std::logic_error before any forward pass, std::invalid_argument if
   /// the shape does not match the last forward.
@@ -100,19 +111,21 @@ class Network {
   void backward(ConstMatrixMap<T> grad_output, bool accumulate, MatrixMap<T>* grad_input,
                 const Poll& poll = {});
 
-  /// Plain SGD: W -= lr dL/dW, b -= lr dL/db. Throws std::logic_error before any
+  /// Plain SGD on every parameter, p -= lr dL/dp. Throws std::logic_error before any
   /// backward pass, std::invalid_argument for a negative or non-finite lr.
   void step(T lr);
 
   /// One training step in one call: forward, loss, backward, update.
   ///
-  /// The loss gradient is written straight into the output layer's delta. The
-  /// update, if any, is made inside the backward sweep, layer by layer, once the
-  /// layer's dL/da for the layer below has been formed from the old weights:
+  /// The loss gradient is written straight into the last layer's gradient buffer
+  /// (a Dense layer's delta). The update, if any, is made inside the backward
+  /// sweep, layer by layer, once the layer's dL/da for the layer below has been
+  /// formed from the old parameters:
   ///  - plain SGD (`update` with is_plain_sgd(), or no `update` and `sgd_lr` >= 0):
-  ///    W -= lr a^T delta as one matrix product accumulating into W, so dL/dW is
-  ///    never stored (the gradient buffers are left as they were and
-  ///    has_backward() becomes false);
+  ///    a Dense layer's W -= lr a^T delta as one matrix product accumulating into
+  ///    W, so dL/dW is never stored, and p -= lr dL/dp for other layers'
+  ///    parameters (has_backward() then becomes false: the gradient buffers do
+  ///    not hold the step's gradients);
   ///  - else `update` not null: dL/dW and dL/db are stored, then the optimizer's
   ///    fused kernel updates the parameter while they are still in cache;
   ///  - else: the gradients are stored as by backward() and nothing is updated.
@@ -138,12 +151,13 @@ class Network {
   /// Applies an optimizer's update to every parameter from the stored gradients
   /// (the path of Optimizer.step()) and counts the step (++update.steps). Throws
   /// std::logic_error before any backward pass, std::invalid_argument if `update`
-  /// holds state for another shape.
+  /// holds state for another number of parameters.
   void apply_optimizer(Update<T>& update);
 
-  /// Forward pass that leaves the training caches alone, batch_size rows at a
-  /// time (0: all at once). Writes (batch, out_features) to `out`. Safe to call
-  /// from several threads at once as long as no thread changes the parameters.
+  /// Forward pass in eval mode that leaves the training caches and the buffers
+  /// alone, batch_size rows at a time (0: all at once). Writes (batch,
+  /// out_features) to `out`. Safe to call from several threads at once as long as
+  /// no thread changes the parameters or buffers.
   void predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out) const;
 
   Index batch() const { return batch_; }
@@ -159,26 +173,51 @@ class Network {
   void reserve(Index batch);
   // Throws std::invalid_argument, tagged with `where`, for a batch forward cannot take.
   void check_input(ConstMatrixMap<T> X, const char* where) const;
-  // True if [data, data + size) overlaps a layer's z, output or delta buffer.
+  // True if [data, data + size) overlaps a layer's cache.
   bool aliases_cache(const T* data, Index size) const;
-  // The backward sweep proper, from the output layer's delta (already formed).
-  // With a poll, the updates wait until every product that reads the old weights is done.
-  // l2: add l2 * W to each dL/dW (fused SGD: W *= 1 - lr l2 before its product).
+  // The forward pass proper: no buffer committed, no dropout step counted.
+  const T* run_forward(const T* X, Index batch, const Poll& poll);
+  // Makes a successful forward pass's effects permanent: buffers, the dropout step.
+  void commit_forward();
+  // The backward sweep proper, from the last layer's gradient buffer (already
+  // written). With a poll, the updates wait until every product that reads the
+  // old parameters is done. l2: add l2 * W to the gradient of each weight that
+  // decays (fused SGD: W *= 1 - lr l2 before its product).
   void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update,
              const Poll& poll, T l2 = T(0));
-  // sum over layers of ||W||^2, in float64, layer by layer
+  // What the sweep does once a layer's gradients are ready: its update, now or
+  // held back to the end of the sweep.
+  static void on_ready(void* self, Layer<T>& layer);
+  static void on_poll(void* self);
+  void update_layer(Layer<T>& layer);
+  // sum of ||W||^2 over the weights that decay, in float64, in parameter order
   double weight_squares() const;
 
-  std::vector<Dense<T>> layers_;
+  std::vector<std::unique_ptr<Layer<T>>> layers_;
+  std::vector<Layer<T>*> all_;
+  std::vector<NamedParameter<T>> params_;
+  std::vector<NamedBuffer<T>> buffers_;
+  std::vector<StoragePtr<T>> caches_;  // every cache storage, for aliases_cache
+  Index in_features_ = 0;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
   Index batch_ = 0;
   Index capacity_ = 0;
   bool has_grad_ = false;
+  bool training_ = true;
+  std::uint64_t dropout_seed_ = 0;
+  std::int64_t dropout_step_ = 0;
+  // the sweep in progress
+  struct SweepState {
+    T sgd_lr = T(-1);
+    T l2 = T(0);
+    const Update<T>* update = nullptr;
+    const Poll* poll = nullptr;
+    bool hold_back = false;
+    std::vector<Layer<T>*> held;  // capacity reserved at construction
+  } sweep_;
 };
 
 extern template class Network<float>;
 extern template class Network<double>;
-extern template struct Dense<float>;
-extern template struct Dense<double>;
 
 }  // namespace bprop
