@@ -159,10 +159,10 @@ def test_an_allocation_failure_in_the_core_is_a_memory_error_naming_the_call_and
     lines = out.stdout.splitlines()
     assert lines[0] == ("[Network.predict] a workspace of 16384 rows (pass a smaller "
                         "batch_size): could not allocate 8589934592 bytes")
-    assert lines[1] == ("[Network.forward] the caches (z, output, delta) for a batch of 16384 "
-                        "rows: could not allocate 8589934592 bytes")
-    assert lines[2] == ("[Network] layer 0, weight (8192, 16384) and its gradient: could not "
-                        "allocate 1073741824 bytes")
+    assert lines[1] == ("[Network.forward] the caches for a batch of 16384 rows: could not "
+                        "allocate 8589934592 bytes")
+    assert lines[2] == ("[Network] layers.0 (Dense), weight (8192, 16384) and its gradient: "
+                        "could not allocate 1073741824 bytes")
     assert lines[3] == "still works (10, 1) (10, 1)"
 
 

@@ -451,13 +451,18 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
     width = std::max(width, L->out_features());
     inner = std::max(inner, L->predict_workspace(chunk));
   }
-  // Ping-pong workspaces of this call's own: the training caches stay untouched.
-  const auto workspace = static_cast<std::size_t>(2 * chunk * width + inner);
+  // Ping-pong workspaces of this call's own (and the layers' scratch space): the
+  // training caches stay untouched.
   const std::string what = "[Network.predict] a workspace of " + std::to_string(chunk) +
                            " rows (pass a smaller batch_size)";
-  Storage<T> ws = with_context(what, [&] { return allocate_storage<T>(workspace); });
-  T* buffers[2] = {ws.data(), ws.data() + chunk * width};
-  T* scratch = ws.data() + 2 * chunk * width;
+  auto allocate = [&](Index n) {
+    return with_context(what, [&] { return allocate_storage<T>(static_cast<std::size_t>(n)); });
+  };
+  Storage<T> ping = allocate(chunk * width);
+  Storage<T> pong = allocate(chunk * width);
+  Storage<T> scratch_storage = allocate(inner);
+  T* buffers[2] = {ping.data(), pong.data()};
+  T* scratch = scratch_storage.data();
   for (Index start = 0; start < N; start += chunk) {
     const Index B = std::min(chunk, N - start);
     const T* a = X.data() + start * in_features();
