@@ -258,6 +258,50 @@ std::vector<LayerSpec> to_specs(const std::vector<LayerTuple>& layers) {
   return specs;
 }
 
+/// A layer's spec from its description, as bprop.network builds it: a dict with
+/// "kind" ("Dense", "Activation", "Dropout", "BatchNorm", "LayerNorm", "Residual")
+/// and the kind's settings; a Residual's "layers" is a list of such dicts.
+LayerSpec spec_from_dict(const py::dict& d, const std::string& where) {
+  auto get = [&](const char* key) -> py::object {
+    if (!d.contains(key)) {
+      throw py::value_error("[Network] " + where + " has no '" + key + "'");
+    }
+    return d[key];
+  };
+  const auto kind = get("kind").cast<std::string>();
+  LayerSpec s;
+  if (kind == "Dense") {
+    s = LayerSpec::dense_layer(get("in_features").cast<Index>(), get("out_features").cast<Index>(),
+                               parse_activation(get("activation").cast<std::string>(), "Dense"),
+                               get("negative_slope").cast<double>(), get("bias").cast<bool>());
+  } else if (kind == "Activation") {
+    s.kind = LayerSpec::Kind::activation;
+    s.activation = parse_activation(get("activation").cast<std::string>(), "Activation");
+    s.negative_slope = get("negative_slope").cast<double>();
+  } else if (kind == "Dropout") {
+    s.kind = LayerSpec::Kind::dropout;
+    s.p = get("p").cast<double>();
+  } else if (kind == "BatchNorm" || kind == "LayerNorm") {
+    s.kind = kind == "BatchNorm" ? LayerSpec::Kind::batch_norm : LayerSpec::Kind::layer_norm;
+    s.in_features = get("features").cast<Index>();
+    s.eps = get("eps").cast<double>();
+    s.affine = get("affine").cast<bool>();
+    if (kind == "BatchNorm") s.momentum = get("momentum").cast<double>();
+  } else if (kind == "Residual") {
+    s.kind = LayerSpec::Kind::residual;
+    const py::list inner = get("layers");
+    for (std::size_t i = 0; i < inner.size(); ++i) {
+      s.layers.push_back(spec_from_dict(inner[i].cast<py::dict>(),
+                                        where + ".layers." + std::to_string(i)));
+    }
+  } else {
+    throw py::value_error("[Network] " + where + " has kind '" + kind + "'; expected one of "
+                          "'Dense', 'Activation', 'Dropout', 'BatchNorm', 'LayerNorm', "
+                          "'Residual'");
+  }
+  return s;
+}
+
 template <typename T>
 const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
   if (i < 0 || i >= self.net.num_layers()) {
@@ -299,11 +343,81 @@ void bind_network_type(py::module_& m, const char* name) {
   // module_local: a portable install holds two builds of this module (baseline and
   // AVX-512); their types must not collide in pybind11's registry if both load.
   py::class_<Self>(m, name, py::module_local())
-      .def(py::init([](const std::vector<LayerTuple>& layers) {
-             return std::make_unique<Self>(to_specs(layers));
+      .def(py::init([](const py::list& layers) {
+             // a list of layer descriptions (dicts), or of Dense tuples
+             std::vector<LayerSpec> specs;
+             for (std::size_t i = 0; i < layers.size(); ++i) {
+               const py::handle item = layers[i];
+               if (py::isinstance<py::dict>(item)) {
+                 specs.push_back(spec_from_dict(item.cast<py::dict>(),
+                                                "layers." + std::to_string(i)));
+               } else {
+                 specs.push_back(to_specs({item.cast<LayerTuple>()}).front());
+               }
+             }
+             return std::make_unique<Self>(specs);
            }),
            py::arg("layers"),
-           "layers: list of (in_features, out_features, activation, negative_slope)")
+           "layers: list of layer descriptions (dicts with 'kind' and its settings; a "
+           "Residual's 'layers' nests them) or of Dense tuples (in_features, out_features, "
+           "activation, negative_slope)")
+      .def(
+          "parameter_views",
+          [](const Self& s) {
+            py::list out;
+            for (const NamedParameter<T>& np : s.net.parameters()) {
+              const Parameter<T>& p = *np.parameter;
+              std::vector<py::ssize_t> shape(p.shape.begin(), p.shape.end());
+              out.append(py::make_tuple(np.name, view_of<T>(p.value, shape, true),
+                                        view_of<T>(p.grad, shape, true), p.decays));
+            }
+            return out;
+          },
+          "(name, value, gradient, decays) for every parameter in layer order: NumPy views "
+          "of the C++ storage.")
+      .def(
+          "buffer_views",
+          [](const Self& s) {
+            py::list out;
+            for (const NamedBuffer<T>& nb : s.net.buffers()) {
+              const Buffer<T>& b = *nb.buffer;
+              std::vector<py::ssize_t> shape(b.shape.begin(), b.shape.end());
+              out.append(py::make_tuple(nb.name, view_of<T>(b.value, shape, true)));
+            }
+            return out;
+          },
+          "(name, value) for every buffer (BatchNorm's running statistics): NumPy views.")
+      .def_property(
+          "training", [](const Self& s) { return s.net.training(); },
+          [](Self& s, bool training) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, "Network.train");
+            s.net.set_training(training);
+          },
+          "Training mode (Dropout drops, BatchNorm uses batch statistics) or eval mode.")
+      .def_property(
+          "dropout_seed", [](const Self& s) { return s.net.dropout_seed(); },
+          [](Self& s, std::uint64_t seed) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, "Network.dropout_seed");
+            s.net.set_dropout_seed(seed);
+          },
+          "The key of the dropout masks (a 64-bit unsigned integer).")
+      .def_property(
+          "dropout_step", [](const Self& s) { return s.net.dropout_step(); },
+          [](Self& s, std::int64_t step) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, "Network.dropout_step");
+            s.net.set_dropout_step(step);
+          },
+          "Training forward passes made so far: the step the next dropout mask is drawn for.")
+      .def("layer_kind",
+           [](const Self& s, Index i) {
+             if (i < 0 || i >= s.net.num_layers()) {
+               throw py::index_error("layer index " + std::to_string(i) + " out of range");
+             }
+             return std::string(kind_name(s.net.layer(i).kind()));
+           })
       .def_property_readonly("num_layers", [](const Self& s) { return s.net.num_layers(); })
       .def_property_readonly("num_parameters",
                              [](const Self& s) { return s.net.num_parameters(); })
