@@ -602,7 +602,8 @@ class BatchNorm(_Norm):
     and ``running_var = (1 - momentum) * running_var + momentum * var_unbiased``
     with var_unbiased = sum((a - mean)^2) / (n - 1). A batch of one row is refused.
     Eval mode: the running statistics in place of the batch's; nothing changes.
-    Everything is computed in the network's dtype (momentum and eps rounded to it).
+    Everything is computed in the network's dtype: the scalars momentum,
+    1 - momentum (subtracted in float64) and eps are each rounded to it once.
 
     Args:
         features: width of input and output.
@@ -689,7 +690,8 @@ class LayerNorm(_Norm):
     """Layer normalization of each row of (batch, features), as PyTorch's
     ``LayerNorm(features)``: per row, mean and biased variance var over the
     features, xhat = (a - mean) / sqrt(var + eps), output = weight * xhat + bias.
-    The same in training and eval mode.
+    The same in training and eval mode; computed in the network's dtype (eps
+    rounded to it).
 
     Args:
         features: width of input and output.
