@@ -931,7 +931,6 @@ class Network:
         for layer in flat:
             layer._in_network = True
         self._layers = layers
-        self._all = tuple(flat)
         self._in_features, self._out_features = in_features, width
         self._training = True
         self._batch: Optional[int] = None  # rows of the last forward
