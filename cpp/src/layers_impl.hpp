@@ -11,6 +11,7 @@
 
 #include "bprop/gemm.hpp"
 #include "bprop/layers.hpp"
+#include "bprop/thread_pool.hpp"
 
 namespace bprop {
 
@@ -198,6 +199,9 @@ void ActivationLayer<T>::predict(const T* in, T* out, Index batch, T*) const {
 
 // ---- Dropout ------------------------------------------------------------------------
 
+// Elements per task when a dropout mask is drawn on the thread pool.
+constexpr Index kDropoutBlock = Index(1) << 14;
+
 template <typename T>
 Dropout<T>::Dropout(const LayerSpec& spec, Index features)
     : Layer<T>(spec),
@@ -235,13 +239,18 @@ const T* Dropout<T>::forward(const T* in, Index batch, const ForwardContext& ctx
   const T scale = static_cast<T>(1.0 / (1.0 - p));
   const std::uint64_t key = dropout_key(ctx.seed, ctx.step, index_);
   constexpr double kUnit = 1.0 / 9007199254740992.0;  // 2^-53
-  for (Index e = 0; e < n; ++e) {
-    const double u =
-        static_cast<double>(splitmix64(key + static_cast<std::uint64_t>(e)) >> 11) * kUnit;
-    const bool keep = u >= p;
-    mask[e] = keep ? T(1) : T(0);
-    out[e] = keep ? in[e] * scale : T(0);
-  }
+  // in fixed blocks on the pool: each element's draw depends on its index alone
+  auto block = [&](Index b) {
+    const Index end = std::min(n, (b + 1) * kDropoutBlock);
+    for (Index e = b * kDropoutBlock; e < end; ++e) {
+      const double u =
+          static_cast<double>(splitmix64(key + static_cast<std::uint64_t>(e)) >> 11) * kUnit;
+      const bool keep = u >= p;
+      mask[e] = keep ? T(1) : T(0);
+      out[e] = keep ? in[e] * scale : T(0);
+    }
+  };
+  parallel_for((n + kDropoutBlock - 1) / kDropoutBlock, block);
   return out;
 }
 
@@ -439,19 +448,27 @@ void BatchNorm<T>::backward(T* grad_input, Index batch, const BackwardContext<T>
 }
 
 template <typename T>
-void BatchNorm<T>::predict(const T* in, T* out, Index batch, T*) const {
+Index BatchNorm<T>::predict_workspace(Index) const {
+  return this->out_;
+}
+
+template <typename T>
+void BatchNorm<T>::predict(const T* in, T* out, Index batch, T* workspace) const {
   const Index F = this->out_;
   const T* rm = running_mean_.value->data();
   const T* rv = running_var_.value->data();
   const T* gamma = this->spec_.affine ? weight_.value->data() : nullptr;
   const T* beta = this->spec_.affine ? bias_.value->data() : nullptr;
-  const double eps = this->spec_.eps;
+  // 1 / sqrt(running_var + eps) per feature, as the eval-mode forward computes it
+  T* s = workspace;
+  for (Index j = 0; j < F; ++j) {
+    s[j] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv[j]) + this->spec_.eps));
+  }
   for (Index r = 0; r < batch; ++r) {
     const T* x = in + r * F;
     T* y = out + r * F;
     for (Index j = 0; j < F; ++j) {
-      const T s = static_cast<T>(1.0 / std::sqrt(static_cast<double>(rv[j]) + eps));
-      const T h = (x[j] - rm[j]) * s;
+      const T h = (x[j] - rm[j]) * s[j];
       y[j] = gamma != nullptr ? h * gamma[j] + beta[j] : h;
     }
   }

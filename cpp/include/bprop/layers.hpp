@@ -116,6 +116,7 @@ class BatchNorm final : public Layer<T> {
   void predict(const T* in, T* out, Index batch, T* workspace) const override;
   /// Folds the last training forward's statistics into the running ones.
   void commit() override;
+  Index predict_workspace(Index batch) const override;
 
   const StoragePtr<T>& output() const { return output_; }
   const StoragePtr<T>& normalized() const { return xhat_; }
