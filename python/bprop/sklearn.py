@@ -376,7 +376,6 @@ class _BaseMLP(BaseEstimator):
         loss_name = self._loss_name()
         alpha = float(self.alpha)
         train_step = net._core.train_step
-        plan = optimizer._plan
         params = [p for _, p, _ in net.parameters()]
         best_params = state["_best_params"]
         tol = float(self.tol)
@@ -404,7 +403,9 @@ class _BaseMLP(BaseEstimator):
                     continue  # nothing to learn from a batch of zero weights
                 # forward, scikit-learn's objective, backward and the update in one
                 # call of the core (a non-finite objective updates nothing)
-                value = train_step(Xe[lo:hi], te[lo:hi], loss_name, wb, -1.0, plan,
+                # the optimizer's current plan: setting its lr (invscaling,
+                # adaptive) makes a new one
+                value = train_step(Xe[lo:hi], te[lo:hi], loss_name, wb, -1.0, optimizer._plan,
                                    loss_scale=loss_scale, grad_scale=grad_scale,
                                    l2=alpha / weight_sum)
                 if not math.isfinite(value):
