@@ -709,7 +709,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                 logs.update(measure(net, valid, eval_loss, metric_fns, prefix="val_"))
             if not _isfinite(logs.get("val_loss", 0.0)):
                 _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs,
-                          n_batches - 1, logs["val_loss"], lr, progress, what="validation loss")
+                          n_batches - 1, n_batches, logs["val_loss"], lr, progress,
+                          what="validation loss")
             logs["lr"] = lr
             logs["time"] = time.perf_counter() - start
             if dist is not None:
