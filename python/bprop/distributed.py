@@ -254,6 +254,7 @@ class DataParallel:
         ``kernel`` is the loss as ``(output, target, weight) -> (value, grad)``:
         the built-in loss ``name``'s kernel or fit's wrapped user loss."""
         core, dtype, MPI, comm = net._core, net.dtype, self.MPI, self.comm
+        out_features = net.out_features
         grads = self._grads
         loss_sum = np.zeros(1, dtype=np.float64)
 
@@ -275,7 +276,7 @@ class DataParallel:
             else:
                 if not core.has_backward:  # gives the optimizer its gradient buffers' first use
                     core.forward(Xb[:1])
-                    core.backward(np.zeros((1, net.out_features), dtype), False, False)
+                    core.backward(np.zeros((1, out_features), dtype), False, False)
                 for g in grads:
                     g.fill(0)
                 loss_sum[0] = 0.0
@@ -326,7 +327,6 @@ class DataParallel:
         sys.stderr.flush()
         sys.stdout.flush()
         self.comm.Abort(1)
-
 
     def failed(self, exc: BaseException) -> None:
         """Called with any exception fit raises, before it propagates: see the

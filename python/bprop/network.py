@@ -494,7 +494,8 @@ def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[floa
         net: the network.
         loss: a built-in loss name: the whole step is one GIL-free call of the core,
             the optimizer's update inside the backward sweep (plain SGD as one
-            product into W), the step counted in the same call; or a callable
+            product into W) and the step counted in the same call, so that Ctrl-C
+            finds it made and counted, or neither; or a callable
             ``loss(output, target, sample_weight) -> (value, grad_output)``, run
             between forward and backward.
         optimizer: a bprop.optim optimizer bound to `net`.

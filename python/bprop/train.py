@@ -391,9 +391,6 @@ class Local:
         """Called with any exception fit raises, before it propagates."""
 
 
-_isfinite = math.isfinite
-
-
 def _first_nonfinite(net: Network) -> Optional[str]:
     for name, p, _ in net.parameters():
         if not _core.all_finite(p):
@@ -642,10 +639,13 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
 
     def diverged(epoch: int, batch: int, value: float, what: str = "loss") -> None:
         _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
-                  loop.batches, value, lr, what)
+                  n_batches, value, lr, what)
 
+    # (diverged must not refer to loop, which holds it: the cycle would keep the
+    # network alive after fit until the cycle collector ran)
     loop = _loop.Loop(train.X, train.y, train.w, batch_size, step, diverged, rows=train.rows,
                       params=params, check_finite=check_finite)
+    n_batches = loop.batches
 
     def scores(data: _Dataset, loss_fn, prefix: str = "") -> Dict[str, float]:
         return _scores(strategy.outputs(net, data), data, loss_fn, metric_fns, prefix)
@@ -662,7 +662,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         net._core._begin_training("fit")
         net._fit_optimizer = optimizer
         if verbose:
-            progress = _Progress(epochs, loop.batches)
+            progress = _Progress(epochs, n_batches)
             loop.on_step = progress.update
         for epoch in range(epochs):
             start = time.perf_counter()
@@ -680,8 +680,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                 logs.update(scores(train, None))
             if valid is not None:
                 logs.update(scores(valid, kernel, "val_"))
-            if not _isfinite(logs.get("val_loss", 0.0)):
-                diverged(epoch, loop.batches - 1, logs["val_loss"], "validation loss")
+            if not math.isfinite(logs.get("val_loss", 0.0)):
+                diverged(epoch, n_batches - 1, logs["val_loss"], "validation loss")
             logs["lr"] = lr
             logs["time"] = strategy.slowest(time.perf_counter() - start)  # one History per job
             history._append(logs, [name for name, _ in metric_fns], valid is not None)
@@ -759,7 +759,7 @@ def _locate_nonfinite(net: Network, value: float) -> str:
             a = getattr(layer, name)
             if a is not None and not _core.all_finite(a):
                 return f"forward pass, layer {i} ({name})"
-    if not _isfinite(value):
+    if not math.isfinite(value):
         return "the loss, of a finite output"
     if not net._core.has_backward:
         return "backward pass or SGD update (the fused SGD step keeps no gradients to inspect)"
