@@ -1,36 +1,23 @@
-"""The training loop: passes over a dataset in minibatches, one step per minibatch.
+"""The training loop: passes over a dataset in minibatches, one step each.
 
-Everything in bprop that trains runs its epochs through :class:`Loop`:
-:func:`bprop.fit`, in one process or data-parallel over MPI, and the
-scikit-learn estimators (:mod:`bprop.sklearn`). What differs between them is
-passed in, not copied:
+bprop.fit (in one process or over MPI) and the scikit-learn estimators train
+through :class:`Loop`. What differs between them is passed in: the step
+(``network._step_function``, or a rank's share and an allreduce over MPI), the
+order of each epoch's rows, and what a NaN or inf does. What happens between
+epochs (History, metrics, early stopping; scikit-learn's stopping rule and
+learning-rate schedules) is the caller's.
 
-* the step, ``step(X, y, sample_weight, weight) -> loss`` on one minibatch:
-  ``bprop.network._step_function`` (one call of the core for a built-in loss or
-  scikit-learn's objective, four calls for a user's loss) or, over MPI, a
-  rank's share of the minibatch and an allreduce
-  (``bprop.distributed.DataParallel.step_function``);
-* the order of each epoch's rows (a permutation, or None for the stored order);
-* ``diverged(epoch, batch, loss)``, which raises when a loss (or, if asked, a
-  parameter) is NaN or inf;
-* a callback after each step (fit's progress bar) and how the epoch's loss
-  averages the minibatch losses.
-
-What happens between epochs (fit's History, metrics, early stopping and
-callbacks; scikit-learn's stopping rule and learning-rate schedules) is the
-caller's.
-
-Gathering: in a given order (or from rows held by index), the rows are gathered
-with ``np.take`` into preallocated C-contiguous buffers, a whole number of
-minibatches (about ``_CHUNK_BYTES``) per call, so that a tiny network does not
-pay a gather call per step; each minibatch is then a contiguous slice of those
-buffers (or, in the stored order, of the data itself).
+In a given order (or from rows held by index) the rows are gathered with
+``np.take`` into preallocated C-contiguous buffers, a whole number of minibatches
+(about ``_CHUNK_BYTES``) per call, so that a tiny network does not pay a gather
+per step; each minibatch is a contiguous slice of those buffers (or, in the
+stored order, of the data).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -40,7 +27,7 @@ from . import _core
 _CHUNK_BYTES = 1 << 20
 
 #: step(X (batch, in_features), y, sample_weight (batch,) or None, weight) -> loss
-Step = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], float], float]
+Step = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Any], float]
 
 
 def _all_finite(arrays: Sequence[np.ndarray]) -> bool:
@@ -51,23 +38,20 @@ class Loop:
     """Minibatch passes over one dataset.
 
     Args:
-        X: (samples, in_features) inputs of the network's dtype; with ``rows``,
-            the larger array whose rows ``rows`` make up the dataset (read in
-            place, one chunk at a time: a numpy.memmap is never copied whole).
+        X: (samples, in_features) inputs of the network's dtype (with ``rows``, the
+            array whose rows ``rows`` are the dataset: read in place, a chunk at a time).
         y: the targets, one row per sample of the dataset.
         w: sample weights (samples,), or None.
         batch_size: rows per minibatch; the last one may be smaller.
-        step: trains on one minibatch and returns its loss (see the module
-            docstring); ``weight`` is the minibatch's row count, or the sum of its
-            sample weights. A minibatch whose weights are all zero is skipped.
-        diverged: called with (epoch, batch index, loss) when a step's loss is
-            NaN or inf (or a parameter of ``params`` is); expected to raise.
+        step: ``step(X, y, sample_weight, weight) -> loss`` trains on one minibatch;
+            weight is its row count or sum of sample weights (0: skipped).
+        diverged: ``diverged(epoch, batch, loss)``, called when a loss (or a
+            parameter of ``params``) is NaN or inf; raises.
         rows: the rows of X that make up the dataset, in order; None for all.
-        params: parameters checked for NaN or inf after each epoch (and, with
-            ``check_finite``, after every step); None: not checked.
-        check_finite: check ``params`` after every step.
-        mean_over_rows: average the epoch's minibatch losses by their rows, not
-            by their sample weights (scikit-learn's ``loss_curve_``).
+        params: checked for NaN or inf after each epoch, or after each step with
+            ``check_finite``; None: not checked.
+        mean_over_rows: weigh the minibatch losses in the epoch's mean by rows, not
+            by sample weights (scikit-learn's ``loss_curve_``).
 
     Attributes:
         batches: minibatches per epoch.

@@ -373,7 +373,11 @@ class Network:
         net_ref = getattr(optimizer, "_net_ref", None)
         if net_ref is None or net_ref() is not self:
             raise ValueError("[Network.train_step] optimizer was built for another network")
-        if not callable(loss) and not isinstance(loss, str):
+        if isinstance(loss, str):
+            plan = getattr(optimizer, "_plan", None)
+            if plan is not None:  # _step_function's step, without making one per call
+                return self._core.train_step(X, y, loss, sample_weight, -1.0, plan)
+        elif not callable(loss):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
         return _step_function(self, loss, optimizer)(X, y, sample_weight, None)
@@ -485,24 +489,20 @@ class Network:
 
 def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[float, float, float]]
                    = None) -> Callable[..., float]:
-    """The training step of Network.train_step and of every training loop (bprop.fit,
-    the scikit-learn estimators): ``step(X, y, sample_weight, weight) -> loss`` on
-    one minibatch X (batch, in_features), running forward, loss, backward and the
-    optimizer's update. A non-finite loss updates nothing.
+    """The one training step (Network.train_step, the loops of fit and of the
+    scikit-learn estimators): ``step(X, y, sample_weight, weight) -> loss`` runs
+    forward, loss, backward and the optimizer's update on one minibatch; a
+    non-finite loss updates nothing.
 
     Args:
-        net: the network.
-        loss: a built-in loss name: the whole step is one GIL-free call of the core,
-            the optimizer's update inside the backward sweep (plain SGD as one
-            product into W) and the step counted in the same call, so that Ctrl-C
-            finds it made and counted, or neither; or a callable
-            ``loss(output, target, sample_weight) -> (value, grad_output)``, run
-            between forward and backward.
-        optimizer: a bprop.optim optimizer bound to `net`.
-        objective: (loss_scale, grad_scale, alpha) for scikit-learn's objective
-            (built-in loss only): the loss scaled, plus the L2 term
-            ``0.5 * alpha / weight * sum ||W||^2``, where weight is the
-            minibatch's row count or sum of sample weights.
+        net: the network; optimizer: a bprop.optim optimizer bound to it.
+        loss: a built-in loss name, for which the step is one GIL-free call of the
+            core (the update inside the backward sweep, the step counted in the
+            same call: Ctrl-C finds it made and counted, or neither); or a callable
+            ``loss(output, target, sample_weight) -> (value, grad_output)``.
+        objective: (loss_scale, grad_scale, alpha): scikit-learn's objective, the
+            L2 term 0.5 * alpha / weight * sum ||W||^2 (weight: the minibatch's row
+            count or sum of sample weights). Built-in losses only.
     """
     core = net._core
     if callable(loss):

@@ -354,37 +354,34 @@ def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
 # ---- the strategy of one process -------------------------------------------------
 
 class Local:
-    """How fit trains in one process. ``bprop.distributed.DataParallel``, the
-    strategy over MPI, has the same methods; fit calls them and nothing else
-    differs between the two."""
+    """How fit trains in one process. bprop.distributed.DataParallel, the strategy
+    over MPI, has the same methods (there: the same seed on every rank, rank 0's
+    weights broadcast at the start, a rank's share of each minibatch and an
+    allreduce per step, outputs gathered, the slowest time, any rank's stop,
+    failures reported to the other ranks); fit calls nothing else that differs."""
 
     rank = 0
 
     def shared_seed(self, seed):
-        """The shuffling seed (over MPI: the same on every rank)."""
         return seed
 
     def start(self, net: Network, optimizer: Optimizer, rng: np.random.Generator, train,
               valid, **settings) -> None:
-        """Called once the arguments are checked, before the network changes (over
-        MPI: compares the ranks' arguments, broadcasts rank 0's weights)."""
+        """Called once the arguments are checked, before the network changes."""
 
     def step_function(self, net: Network, optimizer: Optimizer, kernel: Callable,
                       name: Optional[str]) -> Callable:
-        """The loop's step: the built-in loss `name` in one call of the core, or
-        `kernel` (fit's wrapped user loss) from Python."""
+        """The loop's step: the built-in loss `name`, or `kernel` (a user's loss)."""
         return _step_function(net, kernel if name is None else name, optimizer)
 
     def outputs(self, net: Network, data: _Dataset, batch_size: int = 0) -> np.ndarray:
-        """The network's output on a whole dataset (the training caches are left alone)."""
+        """The network's output on a whole dataset (the training caches untouched)."""
         return data.predict(net._core, batch_size=batch_size)
 
     def slowest(self, seconds: float) -> float:
-        """The epoch's wall time (over MPI: the slowest rank's)."""
         return seconds
 
     def any(self, flag: bool) -> bool:
-        """Whether to stop (over MPI: if any rank stops)."""
         return flag
 
     def failed(self, exc: BaseException) -> None:
