@@ -87,8 +87,8 @@ class Loop:
                              None if w is None else np.empty(m, w.dtype))
         Xbuf, ybuf, wbuf = self._buffers
         m = hi - lo
-        # mode="clip" skips the bounds check (the indices are a permutation, or rows
-        # checked once) and lets take write straight into the buffer, no temporary.
+        # mode="clip" skips the bounds check (the indices are valid: a permutation, or
+        # rows of X) and lets take write straight into the buffer, without a temporary.
         if order is None:
             Xc = np.take(X, rows[lo:hi], axis=0, out=Xbuf[:m], mode="clip")
             return Xc, y[lo:hi], None if w is None else w[lo:hi]
