@@ -141,6 +141,29 @@ def test_same_trajectory_as_sklearn(problem, weighted, solver):
         np.testing.assert_array_equal(ours.predict(X), theirs.predict(X))
 
 
+@pytest.mark.parametrize("learning_rate,extra", [("invscaling", {}),
+                                                 ("adaptive", {"tol": 0.05,
+                                                               "n_iter_no_change": 1})])
+def test_learning_rate_schedules_follow_sklearn(learning_rate, extra):
+    # Regression: the minibatch loop held the optimizer's update plan from before the
+    # first epoch, so the learning rates that invscaling and adaptive set between
+    # epochs (each makes a new plan) were ignored until the next call to fit.
+    # Without momentum, bprop's SGD is scikit-learn's update at any learning rate.
+    Sk, Ours, X, y = PROBLEMS["multiclass"]
+    params = dict(solver="sgd", momentum=0.0, learning_rate=learning_rate,
+                  learning_rate_init=0.5, alpha=0.1, batch_size=32, hidden_layer_sizes=(7, 5),
+                  activation="tanh", max_iter=12, random_state=1, **extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        theirs = Sk(**params).fit(X, y)
+        ours = Ours(**params).fit(X, y)
+    assert ours._optimizer.lr == theirs._optimizer.learning_rate < 0.5
+    assert ours._optimizer.step_count == 12 * 4  # 120 samples in minibatches of 32
+    np.testing.assert_allclose(ours.loss_curve_, theirs.loss_curve_, rtol=1e-12)
+    for mine, ref in zip(ours.coefs_ + ours.intercepts_, theirs.coefs_ + theirs.intercepts_):
+        np.testing.assert_allclose(mine, ref, rtol=1e-9, atol=1e-12)
+
+
 def test_adam_and_early_stopping_follow_sklearn():
     # Adam differs only in where epsilon sits (torch's form); early stopping on a
     # binary problem uses the same stratified split and the same stopping rule.

@@ -316,7 +316,7 @@ def test_gathering_in_chunks_does_not_change_the_batches(data, small, monkeypatc
     w = rng.random(120)
     runs = []
     for chunk_bytes in (1 << 20, 1, 2000):  # one chunk; one batch per chunk; 4 batches
-        monkeypatch.setattr(bprop.train, "_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(bprop._loop, "_CHUNK_BYTES", chunk_bytes)
         net = small()
         bprop.fit(net, X, y, epochs=2, batch_size=9, seed=4, sample_weight=w)
         runs.append(params_of(net))
@@ -494,6 +494,20 @@ def test_check_finite_catches_non_finite_weights(data, small):
                                                  r"\(layers.0.weight\) was the first"):
         bprop.fit(net, X, y, loss=poison, epochs=1, check_finite=True,
                   optimizer=optim.SGD(net, lr=0.1))
+    assert all(np.isfinite(p).all() for p in params_of(net))
+
+
+def test_a_non_finite_validation_loss_is_reported_as_divergence(rng, make_network):
+    # Regression: the validation-loss check passed _diverged one argument too few, so
+    # a non-finite validation loss raised TypeError instead of this error.
+    X = rng.standard_normal((40, 3))
+    y = rng.standard_normal((40, 2))
+    net = make_network([(3, 4, "relu"), (4, 2)], dtype="float64")
+    with pytest.raises(FloatingPointError,
+                       match=r"\[fit\] training diverged in epoch 1/2 \(validation\): the "
+                             r"validation loss is inf; the weights are still finite") as info:
+        bprop.fit(net, X, y, loss="mse", epochs=2, validation_data=(X * 1e300, y))
+    assert len(info.value.history) == 0
     assert all(np.isfinite(p).all() for p in params_of(net))
 
 
