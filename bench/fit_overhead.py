@@ -52,7 +52,8 @@ def main() -> None:
             net = network()
             opt = optim.Adam(net, lr=1e-3)
             core = net._core
-            calls = opt._calls
+            calls = [(p, g, opt._state[name]["exp_avg"], opt._state[name]["exp_avg_sq"])
+                     for name, p, g in net.parameters()]
             t0 = time.perf_counter()
             for s in range(steps):
                 Xb = X[s * batch:(s + 1) * batch]
@@ -66,7 +67,8 @@ def main() -> None:
             net = network()
             opt = optim.Adam(net, lr=1e-3)
             core = net._core
-            calls = opt._calls
+            calls = [(p, g, opt._state[name]["exp_avg"], opt._state[name]["exp_avg_sq"])
+                     for name, p, g in net.parameters()]
             t0 = time.perf_counter()
             for s in range(steps):
                 core.train_step(X[s * batch:(s + 1) * batch], y64[s * batch:(s + 1) * batch],

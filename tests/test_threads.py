@@ -86,20 +86,25 @@ def test_eight_threads_predicting_on_one_network_match_sequential_calls(dtype, s
         assert all(r == expected_chunked[i] for r in results[i][1::2]), f"thread {i}"
 
 
-def _recording(net, opt):
+def _recording(net, opt, monkeypatch):
     """The weights before the first step and after every step that fit makes with
-    `opt`: fit steps through net.train_step, wrapped here on the instance."""
+    `opt`: fit takes its steps through the function its strategy makes
+    (bprop.train.Local.step_function), wrapped here."""
     snapshots = [[p.copy() for _, p, _ in net.parameters()]]
-    train_step = net.train_step
+    make = bprop.train.Local.step_function
 
-    def recorded(*args, **kwargs):
-        count = opt.step_count
-        value = train_step(*args, **kwargs)
-        if opt.step_count != count:
-            snapshots.append([p.copy() for _, p, _ in net.parameters()])
-        return value
+    def step_function(self, *args):
+        step = make(self, *args)
 
-    net.train_step = recorded
+        def recorded(*step_args):
+            count = opt.step_count
+            value = step(*step_args)
+            if opt.step_count != count:
+                snapshots.append([p.copy() for _, p, _ in net.parameters()])
+            return value
+        return recorded
+
+    monkeypatch.setattr(bprop.train.Local, "step_function", step_function)
     return snapshots
 
 
@@ -120,7 +125,8 @@ EPOCHS = 6
 
 
 @pytest.mark.parametrize("case", list(CONCURRENT))
-def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case):
+def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case,
+                                                                           monkeypatch):
     make_optimizer, loss = CONCURRENT[case]
     rng = np.random.default_rng(1)
     X = rng.standard_normal((512, 16))
@@ -134,7 +140,7 @@ def test_predict_during_fit_sees_whole_training_steps_and_leaves_fit_alone(case)
 
     net = _network()
     opt = make_optimizer(net)
-    snapshots = _recording(net, opt)
+    snapshots = _recording(net, opt, monkeypatch)
     done = threading.Event()
     seen = [[], []]
 

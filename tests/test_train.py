@@ -316,7 +316,7 @@ def test_gathering_in_chunks_does_not_change_the_batches(data, small, monkeypatc
     w = rng.random(120)
     runs = []
     for chunk_bytes in (1 << 20, 1, 2000):  # one chunk; one batch per chunk; 4 batches
-        monkeypatch.setattr(bprop.train, "_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(bprop._loop, "_CHUNK_BYTES", chunk_bytes)
         net = small()
         bprop.fit(net, X, y, epochs=2, batch_size=9, seed=4, sample_weight=w)
         runs.append(params_of(net))

@@ -12,6 +12,7 @@ from . import _core  # noqa: E402
 from .network import ACTIVATIONS, Dense, Network
 from . import losses, optim  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
+from . import interop  # noqa: E402,F401 - provides Network.to_onnx, from_torch, to_torch
 from .train import History, evaluate, fit, gradcheck  # noqa: E402
 
 from ._config import config, get_num_threads, set_num_threads, show_config  # noqa: E402

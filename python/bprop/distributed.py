@@ -45,6 +45,10 @@ What each rank does (the minibatch size and the epochs are global: 4 ranks and
 * Only rank 0 shows the progress bar (``verbose``); saving is the script's
   business (``if comm.rank == 0``).
 
+``fit`` trains through :class:`DataParallel`, its strategy for MPI (the
+single-process one is ``bprop.train.Local``): fit's loop calls the same methods
+of either, and only these differ.
+
 Failures: an error raised on some ranks before the signatures are compared
 (say, invalid data on one of them) is reported on every rank (the others raise
 RuntimeError naming the rank). Errors raised on every rank alike (a mismatch,
@@ -61,7 +65,7 @@ import math
 import sys
 import traceback
 import zlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -134,9 +138,10 @@ def _describe(data) -> str:
             f"sample_weight {w}")
 
 
-class _DataParallel:
-    """One data-parallel fit over a communicator; made by ``run_fit`` and
-    passed to ``train.fit`` as its ``comm``."""
+class DataParallel:
+    """The strategy of one data-parallel fit over a communicator: ``fit(...,
+    comm=comm)`` makes it, and calls it where one process would call
+    ``bprop.train.Local``."""
 
     def __init__(self, comm: Any) -> None:
         missing = [m for m in _COMM_METHODS if not callable(getattr(comm, m, None))]
@@ -151,9 +156,7 @@ class _DataParallel:
         # "setup": checking arguments, no collective entered since the seed;
         # "started": inside or past the signature exchange.
         self.phase = "setup"
-        self._loss_sum = np.zeros(1, dtype=np.float64)
         self._scalar = np.zeros(1, dtype=np.float64)
-        self._kernels: Dict[str, Callable] = {}
 
     # ---- before fit checks its arguments ---------------------------------------------
     def shared_seed(self, seed: Any) -> Any:
@@ -243,57 +246,54 @@ class _DataParallel:
         self.comm.allgather(("error", f"{type(exc).__name__}: {exc}"))
 
     # ---- per step --------------------------------------------------------------------
-    def _kernel(self, loss) -> Callable:
-        if not isinstance(loss, str):
-            return loss  # fit's wrapped user loss: (output, target, weight) -> (value, grad)
-        kernel = self._kernels.get(loss)
-        if kernel is None:
-            from .losses import LOSSES, _builtin
+    def step_function(self, net, optimizer, kernel: Callable, name: Optional[str]) -> Callable:
+        """The loop's step: one global minibatch (batch, in_features), this rank's
+        share of the gradient, the allreduce, the optimizer step. Returns the
+        minibatch's mean loss, the same on every rank (NaN/inf without a step).
 
-            kernel = self._kernels[loss] = _builtin(LOSSES[loss]).kernel
-        return kernel
+        ``kernel`` is the loss as ``(output, target, weight) -> (value, grad)``:
+        the built-in loss ``name``'s kernel or fit's wrapped user loss."""
+        core, dtype, MPI, comm = net._core, net.dtype, self.MPI, self.comm
+        out_features = net.out_features
+        grads = self._grads
+        loss_sum = np.zeros(1, dtype=np.float64)
 
-    def train_step(self, net, Xb: np.ndarray, yb: np.ndarray, loss, optimizer,
-                   wb: Optional[np.ndarray]) -> float:
-        """One global minibatch (batch, in_features): this rank's share of the
-        gradient, the allreduce, the optimizer step. Returns the minibatch's mean
-        loss, the same on every rank (NaN/inf without a step, as ``_train_step``)."""
-        n = Xb.shape[0]
-        lo, hi = shard_bounds(n, self.rank, self.size)
-        if wb is None:
-            share = (hi - lo) / n
-            ws = None
-        else:
-            ws = wb[lo:hi]
-            share = float(ws.sum(dtype=np.float64)) / float(wb.sum(dtype=np.float64))
-        core = net._core
-        if share > 0:
-            value, grad = self._kernel(loss)(core.forward(Xb[lo:hi]), yb[lo:hi], ws)
-            # dL/d(output) of the minibatch's mean loss, restricted to these rows
-            core.backward(grad * share, False, False)
-            self._loss_sum[0] = value * share
-        else:
-            if not core.has_backward:  # gives the optimizer its gradient buffers' first use
-                core.forward(Xb[:1])
-                core.backward(np.zeros((1, net.out_features), self._dtype), False, False)
-            for g in self._grads:
-                g.fill(0)
-            self._loss_sum[0] = 0.0
-        MPI = self.MPI
-        for g in self._grads:
-            self.comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
-        self.comm.Allreduce(MPI.IN_PLACE, self._loss_sum, op=MPI.SUM)
-        value = float(self._loss_sum[0])
-        if math.isfinite(value):
-            optimizer.step()
-        return value
+        def step(Xb: np.ndarray, yb: np.ndarray, wb: Optional[np.ndarray],
+                 weight: float) -> float:
+            n = Xb.shape[0]
+            lo, hi = shard_bounds(n, self.rank, self.size)
+            if wb is None:
+                ws = None
+                share = (hi - lo) / n
+            else:  # weight: the minibatch's sum of weights
+                ws = wb[lo:hi]
+                share = float(ws.sum(dtype=np.float64)) / weight
+            if share > 0:
+                value, grad = kernel(core.forward(Xb[lo:hi]), yb[lo:hi], ws)
+                # dL/d(output) of the minibatch's mean loss, restricted to these rows
+                core.backward(grad * share, False, False)
+                loss_sum[0] = value * share
+            else:
+                if not core.has_backward:  # gives the optimizer its gradient buffers' first use
+                    core.forward(Xb[:1])
+                    core.backward(np.zeros((1, out_features), dtype), False, False)
+                for g in grads:
+                    g.fill(0)
+                loss_sum[0] = 0.0
+            for g in grads:
+                comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
+            comm.Allreduce(MPI.IN_PLACE, loss_sum, op=MPI.SUM)
+            value = float(loss_sum[0])
+            if math.isfinite(value):
+                optimizer.step()
+            return value
+        return step
 
     # ---- per epoch -------------------------------------------------------------------
-    def measure(self, net, data, loss_fn, metric_fns: Sequence[Tuple[str, Callable]],
-                batch_size: int = 0, prefix: str = "") -> Dict[str, float]:
-        """``train._measure`` with the forward pass split over the ranks: each
-        predicts its rows, the outputs are allgathered, every rank computes the
-        loss and metrics on the whole output."""
+    def outputs(self, net, data, batch_size: int = 0) -> np.ndarray:
+        """The network's output on a whole dataset (validation, metrics), the
+        forward pass split over the ranks: each predicts its rows and the outputs
+        are allgathered, so every rank scores the whole output alike."""
         n, k = len(data), net.out_features
         bounds = [shard_bounds(n, r, self.size) for r in range(self.size)]
         lo, hi = bounds[self.rank]
@@ -303,9 +303,7 @@ class _DataParallel:
         counts = [(b - a) * k for a, b in bounds]
         displs = [a * k for a, _ in bounds]
         self.comm.Allgatherv(mine, [out, counts, displs, self._mpi_dtype])
-        from .train import _scores  # train imports this module
-
-        return _scores(out, data, loss_fn, metric_fns, prefix)
+        return out
 
     def slowest(self, seconds: float) -> float:
         """The largest of the ranks' values (the epoch's wall time)."""
@@ -330,27 +328,17 @@ class _DataParallel:
         sys.stdout.flush()
         self.comm.Abort(1)
 
+    def failed(self, exc: BaseException) -> None:
+        """Called with any exception fit raises, before it propagates: see the
+        module docstring."""
+        if self.phase == "setup":
+            self.report_failure(exc)
+        elif not _raised_by_every_rank(exc):
+            self.abort(exc)
+
 
 def _raised_by_every_rank(exc: BaseException) -> bool:
     if getattr(exc, "_bprop_collective", False):
         return True
     # fit's divergence check reads the summed loss and the (identical) weights
     return isinstance(exc, FloatingPointError) and hasattr(exc, "history")
-
-
-def run_fit(fit: Callable[..., Any], args: Dict[str, Any]) -> Any:
-    """Runs ``fit(**args)`` with ``args["comm"]`` (a communicator) replaced by a
-    ``_DataParallel``, handling failures as the module docstring describes."""
-    dp = _DataParallel(args["comm"])
-    args = dict(args, comm=dp)
-    args["seed"] = dp.shared_seed(args.get("seed"))
-    if dp.rank != 0:
-        args["verbose"] = False  # one progress bar
-    try:
-        return fit(**args)
-    except BaseException as exc:
-        if dp.phase == "setup":
-            dp.report_failure(exc)
-        elif not _raised_by_every_rank(exc):
-            dp.abort(exc)
-        raise

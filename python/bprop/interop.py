@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _core
 from ._validation import check_dtype, check_int, check_path, type_name
-from .network import Dense, Network
+from .network import _DELEGATES, Dense, Network
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -176,10 +177,9 @@ def _build_onnx_model(net: Network, opset: int, input_name: str, output_name: st
         doc_string=repr(net),
     )
     opset_imports = [helper.make_opsetid("", opset)]
-    from . import __version__
-
     model = helper.make_model(
-        graph, opset_imports=opset_imports, producer_name="bprop", producer_version=__version__,
+        graph, opset_imports=opset_imports, producer_name="bprop",
+        producer_version=_core.build_info()["version"],
         # the oldest IR that can carry this opset, so older runtimes accept the file
         ir_version=helper.find_min_ir_version_for(opset_imports),
     )
@@ -443,3 +443,6 @@ def to_torch(net: Network) -> "torch.nn.Sequential":
         elif act == "softmax":
             modules.append(nn.Softmax(dim=-1))
     return nn.Sequential(*modules)
+
+
+_DELEGATES.update(to_onnx=to_onnx, from_torch=from_torch, to_torch=to_torch)

@@ -88,8 +88,10 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from . import _core
 from ._validation import check_path, type_name
-from .network import ACTIVATIONS, Dense, Network
+from .network import _DELEGATES, ACTIVATIONS, Dense, Network
+from .optim import OPTIMIZERS, Optimizer
 
 try:
     import fcntl
@@ -257,8 +259,6 @@ class _Encoded:
 
 
 def _check_net_and_optimizer(where: str, net: Any, optimizer: Any) -> None:
-    from .optim import Optimizer
-
     if not isinstance(net, Network):
         raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
     if optimizer is not None:
@@ -337,8 +337,6 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
 
 
 def _version() -> str:
-    from . import _core
-
     return str(_core.build_info().get("version", "unknown"))
 
 
@@ -472,8 +470,6 @@ def _parse_architecture(path: str, text: str) -> List[Tuple[int, int, str, float
 
 
 def _parse_optimizer(path: str, text: str) -> Dict[str, Any]:
-    from .optim import OPTIMIZERS
-
     try:
         info = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -557,8 +553,6 @@ def _check_tensor_entries(path: str, header: Dict[str, Any], expected: Dict[str,
 def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
     """Reads and checks the checkpoint of `size` bytes in `f` (at its start) and
     builds (network, optimizer or None); `path` names it in errors."""
-    from .optim import OPTIMIZERS
-
     header, data_start = _read_header(path, f, size)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -742,3 +736,6 @@ def _reduce_optimizer(optimizer):
     data = _encode("pickle", net, optimizer,
                    refusal="so it is not pickled or copied").to_bytes()
     return _optimizer_from_checkpoint, (net, data)
+
+
+_DELEGATES.update(save=save, reduce_network=_reduce_network, reduce_optimizer=_reduce_optimizer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,6 +16,12 @@ ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "sof
 
 # A layer's weight must be addressable: in_features * out_features elements.
 _MAX_LAYER_ELEMENTS = 2**40
+
+# Network's checkpoint, pickling, ONNX and PyTorch methods (and Optimizer's
+# pickling) are implemented in bprop.io and bprop.interop, which import this
+# module: each registers its functions here when imported (bprop/__init__ imports
+# both), so that the dependency goes one way.
+_DELEGATES: Dict[str, Callable[..., Any]] = {}
 
 
 class Dense:
@@ -367,27 +373,14 @@ class Network:
         net_ref = getattr(optimizer, "_net_ref", None)
         if net_ref is None or net_ref() is not self:
             raise ValueError("[Network.train_step] optimizer was built for another network")
-        if callable(loss):
-            out = self.forward(X)
-            value, grad = loss(out, y, sample_weight)
-            self.backward(np.ascontiguousarray(grad, dtype=self._dtype))
-            if math.isfinite(value):  # a non-finite loss updates nothing
-                optimizer.step()
-            return float(value)
-        if not isinstance(loss, str):
+        if isinstance(loss, str):
+            plan = getattr(optimizer, "_plan", None)
+            if plan is not None:  # _step_function's step, without making one per call
+                return self._core.train_step(X, y, loss, sample_weight, -1.0, plan)
+        elif not callable(loss):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
-        plan = getattr(optimizer, "_plan", None)
-        if plan is not None:
-            # The optimizer steps each layer inside the backward sweep (plain SGD as
-            # one product into W) and the plan counts the step, in one C++ call: a
-            # KeyboardInterrupt finds the step made and counted, or neither. A
-            # non-finite loss updates and counts nothing.
-            return self._core.train_step(X, y, loss, sample_weight, -1.0, plan)
-        value = self._core.train_step(X, y, loss, sample_weight, -1.0)
-        if math.isfinite(value):
-            optimizer.step()
-        return value
+        return _step_function(self, loss, optimizer)(X, y, sample_weight, None)
 
     def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:
         """Forward pass that leaves the training caches untouched.
@@ -452,9 +445,7 @@ class Network:
     def save(self, path, optimizer=None) -> None:
         """Writes the network (and optionally the optimizer state) to a safetensors
         file atomically; see :func:`bprop.load`."""
-        from .io import save
-
-        save(self, path, optimizer=optimizer)
+        _DELEGATES["save"](self, path, optimizer=optimizer)
 
     # ---- pickling and copies ------------------------------------------------------
     def __reduce__(self):
@@ -469,9 +460,7 @@ class Network:
         Raises:
             ValueError: a parameter holds NaN or inf (it could not be restored).
         """
-        from .io import _reduce_network
-
-        return _reduce_network(self)
+        return _DELEGATES["reduce_network"](self)
 
     def __copy__(self):
         # A shallow copy would share the C++ storage (and the Dense layers, which
@@ -483,21 +472,65 @@ class Network:
     def to_onnx(self, path, *, opset: int = 17, input_name: str = "X",
                 output_name: str = "output") -> None:
         """Writes the network as an ONNX model atomically; see :func:`bprop.interop.to_onnx`."""
-        from .interop import to_onnx
-
-        to_onnx(self, path, opset=opset, input_name=input_name, output_name=output_name)
+        _DELEGATES["to_onnx"](self, path, opset=opset, input_name=input_name,
+                              output_name=output_name)
 
     @staticmethod
     def from_torch(module, dtype=None) -> "Network":
         """A Network equal to a torch Sequential of Linear layers and activations;
         see :func:`bprop.interop.from_torch`."""
-        from .interop import from_torch
-
-        return from_torch(module, dtype=dtype)
+        return _DELEGATES["from_torch"](module, dtype=dtype)
 
     def to_torch(self):
         """A torch.nn.Sequential with the same weights and dtype; see
         :func:`bprop.interop.to_torch`."""
-        from .interop import to_torch
+        return _DELEGATES["to_torch"](self)
 
-        return to_torch(self)
+
+def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[float, float, float]]
+                   = None) -> Callable[..., float]:
+    """The one training step (Network.train_step, the loops of fit and of the
+    scikit-learn estimators): ``step(X, y, sample_weight, weight) -> loss`` runs
+    forward, loss, backward and the optimizer's update on one minibatch; a
+    non-finite loss updates nothing.
+
+    Args:
+        net: the network; optimizer: a bprop.optim optimizer bound to it.
+        loss: a built-in loss name, for which the step is one GIL-free call of the
+            core (the update inside the backward sweep, the step counted in the
+            same call: Ctrl-C finds it made and counted, or neither); or a callable
+            ``loss(output, target, sample_weight) -> (value, grad_output)``.
+        objective: (loss_scale, grad_scale, alpha): scikit-learn's objective, the
+            L2 term 0.5 * alpha / weight * sum ||W||^2 (weight: the minibatch's row
+            count or sum of sample weights). Built-in losses only.
+    """
+    core = net._core
+    if callable(loss):
+        dtype = net.dtype
+
+        def user_loss_step(X, y, sample_weight, weight=None) -> float:
+            value, grad = loss(core.forward(X), y, sample_weight)
+            core.backward(np.ascontiguousarray(grad, dtype=dtype), False, False)
+            if math.isfinite(value):
+                optimizer.step()
+            return float(value)
+        return user_loss_step
+    # The optimizer's current UpdatePlan on every step: setting its lr (a schedule)
+    # or loading a state makes a new one.
+    train_step = core.train_step
+    if objective is not None:  # the estimators' optimizers (bprop.optim) all have a plan
+        loss_scale, grad_scale, alpha = objective
+        return lambda X, y, sample_weight, weight: train_step(
+            X, y, loss, sample_weight, -1.0, optimizer._plan, loss_scale, grad_scale,
+            alpha / weight)
+    if getattr(optimizer, "_plan", None) is not None:
+        return lambda X, y, sample_weight, weight=None: train_step(
+            X, y, loss, sample_weight, -1.0, optimizer._plan)
+
+    def unplanned_step(X, y, sample_weight, weight=None) -> float:
+        # an optimizer without an UpdatePlan: its own step() after the sweep
+        value = train_step(X, y, loss, sample_weight, -1.0)
+        if math.isfinite(value):
+            optimizer.step()
+        return value
+    return unplanned_step

@@ -35,7 +35,7 @@ import numpy as np
 from . import _core
 from ._memory import check_fits_in_memory
 from ._validation import check_float, check_int, type_name
-from .network import Network
+from .network import _DELEGATES, Network
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "OPTIMIZERS",
            "StepLR", "CosineAnnealingLR", "ReduceLROnPlateau"]
@@ -275,9 +275,7 @@ class Optimizer:
         bytes (the format of :func:`bprop.save`): unpickled together, e.g.
         ``pickle.loads(pickle.dumps((net, opt)))``, the optimizer is bound to the
         unpickled network. See :meth:`bprop.Network.__reduce__` on safety."""
-        from .io import _reduce_optimizer
-
-        return _reduce_optimizer(self)
+        return _DELEGATES["reduce_optimizer"](self)
 
     def __copy__(self):
         # A shallow copy would share the state arrays the core's UpdatePlan points

@@ -88,7 +88,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       f"pip install 'scikit-learn>=1.6' ({exc})") from exc
 
 from . import optim
-from .network import Dense, Network
+from ._loop import Loop
+from .network import Dense, Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -372,10 +373,19 @@ class _BaseMLP(BaseEstimator):
                               "going to be clipped", UserWarning, stacklevel=4)
             batch_size = int(np.clip(self.batch_size, 1, n))
 
-        loss_scale, grad_scale = self._loss_scales(net.out_features)
-        loss_name = self._loss_name()
-        alpha = float(self.alpha)
-        train_step = net._core.train_step
+        # forward, scikit-learn's objective, backward and the update: one call of the
+        # core per minibatch (a non-finite objective updates nothing)
+        step = _step_function(net, self._loss_name(), optimizer,
+                              objective=(*self._loss_scales(net.out_features), float(self.alpha)))
+
+        def diverged(epoch: int, batch: int, value: float) -> None:
+            raise ValueError(
+                f"{where} training diverged in epoch {epoch + 1}: the loss is {value}; the "
+                "weights were left as they were before this call. The input data may contain "
+                "large values and need to be preprocessed (e.g. StandardScaler), or "
+                f"learning_rate_init (={self.learning_rate_init}) is too large.")
+
+        loop = Loop(X, target, sample_weight, batch_size, step, diverged, mean_over_rows=True)
         params = [p for _, p, _ in net.parameters()]
         best_params = state["_best_params"]
         tol = float(self.tol)
@@ -384,39 +394,11 @@ class _BaseMLP(BaseEstimator):
 
         state["n_iter_"] = 0
         order = np.arange(n)
-        for _ in range(self.max_iter):
+        for epoch in range(self.max_iter):
             if self.shuffle:
                 # each epoch reshuffles the last order, drawing as sklearn.utils.shuffle
                 order = order[random_state.permutation(n)]
-                Xe = np.take(X, order, axis=0)
-                te = np.take(target, order, axis=0)
-                we = None if sample_weight is None else np.take(sample_weight, order)
-            else:
-                Xe, te, we = X, target, sample_weight
-            accumulated = 0.0
-            counted = 0
-            for lo in range(0, n, batch_size):
-                hi = min(lo + batch_size, n)
-                wb = None if we is None else we[lo:hi]
-                weight_sum = float(hi - lo) if wb is None else float(wb.sum(dtype=np.float64))
-                if weight_sum == 0.0:
-                    continue  # nothing to learn from a batch of zero weights
-                # forward, scikit-learn's objective, backward and the update in one
-                # call of the core (a non-finite objective updates nothing)
-                # the optimizer's current plan: setting its lr (invscaling,
-                # adaptive) makes a new one
-                value = train_step(Xe[lo:hi], te[lo:hi], loss_name, wb, -1.0, optimizer._plan,
-                                   loss_scale=loss_scale, grad_scale=grad_scale,
-                                   l2=alpha / weight_sum)
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"{where} training diverged in epoch {state['n_iter_'] + 1}: the loss "
-                        f"is {value}; the weights were left as they were before this call. "
-                        "The input data may contain large values and need to be preprocessed "
-                        "(e.g. StandardScaler), or learning_rate_init "
-                        f"(={self.learning_rate_init}) is too large.")
-                accumulated += value * (hi - lo)
-                counted += hi - lo
+            accumulated, counted = loop.epoch(epoch, order if self.shuffle else None)
             state["n_iter_"] += 1
             loss = accumulated / counted if counted else 0.0
             state["loss_"] = loss

@@ -1,13 +1,11 @@
-"""Training loop, evaluation and gradient checking.
+"""fit, evaluate and gradcheck.
 
-``fit`` runs minibatch training over a dataset held in memory. Per epoch it
-draws one permutation of the sample indices and gathers the shuffled rows with
-``np.take`` into preallocated C-contiguous buffers of the network's dtype, about
-1 MiB (a whole number of minibatches) per call; each minibatch is then a
-contiguous slice of those buffers, and one ``_train_step`` (forward, loss,
-backward, optimizer step) runs on it: for the built-in losses a single C++ call
-plus one kernel call per parameter, with no NumPy work and no Python per sample.
-Inputs and targets are checked and converted once, before the first step.
+``fit`` checks and converts its inputs once, before the first step, then trains
+through the one training loop (``bprop._loop.Loop``: minibatch passes, one step
+each) with a strategy that says how a step is taken and how the ranks agree:
+:class:`Local` in one process, ``bprop.distributed.DataParallel`` over MPI.
+What happens between epochs (History, metrics, validation, early stopping,
+callbacks) is fit's own.
 """
 
 from __future__ import annotations
@@ -19,11 +17,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _loop
 from ._validation import as_float_matrix, check_float, check_int, type_name
+from .distributed import DataParallel
 from .losses import _builtin, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
-from .network import Dense, Network
+from .network import Dense, Network, _step_function
 from .optim import Adam, Optimizer
 
 __all__ = ["History", "fit", "evaluate", "gradcheck", "METRICS"]
@@ -83,6 +82,18 @@ class History:
 
     def __len__(self) -> int:
         return len(self.loss)
+
+    def _append(self, logs: Dict[str, float], metrics: List[str], validated: bool) -> None:
+        """Records fit's logs of one epoch."""
+        self.loss.append(logs["loss"])
+        if validated:
+            self.val_loss.append(logs["val_loss"])
+        for name in metrics:
+            self.metrics.setdefault(name, []).append(logs[name])
+            if validated:
+                self.metrics.setdefault("val_" + name, []).append(logs["val_" + name])
+        self.lr.append(logs["lr"])
+        self.time.append(logs["time"])
 
     def __repr__(self) -> str:
         if not self.loss:
@@ -322,19 +333,11 @@ class _Dataset:
         if self.rows is None:
             return core.predict(self.X[lo:hi], batch_size)
         out = np.empty((hi - lo, core.out_features), self.X.dtype)
-        step = batch_size or max(1, _CHUNK_BYTES // max(1, self.X[:1].nbytes))
+        step = batch_size or max(1, _loop._CHUNK_BYTES // max(1, self.X[:1].nbytes))
         for a in range(lo, hi, step):
             b = min(a + step, hi)
             out[a - lo:b - lo] = core.predict(np.take(self.X, self.rows[a:b], axis=0), 0)
         return out
-
-
-def _measure(net: Network, data: _Dataset, loss_fn, metric_fns, batch_size: int = 0,
-             prefix: str = "") -> Dict[str, float]:
-    """Loss and metrics of the network on a dataset (predict: the training caches
-    are left alone)."""
-    return _scores(data.predict(net._core, batch_size=batch_size), data, loss_fn, metric_fns,
-                   prefix)
 
 
 def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
@@ -348,28 +351,41 @@ def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
     return logs
 
 
-# ---- the training step -----------------------------------------------------------
+# ---- the strategy of one process -------------------------------------------------
 
-_isfinite = math.isfinite
+class Local:
+    """How fit trains in one process. bprop.distributed.DataParallel, the strategy
+    over MPI, has the same methods (there: the same seed on every rank, rank 0's
+    weights broadcast at the start, a rank's share of each minibatch and an
+    allreduce per step, outputs gathered, the slowest time, any rank's stop,
+    failures reported to the other ranks); fit calls nothing else that differs."""
 
-# Bytes of shuffled rows gathered per np.take call in fit (a whole number of minibatches).
-_CHUNK_BYTES = 1 << 20
+    rank = 0
 
+    def shared_seed(self, seed):
+        return seed
 
-def _train_step(net: Network, Xb: np.ndarray, yb: np.ndarray, loss_fn, optimizer: Optimizer,
-                wb: Optional[np.ndarray]) -> float:
-    """One minibatch: forward, loss, backward, optimizer step. Returns the loss.
+    def start(self, net: Network, optimizer: Optimizer, rng: np.random.Generator, train,
+              valid, **settings) -> None:
+        """Called once the arguments are checked, before the network changes."""
 
-    Xb (batch, in_features) is C-contiguous of the network's dtype and stays
-    unchanged until backward has run (forward caches it by reference).
+    def step_function(self, net: Network, optimizer: Optimizer, kernel: Callable,
+                      name: Optional[str]) -> Callable:
+        """The loop's step: the built-in loss `name`, or `kernel` (a user's loss)."""
+        return _step_function(net, kernel if name is None else name, optimizer)
 
-    ``loss_fn`` is either the name of a built-in loss, for which the whole step
-    (the optimizer's update included) is one GIL-free C++ call, or a callable
-    ``(output, target, weight) -> (value, grad)`` run from Python; see
-    Network.train_step, the one implementation of both. A non-finite loss
-    updates nothing; fit reports the divergence.
-    """
-    return net.train_step(Xb, yb, loss_fn, optimizer, sample_weight=wb)
+    def outputs(self, net: Network, data: _Dataset, batch_size: int = 0) -> np.ndarray:
+        """The network's output on a whole dataset (the training caches untouched)."""
+        return data.predict(net._core, batch_size=batch_size)
+
+    def slowest(self, seconds: float) -> float:
+        return seconds
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def failed(self, exc: BaseException) -> None:
+        """Called with any exception fit raises, before it propagates."""
 
 
 def _first_nonfinite(net: Network) -> Optional[str]:
@@ -521,15 +537,23 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             keeps working, and calls from fit's own thread (callbacks, a user
             loss) work as usual.
     """
-    if comm is not None:
-        args = dict(locals())  # the arguments, before any other name is bound
-        from .distributed import _DataParallel, run_fit
+    strategy = Local() if comm is None else DataParallel(comm)
+    seed = strategy.shared_seed(seed)
+    if strategy.rank != 0:
+        verbose = False  # one progress bar
+    try:
+        return _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
+                    validation_split, validation_data, early_stopping, metrics, callbacks,
+                    sample_weight, verbose, check_finite)
+    except BaseException as exc:
+        strategy.failed(exc)  # over MPI: one failing rank must not leave the others waiting
+        raise
 
-        if not isinstance(comm, _DataParallel):
-            # This same fit, called back with comm wrapped, inside the error
-            # handling that keeps one failing rank from hanging the others.
-            return run_fit(fit, args)
-    dist = comm
+
+def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
+         validation_split, validation_data, early_stopping, metrics, callbacks, sample_weight,
+         verbose, check_finite) -> History:
+    """fit, inside its strategy's failure handling."""
     where = "fit"
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
@@ -601,39 +625,32 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).
-    eval_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
-    step_loss = builtin.name if builtin is not None else eval_loss
-    measure, train_step = _measure, _train_step
-    if dist is not None:
-        dist.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
+    kernel = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
+    strategy.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
                    shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
                    metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
                    check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
-        measure, train_step = dist.measure, dist.train_step
-
-    Xt, yt, wt, rows = train.X, train.y, train.w, train.rows
-    n = len(train)
-    bs = min(batch_size, n)
-    n_batches = -(-n // bs)
-    # Shuffled rows are gathered chunk by chunk into preallocated C-contiguous
-    # buffers, a whole number of minibatches (about _CHUNK_BYTES) per np.take, so
-    # that a tiny network does not pay a gather call per step; each minibatch is
-    # then a contiguous slice of the buffers (C-contiguous: rows of a C array).
-    row_bytes = (Xt[:1].nbytes + yt[:1].nbytes + (0 if wt is None else wt.itemsize))
-    chunk_rows = bs * max(1, min(n_batches, _CHUNK_BYTES // max(1, bs * row_bytes)))
-    chunk_rows = min(chunk_rows, n)
-    if shuffle or rows is not None:
-        Xbuf = np.empty((chunk_rows,) + Xt.shape[1:], Xt.dtype)
-        ybuf = np.empty((chunk_rows,) + yt.shape[1:], yt.dtype)
-        wbuf = None if wt is None else np.empty(chunk_rows, wt.dtype)
-
+    step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name)
     history = History()
-    params = [(name, p) for name, p, _ in net.parameters()]
+    params = [p for _, p, _ in net.parameters()]
+
+    def diverged(epoch: int, batch: int, value: float, what: str = "loss") -> None:
+        _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
+                  n_batches, value, lr, what)
+
+    # (diverged must not refer to loop, which holds it: the cycle would keep the
+    # network alive after fit until the cycle collector ran)
+    loop = _loop.Loop(train.X, train.y, train.w, batch_size, step, diverged, rows=train.rows,
+                      params=params, check_finite=check_finite)
+    n_batches = loop.batches
+
+    def scores(data: _Dataset, loss_fn, prefix: str = "") -> Dict[str, float]:
+        return _scores(strategy.outputs(net, data), data, loss_fn, metric_fns, prefix)
+
     best_value = math.inf
     best_weights = None
     stalled = 0
     monitor = "val_loss" if valid is not None else "loss"
-
     progress = None
     try:
         # The claim: until fit returns, the network's forward, backward, step and
@@ -643,87 +660,28 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         net._fit_optimizer = optimizer
         if verbose:
             progress = _Progress(epochs, n_batches)
+            loop.on_step = progress.update
         for epoch in range(epochs):
             start = time.perf_counter()
             # The last finite weights, should this epoch diverge.
-            snapshot = [p.copy() for _, p in params]
+            snapshot = [p.copy() for p in params]
             opt_snapshot = optimizer.state_dict()
-            perm = rng.permutation(n) if shuffle else None
+            perm = rng.permutation(len(train)) if shuffle else None
             if progress is not None:
                 progress.start_epoch(epoch)
-            total = 0.0
-            total_weight = 0.0
             lr = optimizer.lr
-            b = -1
-            for c_lo in range(0, n, chunk_rows):
-                c_hi = min(c_lo + chunk_rows, n)
-                if perm is not None:
-                    idx = perm[c_lo:c_hi]
-                    m = c_hi - c_lo
-                    # mode="clip" skips the bounds check (the indices are a permutation)
-                    # and lets take write straight into the buffer, without a temporary.
-                    Xc = np.take(Xt, idx if rows is None else rows[idx], axis=0, out=Xbuf[:m],
-                                 mode="clip")
-                    yc = np.take(yt, idx, axis=0, out=ybuf[:m], mode="clip")
-                    wc = (None if wt is None
-                          else np.take(wt, idx, axis=0, out=wbuf[:m], mode="clip"))
-                elif rows is not None:
-                    Xc = np.take(Xt, rows[c_lo:c_hi], axis=0, out=Xbuf[:c_hi - c_lo],
-                                 mode="clip")
-                    yc, wc = yt[c_lo:c_hi], None if wt is None else wt[c_lo:c_hi]
-                else:
-                    Xc, yc = Xt[c_lo:c_hi], yt[c_lo:c_hi]
-                    wc = None if wt is None else wt[c_lo:c_hi]
-                for lo in range(0, c_hi - c_lo, bs):
-                    b += 1
-                    hi = lo + bs
-                    Xb = Xc[lo:hi]
-                    yb = yc[lo:hi]
-                    if wc is None:
-                        wb = None
-                        weight = Xb.shape[0]
-                    else:
-                        wb = wc[lo:hi]
-                        weight = float(wb.sum(dtype=np.float64))
-                        if weight == 0.0:
-                            continue  # nothing to learn from: the weighted mean is 0/0
-                    value = train_step(net, Xb, yb, step_loss, optimizer, wb)
-                    if not _isfinite(value) or (check_finite
-                                                and _first_nonfinite(net) is not None):
-                        _diverged(net, optimizer, params, snapshot, opt_snapshot, history,
-                                  epoch, epochs, b, n_batches, value, lr, progress)
-                    total += value * weight
-                    total_weight += weight
-                    if progress is not None:
-                        progress.update(total / total_weight)
+            total, total_weight = loop.epoch(epoch, perm)
 
-            if not check_finite and _first_nonfinite(net) is not None:
-                # A finite loss (a float32 loss is summed in float64) can leave non-finite
-                # weights behind; caught here, while the snapshot is still finite.
-                _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch,
-                          epochs, b, n_batches, value, lr, progress)
             logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
-                logs.update(measure(net, train, None, metric_fns))
+                logs.update(scores(train, None))
             if valid is not None:
-                logs.update(measure(net, valid, eval_loss, metric_fns, prefix="val_"))
-            if not _isfinite(logs.get("val_loss", 0.0)):
-                _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs,
-                          n_batches - 1, n_batches, logs["val_loss"], lr, progress,
-                          what="validation loss")
+                logs.update(scores(valid, kernel, "val_"))
+            if not math.isfinite(logs.get("val_loss", 0.0)):
+                diverged(epoch, n_batches - 1, logs["val_loss"], "validation loss")
             logs["lr"] = lr
-            logs["time"] = time.perf_counter() - start
-            if dist is not None:
-                logs["time"] = dist.slowest(logs["time"])  # one History on every rank
-            history.loss.append(logs["loss"])
-            if valid is not None:
-                history.val_loss.append(logs["val_loss"])
-            for name, _ in metric_fns:
-                history.metrics.setdefault(name, []).append(logs[name])
-                if valid is not None:
-                    history.metrics.setdefault("val_" + name, []).append(logs["val_" + name])
-            history.lr.append(lr)
-            history.time.append(logs["time"])
+            logs["time"] = strategy.slowest(time.perf_counter() - start)  # one History per job
+            history._append(logs, [name for name, _ in metric_fns], valid is not None)
             if progress is not None:
                 progress.end_epoch(logs)
 
@@ -734,9 +692,9 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
                     history.best_epoch = epoch
                     stalled = 0
                     if best_weights is None:
-                        best_weights = [p.copy() for _, p in params]
+                        best_weights = [p.copy() for p in params]
                     else:
-                        for dst, (_, p) in zip(best_weights, params):
+                        for dst, p in zip(best_weights, params):
                             np.copyto(dst, p)
                 else:
                     stalled += 1
@@ -745,9 +703,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             for hook in epoch_hooks:
                 if hook(epoch, dict(logs)):
                     stop = True
-            if dist is not None:
-                stop = dist.any(stop)  # a callback that stops one rank stops them all
-            if stop:
+            if strategy.any(stop):  # a callback that stops one rank stops them all
                 history.stopped_early = epoch < epochs - 1
                 break
     except KeyboardInterrupt as exc:
@@ -765,7 +721,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             progress.close()
 
     if best_weights is not None:
-        for src, (_, p) in zip(best_weights, params):
+        for src, p in zip(best_weights, params):
             np.copyto(p, src)
     if verbose:
         _summary(history, epochs, monitor)
@@ -800,7 +756,7 @@ def _locate_nonfinite(net: Network, value: float) -> str:
             a = getattr(layer, name)
             if a is not None and not _core.all_finite(a):
                 return f"forward pass, layer {i} ({name})"
-    if not _isfinite(value):
+    if not math.isfinite(value):
         return "the loss, of a finite output"
     if not net._core.has_backward:
         return "backward pass or SGD update (the fused SGD step keeps no gradients to inspect)"
@@ -814,14 +770,14 @@ def _locate_nonfinite(net: Network, value: float) -> str:
 
 
 def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
-              n_batches, value, lr, progress, what="loss"):
+              n_batches, value, lr, what="loss"):
     """Raises the divergence error after restoring the last finite weights."""
     bad = _first_nonfinite(net)
     if bad is None:
         restored = ("the weights are still finite and were left as they were before the "
                     "failing step")
     else:
-        for src, (_, p) in zip(snapshot, params):
+        for src, p in zip(snapshot, params):
             np.copyto(p, src)
         optimizer.load_state_dict(opt_snapshot)
         layer = bad.rsplit(".", 1)[0].replace("layers.", "layer ")
@@ -872,10 +828,10 @@ def evaluate(net: Network, X, y, loss="softmax_cross_entropy", metrics=None,
     data = _Dataset(where, net, X, y, sample_weight, builtin)
     size = 0 if batch_size is None else check_int(where, "batch_size", batch_size, minimum=1)
     if loss_fn is None:
-        step_loss = None
+        kernel = None
     else:
-        step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
-    return _measure(net, data, step_loss, metric_fns, size)
+        kernel = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
+    return _scores(data.predict(net._core, batch_size=size), data, kernel, metric_fns)
 
 
 # ---- gradcheck ---------------------------------------------------------------------
