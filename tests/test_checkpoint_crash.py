@@ -307,7 +307,7 @@ def _mutations(good, rng):
 
 
 def _same_checkpoint(net, opt, loaded, loaded_opt):
-    if [L._spec() for L in loaded.layers] != [L._spec() for L in net.layers]:
+    if [L._description() for L in loaded.layers] != [L._description() for L in net.layers]:
         return False
     if loaded.dtype != net.dtype:
         return False

@@ -40,7 +40,7 @@ def test_save_load_predict_is_bitwise_identical(dtype, make_network, rng, tmp_pa
     bprop.save(net, path)
     loaded = bprop.load(path)
     assert isinstance(loaded, bprop.Network) and loaded.dtype == net.dtype
-    assert [L._spec() for L in loaded.layers] == [L._spec() for L in net.layers]
+    assert [L._description() for L in loaded.layers] == [L._description() for L in net.layers]
     for a, b in zip(params_of(net), params_of(loaded)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

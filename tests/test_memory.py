@@ -83,7 +83,7 @@ def test_a_network_larger_than_the_machine_is_refused_before_allocating():
     # Regression: Dense(784, 10**9) failed with a bare "MemoryError: std::bad_alloc",
     # and Dense(1, 10**9) zero-filled ~15 GB over 25-40 s before failing.
     with pytest.raises(MemoryError, match=r"\[Network\] the parameters and gradients of this "
-                                          r"network \(float32; the largest, layer 1 Dense\(784, "
+                                          r"network \(float32; the largest, layers\.1 Dense\(784, "
                                           r"1000000000.*weight \(784, 1000000000\) and bias "
                                           r"\(1000000000,\).*would take .* GB .*available; "
                                           "nothing was allocated"):

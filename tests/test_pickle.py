@@ -45,7 +45,7 @@ def train(net, X, y, optimizer=None, epochs=2):
 
 def assert_same_network(a, b):
     assert type(b) is bprop.Network and b.dtype == a.dtype
-    assert [L._spec() for L in b.layers] == [L._spec() for L in a.layers]
+    assert [L._description() for L in b.layers] == [L._description() for L in a.layers]
     assert bits(b) == bits(a)
     for (_, p, g), (_, q, h) in zip(a.parameters(), b.parameters()):
         assert not np.shares_memory(p, q) and not np.shares_memory(g, h)

@@ -314,7 +314,7 @@ def test_check_finite_names_the_forward_pass_and_layer():
     with np.errstate(**STRICT), pytest.raises(
             FloatingPointError, match=r"\(batch 1/4\): the loss is (inf|nan); the weights are "
                                       r"still finite .* The first non-finite value of that step: "
-                                      r"forward pass, layer 1 \(z\)\."):
+                                      r"forward pass, layers\.1 \(z\)\."):
         bprop.fit(net, X, y, loss="mse", optimizer=optim.Adam(net), epochs=1, batch_size=4,
                   check_finite=True)
     for a, b in zip(_params(net), before):
@@ -344,8 +344,8 @@ def test_check_finite_names_the_backward_pass_and_layer(make_optimizer):
             assert a.tobytes() == b.tobytes()
     assert re.search(r"\(batch 1/4\): the loss is [0-9.e+]+; layer 0 \(layers\.0\.weight\) was "
                      r"the first .* The first non-finite value of that step: backward pass, "
-                     r"layer 0 \(delta\)\.", messages[True]), messages[True]
-    assert re.search(r"\(batch 2/4\): the loss is nan; .* forward pass, layer 0 \(z\)\.",
+                     r"layers\.0 \(delta\)\.", messages[True]), messages[True]
+    assert re.search(r"\(batch 2/4\): the loss is nan; .* forward pass, layers\.0 \(z\)\.",
                      messages[False]), messages[False]
 
 
@@ -363,7 +363,7 @@ def test_check_finite_names_the_output_layer_for_a_poisoned_gradient():
                         seed=0)
     with np.errstate(**STRICT), pytest.raises(
             FloatingPointError, match=r"\(batch 1/1\): the loss is [0-9.]+; layer 0 .* The first "
-                                      r"non-finite value of that step: backward pass, layer 1 "
+                                      r"non-finite value of that step: backward pass, layers\.1 "
                                       r"\(delta\)\."):
         bprop.fit(net, X, y, loss=poisoned, optimizer=optim.Adam(net), epochs=1, batch_size=16,
                   check_finite=True)

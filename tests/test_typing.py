@@ -63,7 +63,7 @@ def test_readme_example_is_checked_for_real(tmp_path):
     pytest.importorskip("mypy")
     probe = tmp_path / "probe.py"
     probe.write_text(_readme_example() + "\nwrong: int = history\n"
-                     "wrong_too: str = net.layers[0].in_features\n"
+                     "wrong_too: str = layer.in_features\n"
                      "import bprop._core as core\n"
                      "bad: str = core.build_info()['openmp']\n", encoding="utf-8")
     result = _run(["-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),

@@ -302,18 +302,70 @@ LayerSpec spec_from_dict(const py::dict& d, const std::string& where) {
   return s;
 }
 
+/// The views of one layer's caches, found by its path from the top of the network
+/// (see "layer_caches" below). A layer's input is the output of the layer before it
+/// in its sequence, or the input of the Residual it opens, or the network's input.
 template <typename T>
-const Dense<T>& layer_at(const PyNetwork<T>& self, Index i) {
-  if (i < 0 || i >= self.net.num_layers()) {
-    throw py::index_error("layer index " + std::to_string(i) + " out of range for a network of " +
-                          std::to_string(self.net.num_layers()) + " layers");
+py::dict layer_caches(const PyNetwork<T>& s, const std::vector<Index>& path) {
+  if (path.empty()) throw py::value_error("[layer_caches] path is empty");
+  auto& net = const_cast<Network<T>&>(s.net);
+  std::vector<Layer<T>*> level;
+  for (Index i = 0; i < net.num_layers(); ++i) level.push_back(&net.layer(i));
+  const bool forward = s.net.has_forward();
+  const py::ssize_t batch = forward ? static_cast<py::ssize_t>(s.net.batch()) : 0;
+  py::object input = py::none();
+  if (forward) {  // the network's input, as cached by reference
+    auto X = py::reinterpret_borrow<py::array>(s.input);
+    py::array v(X.dtype(), {X.shape(0), X.shape(1)}, {X.strides(0), X.strides(1)}, X.data(), X);
+    mark_readonly(v);
+    input = std::move(v);
   }
-  const Layer<T>& layer = self.net.layer(i);
-  if (layer.kind() != LayerSpec::Kind::dense) {
-    throw py::type_error("layer " + std::to_string(i) + " is a " + kind_name(layer.kind()) +
-                         ", not a Dense layer");
+  Layer<T>* layer = nullptr;
+  for (std::size_t d = 0; d < path.size(); ++d) {
+    const Index i = path[d];
+    if (i < 0 || i >= static_cast<Index>(level.size())) {
+      throw py::index_error("[layer_caches] index " + std::to_string(i) + " at depth " +
+                            std::to_string(d) + " is out of range for " +
+                            std::to_string(level.size()) + " layers");
+    }
+    if (forward && i > 0) {
+      Layer<T>* before = level[static_cast<std::size_t>(i - 1)];
+      input = view_of<T>(before->output(), {batch, before->out_features()}, false);
+    }
+    layer = level[static_cast<std::size_t>(i)];
+    if (d + 1 < path.size()) {
+      level = layer->children();
+      if (level.empty()) throw py::index_error("[layer_caches] the path goes below a leaf layer");
+    }
   }
-  return static_cast<const Dense<T>&>(layer);
+  py::dict out;
+  out["input"] = input;
+  auto view = [&](const StoragePtr<T>& storage, Index width) -> py::object {
+    if (!forward) return py::none();
+    return view_of<T>(storage, {batch, static_cast<py::ssize_t>(width)}, false);
+  };
+  const Index width = layer->out_features();
+  out["output"] = view(layer->output(), width);
+  switch (layer->kind()) {
+    case LayerSpec::Kind::dense: {
+      const auto& L = static_cast<const Dense<T>&>(*layer);
+      out["z"] = view(L.z(), width);
+      out["delta"] = s.net.has_backward() ? view(L.delta(), width) : py::none();
+      break;
+    }
+    case LayerSpec::Kind::dropout:
+      out["mask"] = view(static_cast<const Dropout<T>&>(*layer).mask(), width);
+      break;
+    case LayerSpec::Kind::batch_norm:
+      out["normalized"] = view(static_cast<const BatchNorm<T>&>(*layer).normalized(), width);
+      break;
+    case LayerSpec::Kind::layer_norm:
+      out["normalized"] = view(static_cast<const LayerNorm<T>&>(*layer).normalized(), width);
+      break;
+    default:
+      break;
+  }
+  return out;
 }
 
 /// The update of an UpdatePlan, after checking that it was built for this
@@ -426,12 +478,6 @@ void bind_network_type(py::module_& m, const char* name) {
       .def_property_readonly("has_forward", [](const Self& s) { return s.net.has_forward(); })
       .def_property_readonly("has_backward", [](const Self& s) { return s.net.has_backward(); })
       .def_property_readonly("batch", [](const Self& s) { return s.net.batch(); })
-      .def("layer_spec",
-           [](const Self& s, Index i) {
-             const LayerSpec& spec = layer_at(s, i).spec();
-             return LayerTuple{spec.in_features, spec.out_features,
-                               activation_name(spec.activation), spec.negative_slope};
-           })
       .def(
           "forward",
           [](Self& s, py::handle X_obj) {
@@ -640,51 +686,15 @@ void bind_network_type(py::module_& m, const char* name) {
             if (s.claims > 0 && s.trainer == me && --s.claims == 0) s.trainer = std::thread::id();
           },
           "Releases one claim of _begin_training made by this thread (none: does nothing).")
-      // ---- views of the C++ storage ----------------------------------------
-      .def("weight", [](const Self& s, Index i) {
-        const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.weight().value, {L.in_features(), L.out_features()}, true);
-      })
-      .def("bias", [](const Self& s, Index i) {
-        const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.bias()->value, {L.out_features()}, true);
-      })
-      .def("grad_weight", [](const Self& s, Index i) {
-        const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.weight().grad, {L.in_features(), L.out_features()}, true);
-      })
-      .def("grad_bias", [](const Self& s, Index i) {
-        const Dense<T>& L = layer_at(s, i);
-        return view_of<T>(L.bias()->grad, {L.out_features()}, true);
-      })
-      .def("input", [](const Self& s, Index i) -> py::object {
-        const Dense<T>& L = layer_at(s, i);
-        if (!s.net.has_forward()) return py::none();
-        if (i == 0) {
-          auto X = py::reinterpret_borrow<py::array>(s.input);
-          py::array v(X.dtype(), {X.shape(0), X.shape(1)}, {X.strides(0), X.strides(1)},
-                      X.data(), X);
-          mark_readonly(v);
-          return std::move(v);
-        }
-        const Dense<T>& P = layer_at(s, i - 1);
-        return view_of<T>(P.output(), {s.net.batch(), L.in_features()}, false);
-      })
-      .def("z", [](const Self& s, Index i) -> py::object {
-        const Dense<T>& L = layer_at(s, i);
-        if (!s.net.has_forward()) return py::none();
-        return view_of<T>(L.z(), {s.net.batch(), L.out_features()}, false);
-      })
-      .def("output", [](const Self& s, Index i) -> py::object {
-        const Dense<T>& L = layer_at(s, i);
-        if (!s.net.has_forward()) return py::none();
-        return view_of<T>(L.output(), {s.net.batch(), L.out_features()}, false);
-      })
-      .def("delta", [](const Self& s, Index i) -> py::object {
-        const Dense<T>& L = layer_at(s, i);
-        if (!s.net.has_backward() || !s.net.has_forward()) return py::none();
-        return view_of<T>(L.delta(), {s.net.batch(), L.out_features()}, false);
-      });
+      // ---- views of the caches ------------------------------------------------
+      .def(
+          "layer_caches",
+          [](const Self& s, const std::vector<Index>& path) { return layer_caches(s, path); },
+          py::arg("path"),
+          "The caches of the layer at `path` (its index, then its index inside each "
+          "Residual): read-only views of 'input' and 'output' (and Dense's 'z' and 'delta', "
+          "Dropout's 'mask', BatchNorm's and LayerNorm's 'normalized'), None before the "
+          "first forward (backward for 'delta').");
 }
 
 }  // namespace

@@ -692,7 +692,7 @@ def _optimizer_from_checkpoint(net: Network, data: bytes):
     if saved is None:
         raise _fail(_PICKLED, "it holds no optimizer")
     if not isinstance(net, Network) or net.dtype != saved_net.dtype or \
-            [L._spec() for L in net.layers] != [L._spec() for L in saved_net.layers]:
+            [L._description() for L in net.layers] != [L._description() for L in saved_net.layers]:
         raise _fail(_PICKLED, "the optimizer's network differs from the network it is "
                               "restored onto")
     optimizer = type(saved)(net, **saved.hyperparameters)

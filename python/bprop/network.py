@@ -1,4 +1,4 @@
-"""bprop.Network and bprop.Dense: the Python face of the C++ core."""
+"""bprop.Network: the Python face of the C++ core."""
 
 from __future__ import annotations
 
@@ -11,11 +11,8 @@ from . import _core
 from ._init import INIT_BYTES_PER_WEIGHT, initial_parameters
 from ._memory import check_fits_in_memory, format_bytes
 from ._validation import as_float_matrix, check_dtype, check_float, check_int, type_name
-
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax")
-
-# A layer's weight must be addressable: in_features * out_features elements.
-_MAX_LAYER_ELEMENTS = 2**40
+from .layers import (ACTIVATIONS, Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm,
+                     Residual, input_width, layer_from_description, walk, _chain)
 
 # Network's checkpoint, pickling, ONNX and PyTorch methods (and Optimizer's
 # pickling) are implemented in bprop.io and bprop.interop, which import this
@@ -24,197 +21,52 @@ _MAX_LAYER_ELEMENTS = 2**40
 _DELEGATES: Dict[str, Callable[..., Any]] = {}
 
 
-class Dense:
-    """A dense layer: z = a W + b, output = activation(z).
-
-    Args:
-        in_features: width of the layer's input a.
-        out_features: width of its output.
-        activation: one of ``ACTIVATIONS``.
-        negative_slope: slope of leaky_relu for z < 0.
-
-    Until the layer is placed in a :class:`Network` it is only a description;
-    afterwards its attributes are NumPy views of the network's C++ storage:
-
-    * ``weight`` (in_features, out_features) and ``bias`` (out_features,): writable
-      views; assigning an array copies it in after a shape check.
-    * ``grad_weight``, ``grad_bias``: dL/dW = a^T delta and dL/db of the last backward.
-    * ``input`` (batch, in_features), ``z``, ``output`` (batch, out_features): read-only
-      views of what the last forward cached; ``delta`` = dL/dz of the last backward.
-      ``None`` before the first forward (backward for ``delta``). A view of a cache
-      stays valid memory, but is overwritten by the next forward/backward and left
-      stale (no longer updated) once a larger batch makes the core grow its buffers.
-    """
-
-    def __init__(self, in_features: int, out_features: int, activation: str = "identity",
-                 *, negative_slope: float = 0.01) -> None:
-        self._in = check_int("Dense", "in_features", in_features, minimum=1)
-        self._out = check_int("Dense", "out_features", out_features, minimum=1)
-        if self._in * self._out > _MAX_LAYER_ELEMENTS:
-            raise ValueError(f"[Dense] in_features * out_features = {self._in} * {self._out} "
-                             f"exceeds the limit of {_MAX_LAYER_ELEMENTS} weights per layer")
-        if not isinstance(activation, str):
-            raise TypeError(f"[Dense] activation must be a str, one of {ACTIVATIONS}, but got "
-                            f"{type_name(activation)} {activation!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"[Dense] activation must be one of {ACTIVATIONS}, but got "
-                             f"{activation!r}")
-        self._activation = activation
-        self._slope = check_float("Dense", "negative_slope", negative_slope)
-        # The network's C++ core, not the Network: a layer referring back to the
-        # Network that holds it would make a reference cycle, and a network would
-        # then be freed only by the cycle collector, which knows nothing of the
-        # megabytes the core holds.
-        self._core = None
-        self._index = -1
-
-    # ---- description ----------------------------------------------------------
-    @property
-    def in_features(self) -> int:
-        return self._in
-
-    @property
-    def out_features(self) -> int:
-        return self._out
-
-    @property
-    def activation(self) -> str:
-        return self._activation
-
-    @property
-    def negative_slope(self) -> float:
-        return self._slope
-
-    def _spec(self) -> Tuple[int, int, str, float]:
-        return (self._in, self._out, self._activation, self._slope)
-
-    def __reduce__(self):
-        """A layer not yet in a Network pickles and copies as its description; one
-        in a Network is refused (its storage belongs to the network: pickle or
-        deep-copy the network)."""
-        if self._core is not None:
-            raise TypeError("[Dense] a layer of a Network cannot be pickled or copied on its "
-                            "own: its storage belongs to the network; pickle or "
-                            "copy.deepcopy the network")
-        return (_dense_from_spec, (self._spec(),))
-
-    def __repr__(self) -> str:
-        extra = f", negative_slope={self._slope}" if self._activation == "leaky_relu" else ""
-        return f"Dense({self._in}, {self._out}, activation={self._activation!r}{extra})"
-
-    # ---- views of the core's storage ------------------------------------------
-    def _attach(self, core, index: int) -> None:
-        self._core = core
-        self._index = index
-        # Parameters and gradients never move, so their views are made once.
-        self._weight = core.weight(index)
-        self._bias = core.bias(index)
-        self._grad_weight = core.grad_weight(index)
-        self._grad_bias = core.grad_bias(index)
-
-    def _bound(self, what: str):
-        if self._core is None:
-            raise RuntimeError(f"[Dense.{what}] this layer is not part of a Network yet; "
-                               "its storage exists once bprop.Network([...]) is built")
-        return self._core
-
-    @property
-    def weight(self) -> np.ndarray:
-        self._bound("weight")
-        return self._weight
-
-    @weight.setter
-    def weight(self, value) -> None:
-        self._bound("weight")
-        self._assign("weight", self._weight, value)
-
-    @property
-    def bias(self) -> np.ndarray:
-        self._bound("bias")
-        return self._bias
-
-    @bias.setter
-    def bias(self, value) -> None:
-        self._bound("bias")
-        self._assign("bias", self._bias, value)
-
-    @property
-    def grad_weight(self) -> np.ndarray:
-        self._bound("grad_weight")
-        return self._grad_weight
-
-    @property
-    def grad_bias(self) -> np.ndarray:
-        self._bound("grad_bias")
-        return self._grad_bias
-
-    @property
-    def input(self) -> Optional[np.ndarray]:
-        return self._bound("input").input(self._index)
-
-    @property
-    def z(self) -> Optional[np.ndarray]:
-        return self._bound("z").z(self._index)
-
-    @property
-    def output(self) -> Optional[np.ndarray]:
-        return self._bound("output").output(self._index)
-
-    @property
-    def delta(self) -> Optional[np.ndarray]:
-        return self._bound("delta").delta(self._index)
-
-    @staticmethod
-    def _assign(name: str, target: np.ndarray, value) -> None:
-        where = f"Dense.{name}"
-        arr = np.asarray(value)
-        if arr.dtype.kind not in "iuf":
-            raise TypeError(f"[{where}] must be assigned real numbers, but got dtype {arr.dtype}")
-        if arr.shape != target.shape:
-            raise ValueError(f"[{where}] must have shape {target.shape}, but got {arr.shape}")
-        # check finiteness in the network's dtype: 1e39 is finite in float64, not in float32
-        with np.errstate(over="ignore"):
-            arr = arr.astype(target.dtype)
-        if not np.isfinite(arr).all():
-            raise ValueError(f"[{where}] must be finite in {target.dtype}, but the array holds "
-                             "NaN or inf (or values too large for the dtype)")
-        target[...] = arr  # copies into the C++ storage
+def _where(name: str) -> str:
+    """A layer's dotted name as an index expression: layers.4.layers.0 -> layers[4].layers[0]."""
+    parts = name.split(".")
+    return ".".join(f"{parts[k]}[{parts[k + 1]}]" for k in range(0, len(parts), 2))
 
 
-def _dense_from_spec(spec: Tuple[int, int, str, float]) -> Dense:
-    n_in, n_out, activation, slope = spec
-    return Dense(n_in, n_out, activation, negative_slope=slope)
-
-
-def _check_memory(layers: Sequence[Dense], dtype: np.dtype, draw: bool) -> None:
+def _check_memory(layers: Sequence[Layer], dtype: np.dtype, draw: bool) -> None:
     """Refuses, before allocating, a network whose parameters and gradients (and,
     if `draw`, the float64 draw of one layer's initial weights) do not fit in the
     memory available."""
-    sizes = [(layer.in_features * layer.out_features + layer.out_features) * 2 * dtype.itemsize
-             for layer in layers]
+    flat = [(name, layer) for name, _, layer in walk(layers)]
+    sizes = [sum(int(np.prod(shape)) for _, shape in layer._parameter_shapes()) * 2 * dtype.itemsize
+             for _, layer in flat]
     temporary = 0
     if draw:
-        temporary = max(L.in_features * L.out_features for L in layers) * INIT_BYTES_PER_WEIGHT
+        temporary = max((L.in_features * L.out_features for _, L in flat if isinstance(L, Dense)),
+                        default=0) * INIT_BYTES_PER_WEIGHT
     i = int(np.argmax(sizes))
-    big = layers[i]
-    what = (f"the parameters and gradients of this network ({dtype.name}; the largest, layer "
-            f"{i} {big!r}, has weight ({big.in_features}, {big.out_features}) and bias "
-            f"({big.out_features},): {format_bytes(sizes[i])})")
+    name, big = flat[i]
+    shapes = " and ".join(f"{p} {s}" for p, s in big._parameter_shapes())
+    what = (f"the parameters and gradients of this network ({dtype.name}; the largest, "
+            f"{name} {big!r}, has {shapes}: {format_bytes(sizes[i])})")
     if temporary:
         what += f", with {format_bytes(temporary)} to draw its initial weights,"
     check_fits_in_memory("Network", what, sum(sizes) + temporary)
 
 
 class Network:
-    """An ordered stack of :class:`Dense` layers trained by backpropagation.
+    """An ordered sequence of layers trained by backpropagation.
 
     Args:
-        layers: Dense layers whose widths chain (layer i's out_features equals layer
-            i+1's in_features). Each Dense belongs to one network.
+        layers: layers (:class:`Dense`, :class:`Activation`, :class:`Dropout`,
+            :class:`BatchNorm`, :class:`LayerNorm`, :class:`Residual`) whose widths
+            chain (each layer's input width is the output width of the one before).
+            Each layer object belongs to one network.
         dtype: "float32" (default) or "float64"; parameters, caches and the arrays
             forward/backward accept all have this dtype.
         seed: seed of the initial weights (He-normal for relu, leaky_relu and gelu;
-            Glorot-uniform otherwise). The same seed gives the same bits.
+            Glorot-uniform otherwise; norm layers start at weight 1, bias 0) and the
+            key of the dropout masks. The same seed gives the same bits.
+
+    A new network is in training mode (Dropout drops, BatchNorm normalises with the
+    batch's statistics and updates its running ones); ``eval()`` switches to eval
+    mode and ``train()`` back, as in PyTorch. ``forward`` uses the current mode;
+    ``predict`` and :func:`bprop.evaluate` always run in eval mode; :func:`bprop.fit`
+    trains in training mode and leaves the mode it found.
 
     forward/backward are the low-level calls: they take C-contiguous arrays of the
     network's dtype exactly and never convert (a TypeError/ValueError says how to fix
@@ -224,8 +76,8 @@ class Network:
     a call with batch * parameters >= 2**26 runs Python's signal handlers between
     layers (at most every 0.1 s; ``bprop._core.interrupt_polling``), so a
     KeyboardInterrupt arrives within about one layer's product instead of at the end
-    of the call. An interrupted call changes no parameter and no optimizer state;
-    each method says what it leaves.
+    of the call. An interrupted call changes no parameter, buffer or optimizer
+    state; each method says what it leaves.
 
     Threads: calls on one network are serialized; predict runs alongside other
     predicts. While :func:`bprop.fit` trains the network, forward, backward, step,
@@ -234,60 +86,123 @@ class Network:
     fit's own thread (callbacks, a user loss) may call everything.
     """
 
-    def __init__(self, layers: Sequence[Dense], dtype="float32", seed: Optional[int] = None) -> None:
+    def __init__(self, layers: Sequence[Layer], dtype="float32", seed: Optional[int] = None) -> None:
         self._build(layers, dtype, seed, draw=True)
 
     @classmethod
-    def _zeros(cls, layers: Sequence[Dense], dtype="float32") -> "Network":
+    def _zeros(cls, layers: Sequence[Layer], dtype="float32") -> "Network":
         """A network whose parameters are all zero, for callers that then set every
-        parameter (load, unpickling, from_torch, copies, the estimators): drawing
-        initial weights only to overwrite them took most of a large checkpoint's
-        load time."""
+        parameter and buffer (load, unpickling, from_torch, copies, the estimators):
+        drawing initial weights only to overwrite them took most of a large
+        checkpoint's load time."""
         net = cls.__new__(cls)
         net._build(layers, dtype, None, draw=False)
         return net
 
-    def _build(self, layers: Sequence[Dense], dtype, seed: Optional[int], draw: bool) -> None:
-        if isinstance(layers, Dense) or not isinstance(layers, (list, tuple)):
-            raise TypeError("[Network] layers must be a list of Dense layers, but got "
+    def _build(self, layers: Sequence[Layer], dtype, seed: Optional[int], draw: bool) -> None:
+        if isinstance(layers, Layer) or not isinstance(layers, (list, tuple)):
+            raise TypeError("[Network] layers must be a list of layers, but got "
                             f"{type_name(layers)}")
         if len(layers) == 0:
-            raise ValueError("[Network] layers must hold at least one Dense layer, but got none")
+            raise ValueError("[Network] layers must hold at least one layer, but got none")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
-                raise TypeError(f"[Network] layers[{i}] must be a Dense, but got "
+            if not isinstance(layer, Layer):
+                raise TypeError(f"[Network] layers[{i}] must be a bprop layer (Dense, "
+                                "Activation, Dropout, BatchNorm, LayerNorm, Residual), but got "
                                 f"{type_name(layer)}")
+        seen: Dict[int, str] = {}
+        for name, _, layer in walk(layers):
             if layer._core is not None:
-                raise ValueError(f"[Network] layers[{i}] already belongs to another Network; "
-                                 "create a new Dense for each network")
-        if len({id(layer) for layer in layers}) != len(layers):
-            raise ValueError("[Network] the same Dense object appears twice in layers")
-        for i in range(1, len(layers)):
-            if layers[i - 1].out_features != layers[i].in_features:
-                raise ValueError(f"[Network] layer {i} expects {layers[i].in_features} input "
-                                 f"features, but layer {i - 1} produces "
-                                 f"{layers[i - 1].out_features}")
+                raise ValueError(f"[Network] {_where(name)} already belongs to another "
+                                 f"Network; create a new {layer.kind} for each network")
+            if id(layer) in seen:
+                raise ValueError(f"[Network] the same {layer.kind} object appears twice in "
+                                 f"layers, as {seen[id(layer)]} and {name}")
+            seen[id(layer)] = name
+        features = input_width(layers)
+        if features is None:
+            raise ValueError("[Network] no layer has a width of its own (Dense, BatchNorm, "
+                             "LayerNorm): Activation and Dropout take their neighbours' width")
+        widths = [features]
+        for i, layer in enumerate(layers):
+            try:
+                widths.append(_chain(f"layers.{i}", layer, widths[-1]))
+            except ValueError as exc:
+                if isinstance(layer, Dense) and i > 0 and isinstance(layers[i - 1], Dense):
+                    raise ValueError(f"[Network] layer {i} expects {layer.in_features} input "
+                                     f"features, but layer {i - 1} produces "
+                                     f"{layers[i - 1].out_features}") from None
+                raise exc from None
         self._dtype = check_dtype("Network", dtype)
         limit = float(np.finfo(self._dtype).max)
-        for i, layer in enumerate(layers):
-            if abs(layer.negative_slope) > limit:
-                raise ValueError(f"[Network] layers[{i}].negative_slope = "
-                                 f"{layer.negative_slope} overflows {self._dtype.name}")
+        for name, _, layer in walk(layers):
+            slope = getattr(layer, "negative_slope", 0.0)
+            if abs(slope) > limit:
+                raise ValueError(f"[Network] {_where(name)}.negative_slope = {slope} overflows "
+                                 f"{self._dtype.name}")
         if seed is not None:
             seed = check_int("Network", "seed", seed, minimum=0)
         self._seed = seed
-        specs = [layer._spec() for layer in layers]
         _check_memory(layers, self._dtype, draw)
         core_type = _core.Network32 if self._dtype == np.float32 else _core.Network64
-        self._core = core_type(specs)  # parameters zero-filled
-        if draw:
-            for i, (W, b) in enumerate(initial_parameters(specs, self._dtype, seed)):
-                self._core.weight(i)[...] = W  # cast into the core's storage, no temporary
-                self._core.bias(i)[...] = b
-                del W
-        for i, layer in enumerate(layers):
-            layer._attach(self._core, i)
+        self._core = core_type([layer._description() for layer in layers])  # zero-filled
+        self._params = [(name, value, grad) for name, value, grad, _ in
+                        self._core.parameter_views()]
+        self._buffer_views = [tuple(b) for b in self._core.buffer_views()]
+        self._attach(layers, "layers", (), features)
         self._layers = tuple(layers)
+        if draw:
+            self._initialize(seed)
+            self._core.dropout_seed = (seed % 2**64 if seed is not None else
+                                       int(np.random.SeedSequence().generate_state(1, np.uint64)[0]))
+
+    def _attach(self, layers: Sequence[Layer], prefix: str, path: Tuple[int, ...],
+                features: int) -> None:
+        """Binds each layer to its views of the core's storage."""
+        params = {name: (value, grad) for name, value, grad in self._params}
+        buffers = dict(self._buffer_views)
+        for i, layer in enumerate(layers):
+            name, where = f"{prefix}.{i}", path + (i,)
+            own = {key[len(name) + 1:]: pair for key, pair in params.items()
+                   if key.startswith(name + ".") and "." not in key[len(name) + 1:]}
+            own_buffers = {key[len(name) + 1:]: view for key, view in buffers.items()
+                           if key.startswith(name + ".") and "." not in key[len(name) + 1:]}
+            layer._attach(self._core, where, own, own_buffers, features)
+            if layer._children():
+                self._attach(layer._children(), f"{name}.layers", where, features)
+            features = layer._widths(name, features)
+
+    def _initialize(self, seed: Optional[int]) -> None:
+        """Initial parameters: the Dense layers' weights drawn in depth-first order
+        (a Dense-only network gets the bits it had before other layers existed);
+        norm layers weight 1, bias 0, running_var 1."""
+        flat = [layer for _, _, layer in walk(self._layers)]
+        dense = [layer for layer in flat if isinstance(layer, Dense)]
+        specs = [(L.in_features, L.out_features, L.activation, L.negative_slope) for L in dense]
+        for layer, (W, b) in zip(dense, initial_parameters(specs, self._dtype, seed)):
+            layer._params["weight"][0][...] = W  # cast into the core's storage, no temporary
+            if layer.has_bias:
+                layer._params["bias"][0][...] = b
+            del W
+        for layer in flat:
+            if isinstance(layer, (BatchNorm, LayerNorm)) and "weight" in layer._params:
+                layer._params["weight"][0][...] = 1
+            if isinstance(layer, BatchNorm):
+                layer._buffers["running_var"][...] = 1
+
+    def _clone(self, dtype=None) -> "Network":
+        """An independent copy (parameters, buffers, mode and dropout clock), in
+        `dtype` (default: this network's); widening float32 to float64 is exact."""
+        copy = Network._zeros([layer_from_description(L._description()) for L in self._layers],
+                              dtype=self._dtype if dtype is None else dtype)
+        for (_, dst, _), (_, src, _) in zip(copy._params, self._params):
+            dst[...] = src
+        for (_, dst), (_, src) in zip(copy._buffer_views, self._buffer_views):
+            dst[...] = src
+        copy._core.training = self.training
+        copy._core.dropout_seed = self.dropout_seed
+        copy._core.dropout_step = self.dropout_step
+        return copy
 
     # ---- the three calls of training ------------------------------------------
     def forward(self, X: np.ndarray) -> np.ndarray:
@@ -401,7 +316,7 @@ class Network:
 
     # ---- description ----------------------------------------------------------
     @property
-    def layers(self) -> Tuple[Dense, ...]:
+    def layers(self) -> Tuple[Layer, ...]:
         return self._layers
 
     @property
@@ -421,24 +336,65 @@ class Network:
         return self._core.out_features
 
     def parameters(self) -> Iterator[Tuple[str, np.ndarray, np.ndarray]]:
-        """Yields (name, parameter view, gradient view) for every weight and bias,
-        in a fixed order: layers.0.weight, layers.0.bias, layers.1.weight, ..."""
-        for i, layer in enumerate(self._layers):
-            yield f"layers.{i}.weight", layer._weight, layer._grad_weight
-            yield f"layers.{i}.bias", layer._bias, layer._grad_bias
+        """Yields (name, parameter view, gradient view) for every parameter of every
+        layer in layer order (within a layer, weight then bias), with dotted names:
+        layers.0.weight, layers.0.bias, ..., layers.4.layers.0.weight."""
+        yield from self._params
+
+    def buffers(self) -> Iterator[Tuple[str, np.ndarray]]:
+        """Yields (name, view) for every buffer (state that is not trained:
+        BatchNorm's running_mean and running_var), in layer order."""
+        yield from self._buffer_views
+
+    # ---- modes ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Network":
+        """Sets training mode (eval mode for ``mode=False``); returns the network."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"[Network.train] mode must be a bool, but got {type_name(mode)}")
+        self._core.training = bool(mode)
+        return self
+
+    def eval(self) -> "Network":
+        """Sets eval mode (Dropout is the identity, BatchNorm uses its running
+        statistics); returns the network."""
+        return self.train(False)
+
+    @property
+    def training(self) -> bool:
+        """True in training mode (a new network's), False in eval mode."""
+        return self._core.training
+
+    @property
+    def dropout_seed(self) -> int:
+        """The key of the dropout masks, in [0, 2^64): the seed, or drawn at random."""
+        return self._core.dropout_seed
+
+    @property
+    def dropout_step(self) -> int:
+        """Training-mode forward passes made so far: each draws its masks for this
+        count, then adds 1. Settable, to replay a step's masks."""
+        return self._core.dropout_step
+
+    @dropout_step.setter
+    def dropout_step(self, step: int) -> None:
+        self._core.dropout_step = check_int("Network.dropout_step", "dropout_step", step,
+                                            minimum=0, maximum=2**63 - 1)
 
     def __len__(self) -> int:
         return len(self._layers)
 
-    def __getitem__(self, i: int) -> Dense:
+    def __getitem__(self, i: int) -> Layer:
         return self._layers[i]
 
-    def __iter__(self) -> Iterator[Dense]:
+    def __iter__(self) -> Iterator[Layer]:
         return iter(self._layers)
 
     def __repr__(self) -> str:
-        lines = [f"Network(dtype={self._dtype.name}, parameters={self.num_parameters:,})"]
-        lines += [f"  ({i}): {layer!r}" for i, layer in enumerate(self._layers)]
+        lines = [f"Network(dtype={self._dtype.name}, parameters={self.num_parameters:,}"
+                 + ("" if self.training else ", eval") + ")"]
+        for i, layer in enumerate(self._layers):
+            inner = repr(layer).replace("\n", "\n  ")
+            lines.append(f"  ({i}): {inner}")
         return "\n".join(lines)
 
     # ---- checkpoints --------------------------------------------------------------

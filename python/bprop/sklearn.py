@@ -89,7 +89,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import optim
 from ._loop import Loop
-from .network import Dense, Network, _step_function
+from .layers import Dense, layer_from_description
+from .network import Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -541,9 +542,10 @@ class _BaseMLP(BaseEstimator):
         net = state.pop("_net", None)
         optimizer = state.pop("_optimizer", None)
         if net is not None:
-            state["_net_layers"] = [layer._spec() for layer in net.layers]
+            state["_net_layers"] = [layer._description() for layer in net.layers]
             state["_net_dtype"] = net.dtype.name
             state["_net_params"] = [p.copy() for _, p, _ in net.parameters()]
+            state["_net_buffers"] = [b.copy() for _, b in net.buffers()]
             state.pop("coefs_", None)
             state.pop("intercepts_", None)
             state["_optimizer_state"] = (None if optimizer is None
@@ -555,15 +557,19 @@ class _BaseMLP(BaseEstimator):
         specs = state.pop("_net_layers", None)
         dtype = state.pop("_net_dtype", None)
         params = state.pop("_net_params", None)
+        buffers = state.pop("_net_buffers", [])
         opt_state = state.pop("_optimizer_state", None)
         super().__setstate__(state)
         if specs is None:
             return
-        layers = [Dense(n_in, n_out, activation=act, negative_slope=slope)
-                  for n_in, n_out, act, slope in specs]
+        # descriptions; a pickle from before the layer protocol holds Dense tuples
+        layers = [layer_from_description(d) if isinstance(d, dict) else
+                  Dense(d[0], d[1], activation=d[2], negative_slope=d[3]) for d in specs]
         net = Network._zeros(layers, dtype=dtype)
         for (_, p, _), saved in zip(net.parameters(), params):
             p[...] = saved
+        for (_, b), saved in zip(net.buffers(), buffers):
+            b[...] = saved
         self._net = net
         self._optimizer = None
         if opt_state is not None:

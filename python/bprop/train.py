@@ -22,7 +22,8 @@ from ._validation import as_float_matrix, check_float, check_int, type_name
 from .distributed import DataParallel
 from .losses import _builtin, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
-from .network import Dense, Network, _step_function
+from .layers import Dense, walk
+from .network import Network, _step_function
 from .optim import Adam, Optimizer
 
 __all__ = ["History", "fit", "evaluate", "gradcheck", "METRICS"]
@@ -632,7 +633,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                    check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
     step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name)
     history = History()
-    params = [p for _, p, _ in net.parameters()]
+    # what a divergence or early stopping restores: parameters and buffers
+    params = [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]
 
     def diverged(epoch: int, batch: int, value: float, what: str = "loss") -> None:
         _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
@@ -652,12 +654,15 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     stalled = 0
     monitor = "val_loss" if valid is not None else "loss"
     progress = None
+    was_training = None
     try:
         # The claim: until fit returns, the network's forward, backward, step and
         # train_step (and fit) from other threads raise RuntimeError; predict works.
         # Made inside the try, so that a KeyboardInterrupt right after it releases it.
         net._core._begin_training("fit")
         net._fit_optimizer = optimizer
+        was_training = net.training
+        net._core.training = True  # fit trains in training mode, then restores the mode
         if verbose:
             progress = _Progress(epochs, n_batches)
             loop.on_step = progress.update
@@ -717,6 +722,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         raise
     finally:
         net._core._end_training()  # first: nothing may come between a raise and this
+        if was_training is not None:
+            net._core.training = was_training
         if progress is not None:
             progress.close()
 
@@ -751,21 +758,23 @@ def _locate_nonfinite(net: Network, value: float) -> str:
     """Where the failing step's first non-finite value arose, read from the caches
     it left: the forward pass from the input up, then (if the loss was finite) the
     backward pass from the output down, then the update."""
-    for i, layer in enumerate(net.layers):
-        for name in ("z", "output"):
-            a = getattr(layer, name)
+    flat = list(walk(net.layers))
+    for name, _, layer in flat:
+        for cache in ("z", "output"):
+            a = getattr(layer, cache, None) if cache == "output" or isinstance(layer, Dense) \
+                else None
             if a is not None and not _core.all_finite(a):
-                return f"forward pass, layer {i} ({name})"
+                return f"forward pass, {name} ({cache})"
     if not math.isfinite(value):
         return "the loss, of a finite output"
     if not net._core.has_backward:
         return "backward pass or SGD update (the fused SGD step keeps no gradients to inspect)"
-    for i in reversed(range(len(net.layers))):
-        layer = net.layers[i]
-        for name in ("delta", "grad_weight", "grad_bias"):
-            a = getattr(layer, name)
+    for name, _, layer in reversed(flat):
+        arrays = [("delta", layer.delta)] if isinstance(layer, Dense) else []
+        arrays += [(f"grad_{p}", g) for p, _, g in layer.parameters()]
+        for what, a in arrays:
             if a is not None and not _core.all_finite(a):
-                return f"backward pass, layer {i} ({name})"
+                return f"backward pass, {name} ({what})"
     return "the optimizer's update, of finite gradients"
 
 
@@ -836,15 +845,6 @@ def evaluate(net: Network, X, y, loss="softmax_cross_entropy", metrics=None,
 
 # ---- gradcheck ---------------------------------------------------------------------
 
-def _float64_copy(net: Network) -> Network:
-    layers = [Dense(L.in_features, L.out_features, L.activation,
-                    negative_slope=L.negative_slope) for L in net.layers]
-    copy = Network._zeros(layers, dtype="float64")
-    for (_, dst, _), (_, src, _) in zip(copy.parameters(), net.parameters()):
-        dst[...] = src
-    return copy
-
-
 def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-6, *,
               sample_weight=None, max_checks: Optional[int] = None,
               seed: int = 0) -> Dict[str, float]:
@@ -853,7 +853,10 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
     For each parameter p, the numerical gradient (L(p + eps) - L(p - eps)) / (2 eps)
     is compared with the gradient of one forward/backward pass on a float64 copy
     of the network (the network itself is not touched; a float32 network is
-    copied with its weights widened exactly).
+    copied with its weights and buffers widened exactly). The loss is that of the
+    network's current mode: in training mode BatchNorm uses the batch statistics
+    and every forward pass draws the same dropout masks (those of the network's
+    ``dropout_step``), so the function differentiated is a fixed one.
 
     The error of a layer is normwise: max_i |analytic_i - numeric_i| divided by
     max_i max(|analytic_i|, |numeric_i|), over its weight and bias (0 when both
@@ -872,7 +875,8 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
         seed: seed of that choice.
 
     Returns:
-        {"layers.0": error, "layers.1": error, ...}.
+        {layer name: error} for each layer with parameters: {"layers.0": ...,
+        "layers.4.layers.0": ...}.
     """
     where = "gradcheck"
     _check_network(where, net)
@@ -881,23 +885,31 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
     if max_checks is not None:
         max_checks = check_int(where, "max_checks", max_checks, minimum=1)
     seed = check_int(where, "seed", seed, minimum=0)
-    net64 = _float64_copy(net)
+    net64 = net._clone("float64")
     data = _Dataset(where, net64, X, y, sample_weight, builtin)
     step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net64)
     core = net64._core
+    step = core.dropout_step  # every forward below draws this step's dropout masks
 
-    _, grad_output = step_loss(core.forward(data.X), data.y, data.w)
+    def loss_of_forward() -> Tuple[float, np.ndarray]:
+        core.dropout_step = step
+        return step_loss(core.forward(data.X), data.y, data.w)
+
+    _, grad_output = loss_of_forward()
     core.backward(grad_output, False, False)
 
     def value() -> float:
-        return float(step_loss(core.predict(data.X, 0), data.y, data.w)[0])
+        return float(loss_of_forward()[0])
 
     rng = np.random.default_rng(seed)
     result: Dict[str, float] = {}
-    for i, layer in enumerate(net64.layers):
+    owners: Dict[str, list] = {}
+    for name, p, g in net64.parameters():
+        owners.setdefault(name.rsplit(".", 1)[0], []).append((p, g.copy()))
+    for owner, pairs in owners.items():
         worst_diff = 0.0
         scale = 0.0
-        for p, g in ((layer.weight, layer.grad_weight), (layer.bias, layer.grad_bias)):
+        for p, g in pairs:
             flat = p.reshape(-1)  # a view of the C++ storage
             analytic = g.reshape(-1).copy()
             index = np.arange(flat.size)
@@ -916,5 +928,5 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
             worst_diff = max(worst_diff, float(np.max(np.abs(a - numeric), initial=0.0)))
             scale = max(scale, float(np.max(np.abs(a), initial=0.0)),
                         float(np.max(np.abs(numeric), initial=0.0)))
-        result[f"layers.{i}"] = worst_diff / scale if scale > 0 else 0.0
+        result[owner] = worst_diff / scale if scale > 0 else 0.0
     return result

@@ -139,6 +139,9 @@ class Layer {
   /// changes anything.
   virtual const T* forward(const T* in, Index batch, const ForwardContext& ctx) = 0;
 
+  /// The last forward's output (batch, out_features): the storage forward returned.
+  virtual const StoragePtr<T>& output() const = 0;
+
   /// Where the layer above (or the loss) writes dL/d(output), (batch, out_features).
   virtual T* grad_output() = 0;
 

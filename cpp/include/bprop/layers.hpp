@@ -34,7 +34,7 @@ class Dense final : public Layer<T> {
   const Parameter<T>* bias() const { return this->spec_.bias ? &bias_ : nullptr; }
   const T* input() const { return input_; }
   const StoragePtr<T>& z() const { return z_; }
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
   const StoragePtr<T>& delta() const { return delta_; }
 
  private:
@@ -56,7 +56,7 @@ class ActivationLayer final : public Layer<T> {
   void backward(T* grad_input, Index batch, const BackwardContext<T>& ctx) override;
   void predict(const T* in, T* out, Index batch, T* workspace) const override;
 
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
 
  private:
   StoragePtr<T> output_, grad_;
@@ -89,7 +89,7 @@ class Dropout final : public Layer<T> {
   void set_index(std::int64_t index) { index_ = index; }
   std::int64_t index() const { return index_; }
   const StoragePtr<T>& mask() const { return mask_; }  // 1 kept, 0 dropped
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
 
  private:
   StoragePtr<T> mask_, output_, grad_;
@@ -118,7 +118,7 @@ class BatchNorm final : public Layer<T> {
   void commit() override;
   Index predict_workspace(Index batch) const override;
 
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
   const StoragePtr<T>& normalized() const { return xhat_; }
 
  private:
@@ -149,7 +149,7 @@ class LayerNorm final : public Layer<T> {
   void backward(T* grad_input, Index batch, const BackwardContext<T>& ctx) override;
   void predict(const T* in, T* out, Index batch, T* workspace) const override;
 
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
   const StoragePtr<T>& normalized() const { return xhat_; }
 
  private:
@@ -172,7 +172,7 @@ class Residual final : public Layer<T> {
   void predict(const T* in, T* out, Index batch, T* workspace) const override;
   Index predict_workspace(Index batch) const override;
 
-  const StoragePtr<T>& output() const { return output_; }
+  const StoragePtr<T>& output() const override { return output_; }
 
  private:
   std::vector<std::unique_ptr<Layer<T>>> layers_;
