@@ -10,10 +10,10 @@ interleaved round by round, median and best (least disturbed) round
 reported:
 
 * raw (4 calls): net._core.forward, the loss kernel, net._core.backward, and
-  the optimizer's kernels called directly on prebuilt argument tuples, over
+  the optimizer's update (net._core.apply_plan with Adam's prebuilt plan), over
   contiguous slices (no shuffling);
 * raw (1 call): net._core.train_step (forward, loss, backward in one C++ call)
-  plus the same optimizer kernels;
+  plus the same update;
 * fit: bprop.fit(..., shuffle=True), per step (the epoch time / steps).
 """
 
@@ -48,33 +48,27 @@ def main() -> None:
                            ("SGD (fused)", lambda n: optim.SGD(n, lr=1e-3))):
         results = {"raw (4 calls)": [], "raw (1 call)": [], "fit": []}
         for _ in range(rounds):
-            # raw: the four calls, the optimizer kernels without any Python around them
+            # raw: the four calls, the optimizer's update without any Python around it
             net = network()
             opt = optim.Adam(net, lr=1e-3)
             core = net._core
-            calls = [(p, g, opt._state[name]["exp_avg"], opt._state[name]["exp_avg_sq"])
-                     for name, p, g in net.parameters()]
             t0 = time.perf_counter()
             for s in range(steps):
                 Xb = X[s * batch:(s + 1) * batch]
                 out = core.forward(Xb)
                 _, grad = _core.softmax_cross_entropy(out, y64[s * batch:(s + 1) * batch], None)
                 core.backward(grad, False, False)
-                for p, g, m, v in calls:
-                    _core.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, s + 1, False)
+                core.apply_plan(opt._plan)
             results["raw (4 calls)"].append((time.perf_counter() - t0) / steps)
 
             net = network()
             opt = optim.Adam(net, lr=1e-3)
             core = net._core
-            calls = [(p, g, opt._state[name]["exp_avg"], opt._state[name]["exp_avg_sq"])
-                     for name, p, g in net.parameters()]
             t0 = time.perf_counter()
             for s in range(steps):
                 core.train_step(X[s * batch:(s + 1) * batch], y64[s * batch:(s + 1) * batch],
                                 "softmax_cross_entropy", None, -1.0)
-                for p, g, m, v in calls:
-                    _core.adam_update(p, g, m, v, 1e-3, 0.9, 0.999, 1e-8, 0.0, s + 1, False)
+                core.apply_plan(opt._plan)
             results["raw (1 call)"].append((time.perf_counter() - t0) / steps)
 
             net = network()

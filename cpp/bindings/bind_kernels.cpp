@@ -100,58 +100,6 @@ py::array_t<T> param_array(py::handle obj, const char* where, const char* name,
   return arr;
 }
 
-template <typename T>
-void sgd(py::handle p_obj, py::handle g_obj, py::handle buf_obj, double lr, double momentum,
-         double dampening, bool nesterov, double weight_decay, bool first) {
-  const char* where = "SGD.step";
-  auto p = param_array<T>(p_obj, where, "param", -1);
-  require_writeable(p, where, "param");
-  auto g = param_array<T>(g_obj, where, "grad", p.size());
-  auto buf = param_array<T>(buf_obj, where, "momentum_buffer", momentum != 0 ? p.size() : -1);
-  require_writeable(buf, where, "momentum_buffer");
-  py::gil_scoped_release nogil;
-  sgd_update<T>(p.mutable_data(), g.data(), buf.mutable_data(), p.size(), T(lr), T(momentum),
-                T(dampening), nesterov, T(weight_decay), first);
-}
-
-template <typename T>
-void adam(py::handle p_obj, py::handle g_obj, py::handle m_obj, py::handle v_obj, double lr,
-          double beta1, double beta2, double eps, double weight_decay, std::int64_t t,
-          bool decoupled) {
-  const char* where = "Adam.step";
-  auto p = param_array<T>(p_obj, where, "param", -1);
-  require_writeable(p, where, "param");
-  auto g = param_array<T>(g_obj, where, "grad", p.size());
-  auto m = param_array<T>(m_obj, where, "exp_avg", p.size());
-  auto v = param_array<T>(v_obj, where, "exp_avg_sq", p.size());
-  require_writeable(m, where, "exp_avg");
-  require_writeable(v, where, "exp_avg_sq");
-  if (t < 1) throw py::value_error("[Adam.step] step count must be >= 1");
-  py::gil_scoped_release nogil;
-  adam_update<T>(p.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), p.size(),
-                 T(lr), T(beta1), T(beta2), T(eps), T(weight_decay), t, decoupled);
-}
-
-template <typename T>
-void rmsprop(py::handle p_obj, py::handle g_obj, py::handle sq_obj, py::handle gavg_obj,
-             py::handle buf_obj, double lr, double alpha, double eps, double weight_decay,
-             double momentum, bool centered) {
-  const char* where = "RMSprop.step";
-  auto p = param_array<T>(p_obj, where, "param", -1);
-  require_writeable(p, where, "param");
-  auto g = param_array<T>(g_obj, where, "grad", p.size());
-  auto sq = param_array<T>(sq_obj, where, "square_avg", p.size());
-  auto ga = param_array<T>(gavg_obj, where, "grad_avg", centered ? p.size() : -1);
-  auto buf = param_array<T>(buf_obj, where, "momentum_buffer", momentum > 0 ? p.size() : -1);
-  require_writeable(sq, where, "square_avg");
-  require_writeable(ga, where, "grad_avg");
-  require_writeable(buf, where, "momentum_buffer");
-  py::gil_scoped_release nogil;
-  rmsprop_update<T>(p.mutable_data(), g.data(), sq.mutable_data(), ga.mutable_data(),
-                    buf.mutable_data(), p.size(), T(lr), T(alpha), T(eps), T(weight_decay),
-                    T(momentum), centered);
-}
-
 }  // namespace
 
 void bind_kernels(py::module_& m) {
@@ -180,36 +128,6 @@ void bind_kernels(py::module_& m) {
                    : elementwise_loss<float>(o, y, w, where, "output", mean_squared_error<float>);
       },
       py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none());
-  m.def(
-      "sgd_update",
-      [](py::handle p, py::handle g, py::handle buf, double lr, double momentum,
-         double dampening, bool nesterov, double wd, bool first) {
-        if (is_float64(p)) return sgd<double>(p, g, buf, lr, momentum, dampening, nesterov, wd, first);
-        return sgd<float>(p, g, buf, lr, momentum, dampening, nesterov, wd, first);
-      },
-      py::arg("param"), py::arg("grad"), py::arg("momentum_buffer"), py::arg("lr"),
-      py::arg("momentum"), py::arg("dampening"), py::arg("nesterov"), py::arg("weight_decay"),
-      py::arg("first"));
-  m.def(
-      "adam_update",
-      [](py::handle p, py::handle g, py::handle mm, py::handle v, double lr, double b1,
-         double b2, double eps, double wd, std::int64_t t, bool decoupled) {
-        if (is_float64(p)) return adam<double>(p, g, mm, v, lr, b1, b2, eps, wd, t, decoupled);
-        return adam<float>(p, g, mm, v, lr, b1, b2, eps, wd, t, decoupled);
-      },
-      py::arg("param"), py::arg("grad"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
-      py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("step"), py::arg("decoupled"));
-  m.def(
-      "rmsprop_update",
-      [](py::handle p, py::handle g, py::handle sq, py::handle ga, py::handle buf, double lr,
-         double alpha, double eps, double wd, double momentum, bool centered) {
-        if (is_float64(p)) return rmsprop<double>(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered);
-        return rmsprop<float>(p, g, sq, ga, buf, lr, alpha, eps, wd, momentum, centered);
-      },
-      py::arg("param"), py::arg("grad"), py::arg("square_avg"), py::arg("grad_avg"),
-      py::arg("momentum_buffer"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("momentum"), py::arg("centered"));
   m.def(
       "all_finite",
       [](py::handle a) {

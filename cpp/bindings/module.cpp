@@ -4,6 +4,7 @@
 // and registers it as bprop._core (BPROP_MODULE_NAME says which this is).
 #include <Eigen/Core>
 
+#include "bprop/activation.hpp"
 #include "bprop/gemm.hpp"
 #include "bprop/thread_pool.hpp"
 #include "common.hpp"
@@ -26,6 +27,14 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.doc() = "bprop's C++ core (private; import bprop instead)";
   bprop::python::bind_network(m);
   bprop::python::bind_kernels(m);
+  m.def(
+      "activation_names",
+      [] {
+        py::list names;
+        for (const bprop::ActivationEntry& entry : bprop::kActivations) names.append(entry.name);
+        return names;
+      },
+      "The activations the core computes (its half of the registry, activation.hpp).");
 
   m.def("set_num_threads", &bprop::set_num_threads, py::arg("n"),
         "Sets the number of threads that run the core's matrix products (the calling "

@@ -78,33 +78,20 @@ void exp_shifted(const T* z, T shift, T* a, Index n) {
 }  // namespace
 
 Activation parse_activation(const std::string& name, const char* where) {
-  if (name == "identity" || name == "linear") return Activation::identity;
-  if (name == "sigmoid" || name == "logistic") return Activation::sigmoid;
-  if (name == "tanh") return Activation::tanh;
-  if (name == "relu") return Activation::relu;
-  if (name == "leaky_relu") return Activation::leaky_relu;
-  if (name == "gelu") return Activation::gelu;
-  if (name == "softmax") return Activation::softmax;
-  throw std::invalid_argument(std::string("[") + where + "] activation must be one of "
-                              "'identity', 'sigmoid', 'tanh', 'relu', 'leaky_relu', "
-                              "'gelu', 'softmax', but got '" + name + "'");
+  std::string names;
+  for (const ActivationEntry& entry : kActivations) {
+    if (name == entry.name) return entry.activation;
+    names += std::string(names.empty() ? "" : ", ") + "'" + entry.name + "'";
+  }
+  throw std::invalid_argument(std::string("[") + where + "] activation must be one of " +
+                              names + ", but got '" + name + "'");
 }
 
 const char* activation_name(Activation act) {
-  switch (act) {
-    case Activation::identity: return "identity";
-    case Activation::sigmoid: return "sigmoid";
-    case Activation::tanh: return "tanh";
-    case Activation::relu: return "relu";
-    case Activation::leaky_relu: return "leaky_relu";
-    case Activation::gelu: return "gelu";
-    case Activation::softmax: return "softmax";
+  for (const ActivationEntry& entry : kActivations) {
+    if (entry.activation == act) return entry.name;
   }
   return "unknown";
-}
-
-bool is_relu_family(Activation act) {
-  return act == Activation::relu || act == Activation::leaky_relu || act == Activation::gelu;
 }
 
 template <typename T>

@@ -231,15 +231,7 @@ def mean_squared_error(output: _Floats, target: _Floats,
 
 # ---- optimizer updates, in place on param and the state arrays ------------------------
 
-def sgd_update(param: _Floats, grad: _Floats, momentum_buffer: _Floats, lr: float,
-               momentum: float, dampening: float, nesterov: bool, weight_decay: float,
-               first: bool) -> None: ...
-def adam_update(param: _Floats, grad: _Floats, exp_avg: _Floats, exp_avg_sq: _Floats,
-                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                step: int, decoupled: bool) -> None: ...
-def rmsprop_update(param: _Floats, grad: _Floats, square_avg: _Floats, grad_avg: _Floats,
-                   momentum_buffer: _Floats, lr: float, alpha: float, eps: float,
-                   weight_decay: float, momentum: float, centered: bool) -> None: ...
+def activation_names() -> List[str]: ...
 def all_finite(a: _Floats) -> bool: ...
 
 # ---- configuration --------------------------------------------------------------------

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-RELU_FAMILY = ("relu", "leaky_relu", "gelu")
+from .activations import REGISTRY
 
 
 def initial_parameters(specs, dtype, seed):
     """Draws (weight, bias) for each layer spec (in, out, activation, negative_slope).
 
-    He-normal for the relu family, std = gain / sqrt(in) with gain^2 = 2 / (1 + slope^2)
-    (slope 0 for relu and gelu); Glorot-uniform otherwise, limit sqrt(6 / (in + out)).
+    He-normal where the activation's registry row gives a gain (the relu family),
+    std = gain / sqrt(in) (gain^2 = 2 / (1 + slope^2) for leaky_relu, 2 for relu and
+    gelu); Glorot-uniform otherwise, limit sqrt(6 / (in + out)).
     Biases start at zero. Draws are float64 from NumPy's PCG64, then cast, so the
     bits depend only on the seed and the architecture.
 
@@ -23,8 +24,9 @@ def initial_parameters(specs, dtype, seed):
     """
     rng = np.random.default_rng(seed)
     for n_in, n_out, activation, slope in specs:
-        if activation in RELU_FAMILY:
-            gain2 = 2.0 / (1.0 + (slope**2 if activation == "leaky_relu" else 0.0))
+        gain = REGISTRY[activation].gain2
+        if gain is not None:
+            gain2 = gain(slope)
             W = rng.standard_normal((n_in, n_out))
             W *= np.sqrt(gain2 / n_in)  # in place: no second temporary
         else:

@@ -15,8 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ._validation import check_float, check_int, type_name
-
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax")
+from .activations import ACTIVATIONS
 
 # A layer's weight must be addressable: in_features * out_features elements.
 _MAX_LAYER_ELEMENTS = 2**40

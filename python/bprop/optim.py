@@ -2,9 +2,8 @@
 
 An optimizer is bound to one network. ``step()`` updates every parameter in
 place from the gradient of the last ``backward``: one C++ call, under the
-network's lock, that makes one fused pass per parameter (the kernels
-``bprop._core.sgd_update`` / ``adam_update`` / ``rmsprop_update``), with no NumPy
-temporaries. The same update runs inside the backward sweep when training goes
+network's lock, that makes one fused pass per parameter (cpp/src/kernels.cpp),
+with no NumPy temporaries. The same update runs inside the backward sweep when training goes
 through ``Network.train_step`` or ``fit``. The update rules follow the papers as
 ``torch.optim`` implements them (same defaults, same state).
 

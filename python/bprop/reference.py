@@ -43,6 +43,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from ._init import initial_parameters
+from .activations import ACTIVATIONS, REGISTRY, _sigmoid
 from ._validation import as_float_matrix, check_dtype, check_float, check_int, type_name
 
 __all__ = ["ACTIVATIONS", "Layer", "Dense", "Activation", "Dropout", "BatchNorm", "LayerNorm",
@@ -50,47 +51,10 @@ __all__ = ["ACTIVATIONS", "Layer", "Dense", "Activation", "Dropout", "BatchNorm"
            "dropout_key", "dropout_mask", "softmax_cross_entropy",
            "binary_cross_entropy_with_logits", "mean_squared_error"]
 
-ACTIVATIONS = ("identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax")
-
-_erf = np.frompyfunc(math.erf, 1, 1)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function elementwise (NumPy has none), in float64, cast back."""
-    return _erf(np.asarray(x, dtype=np.float64)).astype(np.float64).astype(x.dtype)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # 1 / (1 + exp(-z)), written with exp(-|z|) so that no exp overflows.
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    # row-wise; subtracting the row maximum changes nothing but the overflow
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def activation_forward(activation: str, z: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
-    """a = sigma(z) for z of shape (batch, features); softmax is row-wise."""
-    if activation == "identity":
-        return z.copy()
-    if activation == "sigmoid":
-        return _sigmoid(z)
-    if activation == "tanh":
-        return np.tanh(z)
-    if activation == "relu":
-        return np.maximum(z, 0)
-    if activation == "leaky_relu":
-        return np.where(z > 0, z, negative_slope * z)
-    if activation == "gelu":
-        # exact GELU: z Phi(z), Phi the standard normal CDF
-        return 0.5 * z * (1 + erf(z / math.sqrt(2)))
-    if activation == "softmax":
-        return _softmax(z)
-    raise ValueError(f"[reference] activation must be one of {ACTIVATIONS}, but got "
-                     f"{activation!r}")
+    """a = sigma(z) for z of shape (batch, features); softmax is row-wise. The
+    formulas are the activation registry's rows (bprop/activations.py)."""
+    return _row(activation).forward(z, negative_slope)
 
 
 def activation_backward(activation: str, z: np.ndarray, a: np.ndarray, grad_a: np.ndarray,
@@ -100,25 +64,14 @@ def activation_backward(activation: str, z: np.ndarray, a: np.ndarray, grad_a: n
     Elementwise activations: delta = sigma'(z) * dL/da. Softmax couples a row, so
     delta is its Jacobian-vector product a * (dL/da - sum_j dL/da_j a_j).
     """
-    if activation == "identity":
-        return grad_a.copy()
-    if activation == "sigmoid":
-        return a * (1 - a) * grad_a            # sigma' = sigma (1 - sigma)
-    if activation == "tanh":
-        return (1 - a * a) * grad_a            # tanh' = 1 - tanh^2
-    if activation == "relu":
-        return np.where(z > 0, grad_a, 0)
-    if activation == "leaky_relu":
-        return np.where(z > 0, grad_a, negative_slope * grad_a)
-    if activation == "gelu":
-        # d/dz [z Phi(z)] = Phi(z) + z phi(z)
-        cdf = 0.5 * (1 + erf(z / math.sqrt(2)))
-        pdf = np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-        return (cdf + z * pdf) * grad_a
-    if activation == "softmax":
-        return a * (grad_a - (grad_a * a).sum(axis=1, keepdims=True))
-    raise ValueError(f"[reference] activation must be one of {ACTIVATIONS}, but got "
-                     f"{activation!r}")
+    return _row(activation).backward(z, a, grad_a, negative_slope)
+
+
+def _row(activation: str):
+    if activation not in REGISTRY:
+        raise ValueError(f"[reference] activation must be one of {ACTIVATIONS}, but got "
+                         f"{activation!r}")
+    return REGISTRY[activation]
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

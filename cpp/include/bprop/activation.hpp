@@ -9,15 +9,26 @@ namespace bprop {
 
 enum class Activation { identity, sigmoid, tanh, relu, leaky_relu, gelu, softmax };
 
-/// Parses "identity", "sigmoid", "tanh", "relu", "leaky_relu", "gelu", "softmax".
-/// Throws std::invalid_argument naming the accepted names otherwise.
+/// The registry's C++ half: each activation's name, as Python knows it. The rest of
+/// its row (initialisation gain, the NumPy oracle, ONNX and PyTorch mappings) is in
+/// python/bprop/activations.py, whose names a test checks against this table.
+struct ActivationEntry {
+  Activation activation;
+  const char* name;
+};
+inline constexpr ActivationEntry kActivations[] = {
+    {Activation::identity, "identity"}, {Activation::sigmoid, "sigmoid"},
+    {Activation::tanh, "tanh"},         {Activation::relu, "relu"},
+    {Activation::leaky_relu, "leaky_relu"}, {Activation::gelu, "gelu"},
+    {Activation::softmax, "softmax"},
+};
+
+/// The activation of a name in kActivations; throws std::invalid_argument naming
+/// `where` and the accepted names otherwise.
 Activation parse_activation(const std::string& name, const char* where);
 
-/// The canonical name of an activation.
+/// The name of an activation in kActivations.
 const char* activation_name(Activation act);
-
-/// True for the relu family, which is initialised with He's scheme.
-bool is_relu_family(Activation act);
 
 /// a = sigma(z), row-wise for softmax. z and a are (batch, features); a may be z.
 template <typename T>
