@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import bprop
-from bprop import optim, reference
+from bprop import _core, optim, reference
 
 RTOL = {"float64": 1e-12, "float32": 1e-5}
 EPS = 1e-6               # central differences (test_gradcheck.py's)
@@ -410,20 +410,24 @@ def test_gradcheck_of_a_float32_network_checks_its_float64_copy():
 # ---- thread counts ----------------------------------------------------------------------
 
 def test_example_network_fits_bit_for_bit_with_1_2_and_3_threads(threads):
+    """The issue's example network with its 784 inputs: batches of 256 rows cut the
+    first layer's products into several tiles, which the threads share."""
+    _, _, row_blocks, col_blocks = _core._gemm_tiles(256, 16, 784, 4, False, False)
+    assert row_blocks * col_blocks > 1
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((192, 20)).astype(np.float32)
-    y = rng.integers(0, 10, 192)
-    X_test = rng.standard_normal((50, 20)).astype(np.float32)
+    X = rng.standard_normal((512, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 512)
+    X_test = rng.standard_normal((50, 784)).astype(np.float32)
     runs = []
     for n in (1, 2, 3):
         threads(n)
-        net = bprop.Network(example(bprop), seed=0)
-        bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=1e-2), epochs=2, batch_size=32,
+        net = bprop.Network(example(bprop, features=784), seed=0)
+        bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=1e-2), epochs=2, batch_size=256,
                   seed=1)
         runs.append(([p.tobytes() for _, p, _ in net.parameters()],
                      [b.tobytes() for _, b in net.buffers()],
                      net.predict(X_test).tobytes(), net.dropout_step))
-    assert runs[0][3] == 12  # 2 epochs of 6 minibatches
+    assert runs[0][3] == 4  # 2 epochs of 2 minibatches
     for n, run in zip((2, 3), runs[1:]):
         assert run[0] == runs[0][0], f"parameters with {n} threads"
         assert run[1] == runs[0][1], f"buffers with {n} threads"
