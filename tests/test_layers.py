@@ -38,15 +38,18 @@ def example(M, features=20, classes=10):
             M.LayerNorm(16), M.Dense(16, classes)]
 
 
+def activation_case(name):
+    """An Activation after a Dense (which gives it its width)."""
+    return lambda M: [M.Dense(5, 4), M.Activation(name, negative_slope=0.2)]
+
+
 # Each layer kind alone (Activation and Dropout after a Dense, which gives them a
 # width), 5 inputs; and the example network, 20 inputs.
 CASES = {
     "dense-tanh": lambda M: [M.Dense(5, 4, activation="tanh")],
     "dense-no-bias": lambda M: [M.Dense(5, 4, activation="sigmoid", bias=False)],
     "dense-leaky-relu": lambda M: [M.Dense(5, 4, activation="leaky_relu", negative_slope=0.2)],
-    **{f"activation-{name}": (lambda name: lambda M: [
-        M.Dense(5, 4), M.Activation(name, negative_slope=0.2)])(name)
-       for name in bprop.ACTIVATIONS},
+    **{f"activation-{name}": activation_case(name) for name in bprop.ACTIVATIONS},
     "dropout": lambda M: [M.Dense(5, 6), M.Dropout(0.3)],
     "dropout-p0": lambda M: [M.Dense(5, 6), M.Dropout(0.0)],
     "batchnorm": lambda M: [M.BatchNorm(5, momentum=0.3)],

@@ -243,7 +243,7 @@ def test_buffers_are_named_views_of_each_batchnorms_running_statistics():
         assert np.shares_memory(dict(layer.buffers())["running_mean"], layer.running_mean)
         np.testing.assert_array_equal(layer.running_mean, 0)
         np.testing.assert_array_equal(layer.running_var, 1)
-    assert not set(name for name, _ in buffers) & set(name for name, _, _ in net.parameters())
+    assert not {name for name, _ in buffers} & {name for name, _, _ in net.parameters()}
     assert list(net[3].buffers()) == [] and list(net[0].buffers()) == []
     # the views are the live storage: a training forward updates what they show ...
     net.forward(np.random.default_rng(0).standard_normal((5, 6)))
@@ -443,7 +443,7 @@ def test_a_layer_outside_a_network_has_no_storage():
         with pytest.raises(RuntimeError, match="not part of a Network yet"):
             getattr(layer, attr)
     with pytest.raises(RuntimeError, match="not part of a Network yet"):
-        dense.input
+        _ = dense.input
     with pytest.raises(RuntimeError, match="not part of a Network yet"):
         list(bn.buffers())
     assert act.in_features is None and act.out_features is None
@@ -517,8 +517,8 @@ def test_norm_momentum_and_eps_at_their_limits_are_accepted():
     (lambda: [Dense(4, 5), Dense(6, 2)],
      r"\[Network\] layer 1 expects 6 input features, but layer 0 produces 5"),
     (lambda: [Dense(4, 5), BatchNorm(6)],
-     r"\[Network\] layers.1 \(BatchNorm\) expects 6 input features, but the layer before it "
-     r"produces 5"),
+     (r"\[Network\] layers.1 \(BatchNorm\) expects 6 input features, but the layer before "
+      r"it produces 5")),
     (lambda: [Dense(4, 5), Activation("relu"), Dropout(0.1), LayerNorm(4)],
      r"layers.3 \(LayerNorm\) expects 4 input features, but the layer before it produces 5"),
     (lambda: [Dense(4, 5), Residual([Dense(5, 5), LayerNorm(4)])],
@@ -526,8 +526,8 @@ def test_norm_momentum_and_eps_at_their_limits_are_accepted():
     (lambda: [Dense(4, 5), Residual([Dense(4, 4)])],
      r"layers.1 \(Residual\) expects 4 input features, but the layer before it produces 5"),
     (lambda: [Residual([Dense(4, 5)])],
-     r"layers.0 is a Residual whose layers map 4 features to 5; y = x \+ f\(x\) needs f to "
-     "keep the width"),
+     (r"layers.0 is a Residual whose layers map 4 features to 5; y = x \+ f\(x\) needs f "
+      "to keep the width")),
     (lambda: [Dense(3, 4), Residual([Dense(4, 5), Activation("tanh"), Dense(5, 6)])],
      r"layers.1 is a Residual whose layers map 4 features to 6"),
     (lambda: [Dense(3, 4), Residual([Dense(4, 4), Residual([Dense(4, 2)])])],
@@ -566,8 +566,8 @@ def test_width_free_layers_take_their_neighbours_width():
     (lambda: Residual([bprop.reference.Dense(2, 2)]), TypeError,
      r"layers\[0\] must be a bprop layer"),
     (lambda: Residual([[Dense(2, 2)]]), TypeError, r"layers\[0\] must be a bprop layer"),
-    (lambda: Residual(Dense(2, 2)), TypeError, r"\[Residual\] layers must be a list of layers, "
-                                               "but got Dense"),
+    (lambda: Residual(Dense(2, 2)), TypeError,
+     r"\[Residual\] layers must be a list of layers, but got Dense"),
     (lambda: Residual(x for x in [Dense(2, 2)]), TypeError, "but got generator"),
     (lambda: Residual([]), ValueError, r"\[Residual\] layers must hold at least one layer"),
     (lambda: bprop.Network([Dense(2, 2), "relu"]), TypeError,

@@ -29,12 +29,14 @@ def example(M=bprop, features=20, classes=10):
             M.LayerNorm(16), M.Dense(16, classes)]
 
 
+def activation_case(name):
+    return lambda: [bprop.Dense(5, 4), bprop.Activation(name, negative_slope=0.2)]
+
+
 CASES = {
     "dense-tanh": lambda: [bprop.Dense(5, 4, activation="tanh")],
     "dense-no-bias": lambda: [bprop.Dense(5, 4, activation="sigmoid", bias=False)],
-    **{f"activation-{name}": (lambda name: lambda: [
-        bprop.Dense(5, 4), bprop.Activation(name, negative_slope=0.2)])(name)
-       for name in bprop.ACTIVATIONS},
+    **{f"activation-{name}": activation_case(name) for name in bprop.ACTIVATIONS},
     "dropout": lambda: [bprop.Dense(5, 6), bprop.Dropout(0.3)],
     "dropout-p0": lambda: [bprop.Dense(5, 6), bprop.Dropout(0.0)],
     "batchnorm": lambda: [bprop.BatchNorm(5, momentum=0.3)],
