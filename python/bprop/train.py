@@ -22,7 +22,7 @@ from ._validation import as_float_matrix, check_float, check_int, type_name
 from .distributed import DataParallel
 from .losses import _builtin, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
-from .layers import Dense, walk
+from .layers import BatchNorm, Dense, walk
 from .network import Network, _step_function
 from .optim import Adam, Optimizer
 
@@ -623,6 +623,14 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
                                  " has only zero sample weights")
+
+    n = len(train)
+    if (min(batch_size, n) == 1 or n % batch_size == 1) and any(
+            isinstance(layer, BatchNorm) for _, _, layer in walk(net.layers)):
+        # found before the first step, not by the step that meets the minibatch
+        raise ValueError(f"[{where}] {n} training samples in minibatches of {batch_size} make "
+                         "a minibatch of one row, on which BatchNorm cannot train (the variance "
+                         "of one row is 0); choose another batch_size")
 
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).
