@@ -34,7 +34,11 @@ WORKLOADS = {
     "small": ([784, 256, 256, 10], 128),
     "medium": ([1024, 1024, 1024, 10], 256),
     "large": ([1024, 4096, 4096, 10], 512),
+    # each hidden layer a block [Dense, BatchNorm, ReLU, Dropout 0.2]
+    "tiny-bn": ([784, 128, 10], 32),
+    "small-bn": ([784, 512, 512, 10], 128),
 }
+DROPOUT = 0.2  # of the -bn workloads
 
 
 # ---- timing ------------------------------------------------------------------------
@@ -83,25 +87,40 @@ def layer_specs(sizes):
     return [(a, b, "relu" if i < n - 1 else "identity") for i, (a, b) in enumerate(zip(sizes, sizes[1:]))]
 
 
-def make_bprop(sizes, dtype, seed=0):
-    return bprop.Network([bprop.Dense(a, b, activation=act) for a, b, act in layer_specs(sizes)],
-                         dtype=dtype, seed=seed)
+def _layers(lib, sizes, blocks):
+    """Dense layers (relu between them), or with `blocks` each hidden layer as
+    Dense, BatchNorm, ReLU, Dropout; `lib` is bprop or bprop.reference."""
+    layers = []
+    for a, b, act in layer_specs(sizes):
+        if blocks and act == "relu":
+            layers += [lib.Dense(a, b), lib.BatchNorm(b), lib.Activation("relu"),
+                       lib.Dropout(DROPOUT)]
+        else:
+            layers.append(lib.Dense(a, b, activation=act))
+    return layers
 
 
-def make_reference(sizes, dtype, seed=0):
-    return reference.Network([reference.Dense(a, b, activation=act)
-                              for a, b, act in layer_specs(sizes)], dtype=dtype, seed=seed)
+def make_bprop(sizes, dtype, seed=0, blocks=False):
+    return bprop.Network(_layers(bprop, sizes, blocks), dtype=dtype, seed=seed)
 
 
-def make_torch(sizes, dtype):
+def make_reference(sizes, dtype, seed=0, blocks=False):
+    return reference.Network(_layers(reference, sizes, blocks), dtype=dtype, seed=seed)
+
+
+def make_torch(sizes, dtype, blocks=False):
     import torch
 
     mods = []
     for a, b, act in layer_specs(sizes):
         mods.append(torch.nn.Linear(a, b, dtype=getattr(torch, dtype)))
         if act == "relu":
+            if blocks:
+                mods.append(torch.nn.BatchNorm1d(b, dtype=getattr(torch, dtype)))
             mods.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*mods)
+            if blocks:
+                mods.append(torch.nn.Dropout(DROPOUT))
+    return torch.nn.Sequential(*mods)  # in training mode, as bprop's network
 
 
 def workload_flops(sizes, batch) -> float:
@@ -118,9 +137,10 @@ def bench_workload(name, sizes, batch, rounds, min_time, torch_ok):
     X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
     y = rng.integers(0, sizes[-1], batch).astype(np.int64)
 
-    net = make_bprop(sizes, "float32")
+    blocks = name.endswith("-bn")
+    net = make_bprop(sizes, "float32", blocks=blocks)
     opt = bprop.optim.SGD(net, lr=lr)
-    ref = make_reference(sizes, "float32")
+    ref = make_reference(sizes, "float32", blocks=blocks)
 
     def bprop_loop():  # the plain four calls from Python
         out = net.forward(X)
@@ -141,7 +161,7 @@ def bench_workload(name, sizes, batch, rounds, min_time, torch_ok):
     if torch_ok:
         import torch
 
-        tnet = make_torch(sizes, "float32")
+        tnet = make_torch(sizes, "float32", blocks=blocks)
         topt = torch.optim.SGD(tnet.parameters(), lr=lr)
         tloss = torch.nn.CrossEntropyLoss()
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
@@ -337,7 +357,9 @@ def main(argv=None):
         print("\nbprop = net.train_step (one C++ call, SGD fused into the backward sweep); "
               "loop = forward, loss, backward, step from Python;\nx numpy / x torch = "
               "median over rounds of (their time / bprop's time); % peak = bprop GFLOP/s / "
-              "the GEMM peak above.")
+              "the GEMM peak above;\n-bn: each hidden layer Dense, BatchNorm, ReLU, "
+              f"Dropout {DROPOUT} (training mode in all three; GFLOP/s counts the products "
+              "only).")
 
     if not args.only or "digits" in args.only:
         try:

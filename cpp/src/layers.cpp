@@ -46,13 +46,6 @@ Index declared_in_features(const LayerSpec& spec) {
   return -1;
 }
 
-std::uint64_t splitmix64(std::uint64_t x) {
-  std::uint64_t z = x + 0x9E3779B97F4A7C15ULL;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
 std::uint64_t dropout_key(std::uint64_t seed, std::int64_t step, std::int64_t index) {
   return splitmix64(splitmix64(splitmix64(seed) ^ static_cast<std::uint64_t>(step)) ^
                     static_cast<std::uint64_t>(index));

@@ -238,14 +238,15 @@ const T* Dropout<T>::forward(const T* in, Index batch, const ForwardContext& ctx
   const double p = this->spec_.p;
   const T scale = static_cast<T>(1.0 / (1.0 - p));
   const std::uint64_t key = dropout_key(ctx.seed, ctx.step, index_);
-  constexpr double kUnit = 1.0 / 9007199254740992.0;  // 2^-53
+  // u = k 2^-53 with k = bits >> 11 an integer, so u >= p exactly when
+  // k >= ceil(p 2^53) (p 2^53 is exact: a power-of-two scaling): the comparison in
+  // integers, without a conversion per element
+  const auto threshold = static_cast<std::uint64_t>(std::ceil(std::ldexp(p, 53)));
   // in fixed blocks on the pool: each element's draw depends on its index alone
   auto block = [&](Index b) {
     const Index end = std::min(n, (b + 1) * kDropoutBlock);
     for (Index e = b * kDropoutBlock; e < end; ++e) {
-      const double u =
-          static_cast<double>(splitmix64(key + static_cast<std::uint64_t>(e)) >> 11) * kUnit;
-      const bool keep = u >= p;
+      const bool keep = (splitmix64(key + static_cast<std::uint64_t>(e)) >> 11) >= threshold;
       mask[e] = keep ? T(1) : T(0);
       out[e] = keep ? in[e] * scale : T(0);
     }

@@ -64,8 +64,14 @@ class ActivationLayer final : public Layer<T> {
 };
 
 /// The dropout mask generator, shared with the reference (python/bprop/reference.py
-/// writes the same arithmetic in NumPy): SplitMix64's output function.
-std::uint64_t splitmix64(std::uint64_t x);
+/// writes the same arithmetic in NumPy): SplitMix64's output function. Inline: the
+/// mask loop calls it once per element.
+inline std::uint64_t splitmix64(std::uint64_t x) {
+  std::uint64_t z = x + 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
 
 /// The key of one Dropout layer's mask at one training forward pass.
 std::uint64_t dropout_key(std::uint64_t seed, std::int64_t step, std::int64_t index);
