@@ -13,9 +13,8 @@ against. Running it with a later bprop writes a later format: do not.
 
 import os
 
-import numpy as np
-
 import bprop
+import numpy as np
 from bprop import optim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
