@@ -334,7 +334,7 @@ HOSTILE = {
     "bad layer inside a Residual": (_arch(_set(4, "layers", 1, "kind", value="Dropout2d")),
                                     r"architecture layers.4.layers.1 \(Dropout2d\) does not build"),
     "Residuals nested absurdly deep": (_arch(_nest(40)), r"nests Residuals more than 32 deep"),
-    "a million layers": (_arch(lambda t: t.extend([IDENTITY] * 100_000)),
+    "more than 100000 layers": (_arch(lambda t: t.extend([IDENTITY] * 100_000)),
                          r"the architecture has more than 100000 layers"),
     # tensors: parameters, buffers and optimizer slots the tree does not imply
     "missing buffer": (_tensors(lambda t: t.pop("layers.1.running_var")),
@@ -373,6 +373,12 @@ HOSTILE = {
                         r"dropout_seed, dropout_step\) does not match metadata_sha256"),
     "dropout_step edited": (_meta(digest=False, dropout_step="5"),
                             r"the digest of its metadata .* does not match metadata_sha256"),
+    # the optimizer's metadata, when it is not even a string (safetensors
+    # metadata are strings; a hostile header need not be)
+    "optimizer metadata a number": (_meta(optimizer=5), r"the optimizer metadata is not a string"),
+    "optimizer class a list": (_meta(optimizer=json.dumps({"class": ["Adam"], "step": 4,
+                                                           "hyperparameters": {}})),
+                               r"unknown optimizer class \['Adam'\]"),
     "version-2 tree labelled version 1": (
         _meta(format_version="1"),
         r"architecture layer 0 must be an object with the keys \['activation', 'in_features', "
@@ -424,3 +430,27 @@ def test_flipped_bits_in_a_layer_tree_checkpoint_raise_checkpoint_error(good, tm
         assert_same_network(original, net)
         loaded += 1
     assert loaded < 15
+
+
+def nested(depth):
+    """A network whose middle Dense is enclosed by `depth` Residuals."""
+    inner = bprop.Dense(3, 3, "tanh")
+    for _ in range(depth):
+        inner = bprop.Residual([inner, bprop.Dropout(0.1)])
+    return bprop.Network([bprop.Dense(2, 3), inner, bprop.Dense(3, 2)], seed=1)
+
+
+def test_save_refuses_what_load_would_refuse(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    net = nested(32)
+    net.save(path)
+    assert_same_network(net, bprop.load(path))
+    assert_same_network(net, copy.deepcopy(net))
+    net = nested(33)
+    with pytest.raises(ValueError, match=r"\[save\] the network has 69 layers, nested in up to "
+                                         r"33 Residuals; a checkpoint holds at most 100000 layers "
+                                         r"nested in at most 32, so it is not saved"):
+        net.save(path)
+    with pytest.raises(ValueError, match=r"\[pickle\] .* so it is not pickled or copied"):
+        copy.deepcopy(net)
+    assert_same_network(nested(32), bprop.load(path))  # the file is as it was

@@ -130,6 +130,11 @@ _READABLE_VERSIONS = ("1", FORMAT_VERSION)
 _MAX_HEADER = 100 * 1024 * 1024
 _DTYPE_CODES = {"float32": "F32", "float64": "F64"}
 _OPT_PREFIX = "optimizer."
+# A layer tree is walked recursively (here, by the Network and by the core):
+# bounded, so that a hostile file cannot exhaust the stack or spin on millions
+# of parameterless layers. save refuses a network beyond them.
+_MAX_DEPTH = 32  # Residuals around a layer
+_MAX_LAYERS = 100_000
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -302,6 +307,12 @@ def _architecture(layers: Tuple[Layer, ...]) -> str:
 def _encode(where: str, net: Network, optimizer=None, *, refusal: str = "so it is not saved"
             ) -> _Encoded:
     """The checkpoint of `net` (and `optimizer`, bound to it, or None)."""
+    paths = [p for _, p, _ in walk(net.layers)]
+    depth = max(len(p) for p in paths) - 1
+    if len(paths) > _MAX_LAYERS or depth > _MAX_DEPTH:
+        raise ValueError(f"[{where}] the network has {len(paths)} layers, nested in up to "
+                         f"{depth} Residuals; a checkpoint holds at most {_MAX_LAYERS} layers "
+                         f"nested in at most {_MAX_DEPTH}, {refusal}")
     tensors = {name: np.ascontiguousarray(p).copy() for name, p, _ in net.parameters()}
     for name, b in net.buffers():  # buffer names never clash with parameter names
         tensors[name] = np.ascontiguousarray(b).copy()
@@ -359,7 +370,9 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
         optimizer: a ``bprop.optim`` optimizer bound to ``net``, or None.
 
     Raises:
-        ValueError: a parameter, buffer or state array holds NaN or inf (nothing written).
+        ValueError: a parameter, buffer or state array holds NaN or inf, or the
+            network has more than 100000 layers or nests Residuals more than 32
+            deep (nothing written: load would refuse the file).
     """
     where = "save"
     _check_net_and_optimizer(where, net, optimizer)
@@ -510,13 +523,6 @@ def _parse_architecture_v1(path: str, text: str) -> List[Layer]:
         raise _fail(path, f"the architecture does not build ({exc})") from None
 
 
-# A layer tree is walked recursively (here, by the Network and by the core):
-# bounded, so that a hostile file cannot exhaust the stack or spin on millions
-# of parameterless layers.
-_MAX_DEPTH = 32
-_MAX_LAYERS = 100_000
-
-
 def _parse_architecture(path: str, text: str) -> List[Layer]:
     """The layers (descriptions, not yet in a Network) of a version-2
     ``architecture``: a JSON list of layer descriptions, checked node by node as
@@ -574,7 +580,7 @@ def _layer_from_node(path: str, node: Any, name: str, depth: int, count: List[in
     if set(node) != set(described):
         raise _fail(path, f"architecture {name} ({kind}) has the keys {sorted(node)}, but a "
                           f"{kind} is described by {sorted(described)}")
-    if json.dumps(node, sort_keys=True) != json.dumps(described, sort_keys=True):
+    if any(type(node[k]) is not type(v) or node[k] != v for k, v in described.items()):
         raise _fail(path, f"architecture {name} ({kind}) is {_clip(node, 200)}, but its "
                           f"settings read back as {_clip(described, 200)} (a setting of the "
                           "wrong type?)")
