@@ -64,11 +64,14 @@ def test_metadata_describes_the_network(make_network, tmp_path):
     data = path.read_bytes()
     (size,) = struct.unpack("<Q", data[:8])
     meta = json.loads(data[8:8 + size])["__metadata__"]
-    assert meta["format"] == "bprop" and meta["format_version"] == "1"
+    assert meta["format"] == "bprop" and meta["format_version"] == "2"
     assert meta["dtype"] == "float32"
-    assert json.loads(meta["architecture"])[0] == {"in_features": 5, "out_features": 7,
+    assert json.loads(meta["architecture"])[0] == {"kind": "Dense", "in_features": 5,
+                                                   "out_features": 7,
                                                    "activation": "leaky_relu",
-                                                   "negative_slope": 0.2}
+                                                   "negative_slope": 0.2, "bias": True}
+    assert (meta["training"], meta["dropout_seed"], meta["dropout_step"]) == (
+        "true", str(net.dropout_seed), "0")
     assert "optimizer" not in meta
     assert b"pickle" not in data
 
@@ -235,18 +238,20 @@ CORRUPTIONS = {
     "foreign metadata": (lambda g: safetensors.numpy.save({"w": np.ones(2)},
                                                           metadata={"format": "pt"}),
                          r"no format='bprop' entry"),
-    "future version": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(format_version="2")),
-                       r"format_version '2' is not supported"),
+    "future version": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(format_version="3")),
+                       r"format_version '3' is not supported"),
     "no architecture": (lambda g: _rewrite(g, meta_fn=lambda m: m.pop("architecture")),
                         r"the metadata lacks 'architecture'"),
     "architecture not json": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(
         architecture="[{")), r"architecture metadata is not valid JSON"),
     "unknown activation": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(
         architecture=m["architecture"].replace("gelu", "swish"))),
-        r"unknown activation 'swish'"),
+        r"architecture layers.1 \(Dense\) does not build: \[Dense\] activation must be one of "
+        r".*, but got 'swish'"),
     "widths do not chain": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(
         architecture=m["architecture"].replace('"in_features": 6', '"in_features": 4'))),
-        r"layer 2 expects 4 inputs, but layer 1 produces 6"),
+        r"widths do not chain .*layers.2 \(Dense\) expects 4 input features, but the layer "
+        r"before it produces 6"),
     "bad dtype": (lambda g: _rewrite(g, meta_fn=lambda m: m.update(dtype="float16")),
                   r"dtype 'float16' is not"),
     "wrong tensor shape": (lambda g: _rewrite(g, tensors_fn=lambda t: t.update(

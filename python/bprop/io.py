@@ -1,21 +1,36 @@
 """Checkpoints in the safetensors format: no pickle, nothing executed on load.
 
 A checkpoint holds one tensor per parameter, named as ``Network.parameters()``
-names them (``layers.0.weight``, ``layers.0.bias``, ...), and optionally the
-optimizer's state arrays (``optimizer.layers.0.weight.exp_avg``, ...). The
-safetensors metadata (string to string) holds:
+names them (``layers.0.weight``, ``layers.4.layers.0.bias``, ...), one per
+buffer, named as ``Network.buffers()`` names them (``layers.1.running_mean``,
+...), and optionally the optimizer's state arrays, one per parameter and slot
+(``optimizer.layers.4.layers.0.weight.exp_avg``, ...). The safetensors metadata
+(string to string) holds:
 
-* ``format`` = "bprop", ``format_version`` = "1", ``bprop_version``;
+* ``format`` = "bprop", ``format_version`` = "2", ``bprop_version``;
 * ``dtype`` = "float32" or "float64";
-* ``architecture``: JSON list of {"in_features", "out_features", "activation",
-  "negative_slope"}, one per layer;
+* ``architecture``: the JSON list of the layers' descriptions
+  (``Layer._description()``): each an object with ``kind`` ("Dense",
+  "Activation", "Dropout", "BatchNorm", "LayerNorm", "Residual") and exactly
+  that kind's settings, a Residual's ``layers`` a list of descriptions in turn
+  (nested at most 32 Residuals deep, 100000 layers in all);
+* ``training``: "true" or "false", the network's mode;
+* ``dropout_seed`` and ``dropout_step``: the dropout clock, decimal integers,
+  so that a resumed run draws the masks the original would have drawn;
 * ``sha256``: digest of every tensor's name, dtype, shape and bytes, so that a
   flipped bit anywhere in the data is detected;
-* ``metadata_sha256``: digest of format, format_version, dtype and architecture,
-  so that an edited negative_slope or width is detected too;
+* ``metadata_sha256``: digest of format, format_version, dtype, architecture,
+  training, dropout_seed and dropout_step, so that an edited negative_slope,
+  width, mode or seed is detected too;
 * ``optimizer`` (optional): JSON {"class", "hyperparameters", "step"}, and
   ``optimizer_sha256``, its digest (checked only when the optimizer is loaded,
   so that a damaged optimizer state does not keep the network from loading).
+
+Version-1 checkpoints (Dense layers only, with biases: ``architecture`` a JSON
+list of {"in_features", "out_features", "activation", "negative_slope"}, no
+buffers, mode or dropout clock, ``metadata_sha256`` over format,
+format_version, dtype and architecture) still load, as networks in training
+mode with dropout clock 0.
 
 The file is safetensors as its specification lays it out (an 8-byte
 little-endian header size, the JSON header padded with spaces to a multiple of
@@ -48,6 +63,11 @@ path and the reason for anything that is not a checkpoint:
   each tensor's element count, computed in Python integers (which cannot
   overflow), must equal its byte range, and the ranges must lie in the file and
   cover its data section back to back, as safetensors requires;
+* the architecture is checked as the layers' constructors check their
+  arguments (a Residual that changes the width, a layer whose width does not
+  chain, an unknown kind or setting, a setting of the wrong type), and every
+  parameter, buffer and optimizer slot it implies must be in the file with its
+  shape, and nothing else;
 * only then is each tensor allocated and read straight into its array, so the
   file is never held twice in memory and nothing is allocated from a size the
   file declares before it is checked against the file's size; a file that
@@ -90,6 +110,7 @@ import numpy as np
 
 from . import _core
 from ._validation import check_path, type_name
+from .layers import BatchNorm, Layer, Residual, _chain, input_width, layer_from_description, walk
 from .network import _DELEGATES, ACTIVATIONS, Dense, Network
 from .optim import OPTIMIZERS, Optimizer
 
@@ -101,12 +122,19 @@ except ImportError:  # Windows: stale temporary files are not cleaned up
 __all__ = ["CheckpointError", "save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "bprop"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# the versions load reads: 1 (Dense-only) and the current one
+_READABLE_VERSIONS = ("1", FORMAT_VERSION)
 
 # safetensors' own limit on the JSON header
 _MAX_HEADER = 100 * 1024 * 1024
 _DTYPE_CODES = {"float32": "F32", "float64": "F64"}
 _OPT_PREFIX = "optimizer."
+# A layer tree is walked recursively (here, by the Network and by the core):
+# bounded, so that a hostile file cannot exhaust the stack or spin on millions
+# of parameterless layers. save refuses a network beyond them.
+_MAX_DEPTH = 32  # Residuals around a layer
+_MAX_LAYERS = 100_000
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -132,7 +160,9 @@ def _metadata_digest(meta: Dict[str, str], keys: Tuple[str, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-_NETWORK_KEYS = ("format", "format_version", "dtype", "architecture")
+_NETWORK_KEYS = ("format", "format_version", "dtype", "architecture", "training",
+                 "dropout_seed", "dropout_step")
+_NETWORK_KEYS_V1 = ("format", "format_version", "dtype", "architecture")
 _OPTIMIZER_KEYS = ("optimizer",)
 
 
@@ -269,19 +299,32 @@ def _check_net_and_optimizer(where: str, net: Any, optimizer: Any) -> None:
             raise ValueError(f"[{where}] the optimizer is bound to another network")
 
 
+def _architecture(layers: Tuple[Layer, ...]) -> str:
+    """The ``architecture`` metadata: the JSON list of the layers' descriptions."""
+    return json.dumps([L._description() for L in layers])
+
+
 def _encode(where: str, net: Network, optimizer=None, *, refusal: str = "so it is not saved"
             ) -> _Encoded:
     """The checkpoint of `net` (and `optimizer`, bound to it, or None)."""
+    paths = [p for _, p, _ in walk(net.layers)]
+    depth = max(len(p) for p in paths) - 1
+    if len(paths) > _MAX_LAYERS or depth > _MAX_DEPTH:
+        raise ValueError(f"[{where}] the network has {len(paths)} layers, nested in up to "
+                         f"{depth} Residuals; a checkpoint holds at most {_MAX_LAYERS} layers "
+                         f"nested in at most {_MAX_DEPTH}, {refusal}")
     tensors = {name: np.ascontiguousarray(p).copy() for name, p, _ in net.parameters()}
+    for name, b in net.buffers():  # buffer names never clash with parameter names
+        tensors[name] = np.ascontiguousarray(b).copy()
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "bprop_version": _version(),
         "dtype": net.dtype.name,
-        "architecture": json.dumps([
-            {"in_features": L.in_features, "out_features": L.out_features,
-             "activation": L.activation, "negative_slope": L.negative_slope}
-            for L in net.layers]),
+        "architecture": _architecture(net.layers),
+        "training": "true" if net.training else "false",
+        "dropout_seed": str(int(net.dropout_seed)),
+        "dropout_step": str(int(net.dropout_step)),
     }
     if optimizer is not None:
         sd = optimizer.state_dict()  # copies of the state arrays
@@ -327,7 +370,9 @@ def save(net: Network, path: PathLike, optimizer=None) -> None:
         optimizer: a ``bprop.optim`` optimizer bound to ``net``, or None.
 
     Raises:
-        ValueError: a parameter or state array holds NaN or inf (nothing written).
+        ValueError: a parameter, buffer or state array holds NaN or inf, or the
+            network has more than 100000 layers or nests Residuals more than 32
+            deep (nothing written: load would refuse the file).
     """
     where = "save"
     _check_net_and_optimizer(where, net, optimizer)
@@ -436,13 +481,19 @@ def _read_header(path: str, f: BinaryIO, size: int) -> Tuple[Dict[str, Any], int
     return header, 8 + n
 
 
-def _parse_architecture(path: str, text: str) -> List[Tuple[int, int, str, float]]:
+def _json_metadata(path: str, what: str, text: str) -> Any:
     try:
-        layers = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _fail(path, f"the architecture metadata is not valid JSON ({exc})") from None
+        raise _fail(path, f"the {what} metadata is not valid JSON ({exc})") from None
     except RecursionError:
-        raise _fail(path, "the architecture metadata nests too deeply") from None
+        raise _fail(path, f"the {what} metadata nests too deeply") from None
+
+
+def _parse_architecture_v1(path: str, text: str) -> List[Layer]:
+    """The Dense layers of a version-1 ``architecture``: a JSON list of
+    {"in_features", "out_features", "activation", "negative_slope"}."""
+    layers = _json_metadata(path, "architecture", text)
     if not isinstance(layers, list) or not layers:
         raise _fail(path, "the architecture metadata must be a non-empty list of layers")
     specs = []
@@ -466,40 +517,131 @@ def _parse_architecture(path: str, text: str) -> List[Tuple[int, int, str, float
             raise _fail(path, f"architecture layer {i} expects {n_in} inputs, but layer "
                               f"{i - 1} produces {specs[-1][1]}")
         specs.append((n_in, n_out, act, float(slope)))
-    return specs
+    try:
+        return [Dense(n_in, n_out, act, negative_slope=slope) for n_in, n_out, act, slope in specs]
+    except (TypeError, ValueError) as exc:  # e.g. in_features * out_features beyond the limit
+        raise _fail(path, f"the architecture does not build ({exc})") from None
+
+
+def _parse_architecture(path: str, text: str) -> List[Layer]:
+    """The layers (descriptions, not yet in a Network) of a version-2
+    ``architecture``: a JSON list of layer descriptions, checked node by node as
+    the constructors check their arguments, and their widths chained."""
+    tree = _json_metadata(path, "architecture", text)
+    if not isinstance(tree, list) or not tree:
+        raise _fail(path, "the architecture metadata must be a non-empty list of layer "
+                          f"descriptions, but it is {type_name(tree)} {_clip(tree)}")
+    count = [0]
+    layers = [_layer_from_node(path, node, f"layers.{i}", 0, count)
+              for i, node in enumerate(tree)]
+    features = input_width(layers)
+    if features is None:
+        raise _fail(path, "no layer of the architecture has a width of its own (Dense, "
+                          "BatchNorm, LayerNorm)")
+    for i, layer in enumerate(layers):
+        try:
+            features = _chain(f"layers.{i}", layer, features)
+        except ValueError as exc:
+            raise _fail(path, f"the architecture's widths do not chain ({exc})") from None
+    return layers
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _layer_from_node(path: str, node: Any, name: str, depth: int, count: List[int]) -> Layer:
+    """The layer one node of the architecture describes; `depth` Residuals enclose it."""
+    count[0] += 1
+    if count[0] > _MAX_LAYERS:
+        raise _fail(path, f"the architecture has more than {_MAX_LAYERS} layers")
+    if not isinstance(node, dict) or not isinstance(node.get("kind"), str):
+        raise _fail(path, f"architecture {name} must be an object with a 'kind' string, but it "
+                          f"is {type_name(node)} {_clip(node)}")
+    kind = node["kind"]
+    if kind == "Residual":
+        inner = node.get("layers")
+        if set(node) != {"kind", "layers"} or not isinstance(inner, list) or not inner:
+            raise _fail(path, f"architecture {name} (Residual) must be an object with the keys "
+                              "['kind', 'layers'], 'layers' a non-empty list of layer "
+                              f"descriptions, but it is {_clip(node)}")
+        if depth >= _MAX_DEPTH:
+            raise _fail(path, f"architecture {name} nests Residuals more than {_MAX_DEPTH} deep")
+        return Residual([_layer_from_node(path, child, f"{name}.layers.{j}", depth + 1, count)
+                         for j, child in enumerate(inner)])
+    try:
+        layer = layer_from_description(node)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _fail(path, f"architecture {name} ({kind}) does not build: {exc}") from None
+    # Exactly the description bprop writes: no setting missing (the constructor
+    # would fill in its default), none extra, each of the type the layer keeps.
+    described = layer._description()
+    if set(node) != set(described):
+        raise _fail(path, f"architecture {name} ({kind}) has the keys {sorted(node)}, but a "
+                          f"{kind} is described by {sorted(described)}")
+    if any(type(node[k]) is not type(v) or node[k] != v for k, v in described.items()):
+        raise _fail(path, f"architecture {name} ({kind}) is {_clip(node, 200)}, but its "
+                          f"settings read back as {_clip(described, 200)} (a setting of the "
+                          "wrong type?)")
+    return layer
+
+
+def _parse_mode(path: str, meta: Dict[str, Any]) -> Tuple[bool, int, int]:
+    """(training, dropout_seed, dropout_step) of a version-2 checkpoint."""
+    for key in ("training", "dropout_seed", "dropout_step"):
+        if not isinstance(meta.get(key), str):
+            raise _fail(path, f"the metadata lacks {key!r}")
+    if meta["training"] not in ("true", "false"):
+        raise _fail(path, f"training is {_clip(meta['training'])}, expected 'true' or 'false'")
+    clock = []
+    for key, limit in (("dropout_seed", 2**64 - 1), ("dropout_step", 2**63 - 1)):
+        text = meta[key]
+        # ASCII digits only (int() would take '٣' and ' 3_0'), at most 20 of them
+        if not re.fullmatch(r"[0-9]{1,20}", text) or int(text) > limit:
+            raise _fail(path, f"{key} is {_clip(text)}, expected a decimal integer in "
+                              f"[0, {limit}]")
+        clock.append(int(text))
+    return meta["training"] == "true", clock[0], clock[1]
 
 
 def _parse_optimizer(path: str, text: str) -> Dict[str, Any]:
-    try:
-        info = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"the optimizer metadata is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise _fail(path, "the optimizer metadata nests too deeply") from None
+    info = _json_metadata(path, "optimizer", text)
     if not isinstance(info, dict) or set(info) != {"class", "hyperparameters", "step"}:
         raise _fail(path, "the optimizer metadata must be an object with the keys "
                           "['class', 'hyperparameters', 'step']")
-    if info["class"] not in OPTIMIZERS:
-        raise _fail(path, f"unknown optimizer class {info['class']!r}; expected one of "
+    if not isinstance(info["class"], str) or info["class"] not in OPTIMIZERS:
+        raise _fail(path, f"unknown optimizer class {_clip(info['class'])}; expected one of "
                           f"{sorted(OPTIMIZERS)}")
     if not isinstance(info["hyperparameters"], dict):
         raise _fail(path, "the optimizer hyperparameters must be a JSON object")
     return info
 
 
-def _expected_tensors(specs) -> Dict[str, Tuple[int, ...]]:
-    shapes = {}
-    for i, (n_in, n_out, _, _) in enumerate(specs):
-        shapes[f"layers.{i}.weight"] = (n_in, n_out)
-        shapes[f"layers.{i}.bias"] = (n_out,)
-    return shapes
+def _buffer_shapes(layer: Layer) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(name, shape) of the buffers the core keeps for `layer`."""
+    if isinstance(layer, BatchNorm):
+        return [("running_mean", (layer.features,)), ("running_var", (layer.features,))]
+    return []
 
 
-def _check_tensor_entries(path: str, header: Dict[str, Any], expected: Dict[str, Tuple[int, ...]],
-                          opt_info: Optional[Dict[str, Any]], dtype_name: str,
-                          data_len: int) -> List[Tuple[int, str, Tuple[int, ...]]]:
-    """Checks every tensor of the header against the architecture and the data
-    section's `data_len` bytes; returns (begin, name, shape) in file order."""
+def _expected_tensors(layers: List[Layer]) -> Tuple[Dict[str, Tuple[int, ...]],
+                                                    Dict[str, Tuple[int, ...]]]:
+    """The (parameters, buffers) a network of `layers` has: name -> shape."""
+    params: Dict[str, Tuple[int, ...]] = {}
+    buffers: Dict[str, Tuple[int, ...]] = {}
+    for name, _, layer in walk(layers):
+        params.update((f"{name}.{p}", shape) for p, shape in layer._parameter_shapes())
+        buffers.update((f"{name}.{b}", shape) for b, shape in _buffer_shapes(layer))
+    return params, buffers
+
+
+def _check_tensor_entries(path: str, header: Dict[str, Any], params: Dict[str, Tuple[int, ...]],
+                          buffers: Dict[str, Tuple[int, ...]], opt_info: Optional[Dict[str, Any]],
+                          dtype_name: str, data_len: int) -> List[Tuple[int, str, Tuple[int, ...]]]:
+    """Checks every tensor of the header against the architecture's parameters
+    and buffers and the data section's `data_len` bytes; returns (begin, name,
+    shape) in file order."""
     # Every tensor: a known name, the dtype of the checkpoint, the expected shape
     # (optimizer state has its parameter's shape), a byte range inside the file.
     code = _DTYPE_CODES[dtype_name]
@@ -512,10 +654,11 @@ def _check_tensor_entries(path: str, header: Dict[str, Any], expected: Dict[str,
             if opt_info is None:
                 raise _fail(path, f"tensor {name!r} is optimizer state, but the metadata "
                                   "describes no optimizer")
+            # the slot is the last component: optimizer.layers.4.layers.0.weight.exp_avg
             pname = name[len(_OPT_PREFIX):].rsplit(".", 1)[0]
-            shape = expected.get(pname)
+            shape = params.get(pname)  # buffers have no optimizer state
         else:
-            shape = expected.get(name)
+            shape = params.get(name, buffers.get(name))
         if shape is None:
             raise _fail(path, f"unexpected tensor {name!r} for this architecture")
         if not isinstance(entry, dict) or entry.get("dtype") != code:
@@ -532,7 +675,7 @@ def _check_tensor_entries(path: str, header: Dict[str, Any], expected: Dict[str,
             raise _fail(path, f"tensor {name!r} has data offsets {offsets!r} that do not fit "
                               f"its shape or the file's {data_len} data bytes (truncated?)")
         ranges.append((offsets[0], offsets[1], name, shape))
-    missing = sorted(set(expected) - set(names))
+    missing = sorted((set(params) | set(buffers)) - set(names))
     if missing:
         raise _fail(path, f"tensors {missing} are missing")
     # safetensors: the ranges cover the data section back to back, no gap, no overlap
@@ -558,21 +701,32 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _fail(path, "its metadata has no format='bprop' entry (a safetensors file "
                           "written by something else?)")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise _fail(path, f"format_version {meta.get('format_version')!r} is not supported "
-                          f"(this bprop reads version {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if version not in _READABLE_VERSIONS:
+        raise _fail(path, f"format_version {_clip(version)} is not supported (this bprop reads "
+                          f"versions {', '.join(_READABLE_VERSIONS)})")
     for key in ("dtype", "architecture", "sha256"):
         if not isinstance(meta.get(key), str):
             raise _fail(path, f"the metadata lacks {key!r}")
     dtype_name = meta["dtype"]
     if dtype_name not in _DTYPE_CODES:
-        raise _fail(path, f"dtype {dtype_name!r} is not 'float32' or 'float64'")
-    specs = _parse_architecture(path, meta["architecture"])
-    expected = _expected_tensors(specs)
+        raise _fail(path, f"dtype {_clip(dtype_name)} is not 'float32' or 'float64'")
+    if version == "1":
+        layers = _parse_architecture_v1(path, meta["architecture"])
+        mode = None
+        network_keys, described = _NETWORK_KEYS_V1, "dtype, architecture"
+    else:
+        layers = _parse_architecture(path, meta["architecture"])
+        mode = _parse_mode(path, meta)
+        network_keys = _NETWORK_KEYS
+        described = "dtype, architecture, training, dropout_seed, dropout_step"
+    params, buffers = _expected_tensors(layers)
     opt_info = None
     if "optimizer" in meta:
+        if not isinstance(meta["optimizer"], str):
+            raise _fail(path, "the optimizer metadata is not a string")
         opt_info = _parse_optimizer(path, meta["optimizer"])
-    layout = _check_tensor_entries(path, header, expected, opt_info, dtype_name,
+    layout = _check_tensor_entries(path, header, params, buffers, opt_info, dtype_name,
                                    size - data_start)
 
     # Every size is checked against the file: read each tensor into its own array.
@@ -589,9 +743,9 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
     if _digest(tensors) != meta["sha256"]:
         raise _fail(path, "the sha256 digest of its tensors does not match the metadata: the "
                           "data are corrupted")
-    if meta.get("metadata_sha256") != _metadata_digest(meta, _NETWORK_KEYS):
+    if meta.get("metadata_sha256") != _metadata_digest(meta, network_keys):
         what = "lacks" if "metadata_sha256" not in meta else "does not match"
-        raise _fail(path, f"the digest of its metadata (dtype, architecture) {what} "
+        raise _fail(path, f"the digest of its metadata ({described}) {what} "
                           "metadata_sha256: the header is corrupted")
     for name, a in tensors.items():
         if not np.isfinite(a).all():
@@ -599,16 +753,24 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
 
     # Checked: build the network (and optimizer) now.
     try:
-        net = Network._zeros([Dense(n_in, n_out, act, negative_slope=slope)
-                              for n_in, n_out, act, slope in specs], dtype=dtype_name)
-    except (TypeError, ValueError) as exc:  # e.g. a slope beyond float32's range
+        net = Network._zeros(layers, dtype=dtype_name)
+    except (TypeError, ValueError, OverflowError) as exc:  # a slope beyond float32's range
         raise _fail(path, f"the architecture does not build ({exc})") from None
+    built = ([name for name, _, _ in net.parameters()], [name for name, _ in net.buffers()])
+    if sorted(built[0]) != sorted(params) or sorted(built[1]) != sorted(buffers):
+        # the network names its tensors otherwise than this module expects
+        raise _fail(path, f"the network built from the architecture has the parameters "
+                          f"{built[0]} and buffers {built[1]}, not those of the file")
     for name, p, _ in net.parameters():
         p[...] = tensors.pop(name)
+    for name, b in net.buffers():
+        b[...] = tensors.pop(name)
+    if mode is not None:
+        net._core.training, net._core.dropout_seed, net._core.dropout_step = mode
     optimizer = None
     if with_optimizer and opt_info is not None:
         state = {}
-        for pname in expected:
+        for pname in params:
             prefix = f"{_OPT_PREFIX}{pname}."
             state[pname] = {k[len(prefix):]: a for k, a in tensors.items()
                             if k.startswith(prefix)}
@@ -691,8 +853,9 @@ def _optimizer_from_checkpoint(net: Network, data: bytes):
     saved_net, saved = _decode_bytes(data)
     if saved is None:
         raise _fail(_PICKLED, "it holds no optimizer")
-    if not isinstance(net, Network) or net.dtype != saved_net.dtype or \
-            [L._description() for L in net.layers] != [L._description() for L in saved_net.layers]:
+    # the same dtype and the same layer tree, compared as the checkpoint stores it
+    if (not isinstance(net, Network) or net.dtype != saved_net.dtype
+            or _architecture(net.layers) != _architecture(saved_net.layers)):
         raise _fail(_PICKLED, "the optimizer's network differs from the network it is "
                               "restored onto")
     optimizer = type(saved)(net, **saved.hyperparameters)
