@@ -110,7 +110,7 @@ import numpy as np
 
 from . import _core
 from ._validation import check_path, type_name
-from .layers import BatchNorm, Layer, Residual, _chain, input_width, layer_from_description, walk
+from .layers import Layer, Residual, _chain, input_width, layer_from_description, walk
 from .network import _DELEGATES, ACTIVATIONS, Dense, Network
 from .optim import OPTIMIZERS, Optimizer
 
@@ -618,13 +618,6 @@ def _parse_optimizer(path: str, text: str) -> Dict[str, Any]:
     return info
 
 
-def _buffer_shapes(layer: Layer) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(name, shape) of the buffers the core keeps for `layer`."""
-    if isinstance(layer, BatchNorm):
-        return [("running_mean", (layer.features,)), ("running_var", (layer.features,))]
-    return []
-
-
 def _expected_tensors(layers: List[Layer]) -> Tuple[Dict[str, Tuple[int, ...]],
                                                     Dict[str, Tuple[int, ...]]]:
     """The (parameters, buffers) a network of `layers` has: name -> shape."""
@@ -632,7 +625,7 @@ def _expected_tensors(layers: List[Layer]) -> Tuple[Dict[str, Tuple[int, ...]],
     buffers: Dict[str, Tuple[int, ...]] = {}
     for name, _, layer in walk(layers):
         params.update((f"{name}.{p}", shape) for p, shape in layer._parameter_shapes())
-        buffers.update((f"{name}.{b}", shape) for b, shape in _buffer_shapes(layer))
+        buffers.update((f"{name}.{b}", shape) for b, shape in layer._buffer_shapes())
     return params, buffers
 
 

@@ -84,6 +84,10 @@ class Layer:
         check."""
         return []
 
+    def _buffer_shapes(self) -> List[Tuple[str, Tuple[int, ...]]]:
+        """(name, shape) of its own buffers, as the core names them."""
+        return []
+
     def __reduce__(self):
         """A layer not yet in a Network pickles and copies as its description; one
         in a Network is refused (its storage belongs to the network: pickle or
@@ -405,6 +409,9 @@ class BatchNorm(_Norm):
         momentum = check_float("BatchNorm", "momentum", momentum, minimum=0.0, maximum=1.0)
         super().__init__("BatchNorm", features, eps, _check_bool("BatchNorm", "affine", affine),
                          momentum=momentum)
+
+    def _buffer_shapes(self):
+        return [("running_mean", (self.features,)), ("running_var", (self.features,))]
 
     @property
     def momentum(self) -> float:
