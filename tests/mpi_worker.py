@@ -303,7 +303,7 @@ def layers():
     w[12:24] = 0.0
     results = {}
     for case, weights in (("unweighted", None), ("weighted", w)):
-        def run(comm_arg, seed):
+        def run(comm_arg, seed, weights=weights):
             net = layer_network(seed)
             opt = optim.Adam(net, lr=0.05)
             history = bprop.fit(net, X, y, optimizer=opt, batch_size=batch_size, epochs=epochs,
@@ -322,7 +322,7 @@ def layers():
         bn = net.layers[0]
         mean_avg, var_avg = expected["average"]
         mean_0, var_0 = expected["rank 0"]
-        single, single_opt, single_history = run(None, 100)
+        single, _, single_history = run(None, 100)
         single_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
             [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()],
             [p for _, p, _ in single.parameters()] + [b for _, b in single.buffers()]))

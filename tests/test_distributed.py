@@ -100,7 +100,7 @@ def test_batch_norm_and_dropout_leave_every_rank_identical(ranks, record_error):
             # ... not rank 0's alone
             assert r["rank0_only_mean_diff"] > 1e-3 and r["rank0_only_var_diff"] > 1e-3, r
     one_row = out["one_row_per_rank"]
-    assert len(set(m.split("] ", 1)[1] for m in one_row)) == 1, one_row
+    assert len({m.split("] ", 1)[1] for m in one_row}) == 1, one_row
     assert all(m.startswith(f"ValueError: [fit, rank {k} of {ranks}] the network has "
                             "BatchNorm, which needs at least 2 rows per batch") and
                f"at least {2 * ranks} rows" in m for k, m in enumerate(one_row)), one_row

@@ -100,7 +100,7 @@ def test_hidden_blocks(dropout, batch_norm, kinds):
 
 def test_dropout_changes_training_and_predict_is_eval_mode():
     X, y, X_test, _ = _digits()
-    params = dict(hidden_layer_sizes=(32,), max_iter=5, random_state=0)
+    params = {"hidden_layer_sizes": (32,), "max_iter": 5, "random_state": 0}
     plain = MLPClassifier(**params).fit(X, y)
     dropped = MLPClassifier(dropout=0.5, **params).fit(X, y)
     assert dropped.loss_curve_ != plain.loss_curve_
@@ -120,13 +120,13 @@ def test_dropout_changes_training_and_predict_is_eval_mode():
 
 def test_dropout_is_reproducible_from_random_state():
     X, y, _, _ = _digits()
-    params = dict(hidden_layer_sizes=(32,), max_iter=3, dropout=0.3, random_state=7)
+    params = {"hidden_layer_sizes": (32,), "max_iter": 3, "dropout": 0.3, "random_state": 7}
     a = MLPClassifier(**params).fit(X, y)
     b = MLPClassifier(**params).fit(X, y)
     assert a.loss_curve_ == b.loss_curve_
     for u, v in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_):
         np.testing.assert_array_equal(u, v)
-    c = MLPClassifier(**dict(params, random_state=8)).fit(X, y)
+    c = MLPClassifier(**{**params, "random_state": 8}).fit(X, y)
     assert c._net.dropout_seed != a._net.dropout_seed
 
 
@@ -215,8 +215,8 @@ def test_warm_start_and_partial_fit_continue():
     assert inc.score(X_test, y_test) > 0.85 and inc.loss_curve_[-1] < inc.loss_curve_[0]
 
 
-@pytest.mark.parametrize("change", [dict(dropout=0.3), dict(batch_norm=False),
-                                    dict(dropout=0.0)])
+@pytest.mark.parametrize("change", [{"dropout": 0.3}, {"batch_norm": False},
+                                    {"dropout": 0.0}])
 def test_warm_start_refuses_other_blocks(change):
     X, y, _, _ = _digits()
     clf = MLPClassifier(hidden_layer_sizes=(16,), batch_norm=True, dropout=0.2, max_iter=1,

@@ -94,7 +94,7 @@ import numpy as np
 from ._validation import type_name
 from .layers import BatchNorm, Residual, walk
 
-__all__ = ["shard_bounds", "rank_dropout_key"]
+__all__ = ["rank_dropout_key", "shard_bounds"]
 
 # Methods fit calls on a communicator (mpi4py's Intracomm has them all).
 _COMM_METHODS = ("Get_rank", "Get_size", "Allreduce", "Allgatherv", "Bcast", "allgather",

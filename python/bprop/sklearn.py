@@ -32,6 +32,34 @@ one call of the core (forward, loss, L2 term, backward sweep and the optimizer's
 update; see ``Objective`` in cpp/include/bprop/network.hpp), so nothing on the
 per-step path runs in NumPy; the optimizers' own ``weight_decay`` stays 0.
 
+Dropout and batch normalisation (extras, off by default): ``dropout=p`` and
+``batch_norm=True`` make each hidden layer a block
+``Dense -> BatchNorm -> Activation -> Dropout(p)`` (with ``batch_norm``) or
+``Dense(activation) -> Dropout(p)``; without them (p = 0, the default) the network
+is the plain Dense stack, drawn and trained bit for bit as before. ``coefs_`` and
+``intercepts_`` stay the Dense layers' weights and biases (``alpha`` applies to
+those weights only). ``fit`` and ``partial_fit`` train in training mode (Dropout
+drops, BatchNorm normalises with the minibatch's statistics and updates its
+running ones); ``predict``, ``predict_proba``, ``score`` and early stopping's
+validation score run in eval mode, deterministically. Early stopping keeps the
+running statistics of the best epoch with its weights. The dropout masks are
+keyed by a seed drawn from ``random_state`` (after the initial weights), so a
+seeded fit is reproducible bit for bit; pickles carry the masks' key and clock.
+With ``batch_norm``:
+
+* the statistics count rows, not sample weights (as in PyTorch), and a
+  minibatch of one row (the last of an epoch when n_samples % batch_size == 1)
+  makes no update: one row has no batch variance (its loss, in eval mode,
+  still counts in ``loss_curve_``); fewer than 2 training samples raise;
+* ``solver="lbfgs"`` minimises the training-mode objective over the whole
+  dataset, deterministic since its statistics are the full batch's; at the end
+  the running statistics are set to the full batch's at the solution.
+
+``solver="lbfgs"`` refuses ``dropout > 0`` (ValueError): every evaluation would
+draw new masks, and L-BFGS's line search needs one deterministic objective.
+A warm start or ``partial_fit`` refuses a network built with other
+``dropout``/``batch_norm`` (refit with ``warm_start=False``).
+
 Differences from scikit-learn, all by design:
 
 * ``dtype``: float64 unless X arrives as float32 (scikit-learn's rule), or
@@ -759,6 +787,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         max_fun: maximum loss evaluations of "lbfgs".
         dtype: None (float32 for float32 input, else float64), "float32" or
             "float64": the network's dtype.
+        dropout: in [0, 1): dropout probability after each hidden layer (0: no
+            Dropout layer). Not with solver="lbfgs".
+        batch_norm: normalise each hidden layer's pre-activation with BatchNorm
+            (Dense -> BatchNorm -> Activation).
 
     Attributes:
         classes_: (n_classes,) class labels.
@@ -768,8 +800,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         validation_scores_: validation accuracy per epoch (early_stopping).
         best_validation_score_: best validation accuracy (early_stopping).
         t_: training samples seen.
-        coefs_: weights per layer, (fan_in, fan_out) each: views of the network's
-            storage (write in place to change the model).
+        coefs_: weights per Dense layer, (fan_in, fan_out) each: views of the
+            network's storage (write in place to change the model).
         intercepts_: biases per layer, (fan_out,) each, views as well.
         n_features_in_, feature_names_in_: as every scikit-learn estimator.
         n_iter_: epochs run by the last fit (iterations for lbfgs).
