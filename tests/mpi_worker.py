@@ -9,6 +9,9 @@ Scenarios:
     fault        rank 1 raises in its second training step; fit must abort all
     fault-outside rank 1 raises outside fit while rank 0 trains (the script runs
                  under ``python -m mpi4py``, which aborts on an uncaught exception)
+    layers       a network with BatchNorm, Dropout and a Residual: identical
+                 parameters, buffers and dropout clock on every rank, running
+                 statistics against a NumPy simulation, masks per rank, errors
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from mpi4py import MPI
 
 import bprop
 from bprop import optim
+from bprop.distributed import shard_bounds
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
@@ -229,7 +233,135 @@ def fault_outside():
     print(f"rank {rank}: fit returned", flush=True)  # must not happen
 
 
+# ---- BatchNorm, Dropout and nested layers ------------------------------------------------
+
+MOMENTUM = 0.1
+
+
+def layer_network(seed, inner_activation="relu"):
+    """BatchNorm on the input (its statistics are the data's alone, whatever the
+    weights), a Dense -> BatchNorm -> Activation -> Dropout block, a Residual with
+    a Dropout inside, and the output layer."""
+    return bprop.Network([
+        bprop.BatchNorm(5, momentum=MOMENTUM), bprop.Dense(5, 8),
+        bprop.BatchNorm(8, momentum=MOMENTUM), bprop.Activation("tanh"), bprop.Dropout(0.3),
+        bprop.Residual([bprop.Dense(8, 8, inner_activation), bprop.Dropout(0.2)]),
+        bprop.Dense(8, 3)], dtype="float64", seed=seed)
+
+
+def input_statistics(X, w, batch_size, epochs, ranks):
+    """The running statistics of the BatchNorm on the input after fit without
+    shuffling, in NumPy: each step's rank statistics averaged with the rows of
+    the ranks that had positive weight (what DataParallel keeps), and rank 0's
+    statistics alone (what broadcasting its buffers would keep)."""
+    out = {}
+    for name, counted in (("average", ranks), ("rank 0", 1)):
+        mean, var = np.zeros(X.shape[1]), np.ones(X.shape[1])
+        for _ in range(epochs):
+            for lo in range(0, len(X), batch_size):
+                Xb = X[lo:lo + batch_size]
+                wb = None if w is None else w[lo:lo + batch_size]
+                if wb is not None and wb.sum() == 0:
+                    continue  # the loop skips a minibatch without weight
+                parts = []
+                for r in range(counted):
+                    a, b = shard_bounds(len(Xb), r, ranks)
+                    if b > a and (wb is None or wb[a:b].sum() > 0):
+                        parts.append((b - a, Xb[a:b].mean(0), Xb[a:b].var(0, ddof=1)))
+                rows = sum(k for k, _, _ in parts)
+                m = sum(k * s for k, s, _ in parts) / rows
+                v = sum(k * s for k, _, s in parts) / rows
+                mean = (1 - MOMENTUM) * mean + MOMENTUM * m
+                var = (1 - MOMENTUM) * var + MOMENTUM * v
+        out[name] = (mean, var)
+    return out
+
+
+def state_bytes(net, opt, history):
+    """Every bit a fit leaves: parameters, buffers, dropout key and clock,
+    optimizer state, History."""
+    parts = [p.tobytes() for _, p, _ in net.parameters()]
+    parts += [b.tobytes() for _, b in net.buffers()]
+    parts += [repr((net.dropout_seed, net.dropout_step, net.training)).encode()]
+    sd = opt.state_dict()
+    parts += [sd["state"][p][k].tobytes() for p in sorted(sd["state"])
+              for k in sorted(sd["state"][p])]
+    parts += [repr(sd["step"]).encode()]
+    parts += [repr((k, v)).encode() for k, v in sorted(history.history.items()) if k != "time"]
+    return b"".join(parts)
+
+
+def layers():
+    n, batch_size, epochs = 54, 12, 2  # minibatches of 12 12 12 12 6
+    X, y = data(n, "softmax_cross_entropy", 1)
+    X[:, 1] = 3.0 * X[:, 1] + 2.0  # an input BatchNorm has work to do
+    val = data(9, "softmax_cross_entropy", 3)
+    # weighted: rows 4..7 (rank 1's share of the first minibatch on 3 ranks) and the
+    # whole second minibatch weigh 0
+    w = np.ones(n)
+    w[4:8] = 0.0
+    w[12:24] = 0.0
+    results = {}
+    for case, weights in (("unweighted", None), ("weighted", w)):
+        def run(comm_arg, seed, weights=weights):
+            net = layer_network(seed)
+            opt = optim.Adam(net, lr=0.05)
+            history = bprop.fit(net, X, y, optimizer=opt, batch_size=batch_size, epochs=epochs,
+                                shuffle=False, seed=0, sample_weight=weights,
+                                validation_data=val, metrics=["accuracy"], comm=comm_arg)
+            return net, opt, history
+
+        # every rank starts from other weights and another dropout key: rank 0's rule
+        net, opt, history = run(comm, 100 + rank)
+        again = state_bytes(*run(comm, 100 + rank))
+        mine = state_bytes(net, opt, history)
+        prints = comm.allgather(zlib.crc32(mine))
+        last_mask = net.layers[4].mask
+        masks = comm.allgather(None if last_mask is None else last_mask.tobytes())
+        expected = input_statistics(X, weights, batch_size, epochs, size)
+        bn = net.layers[0]
+        mean_avg, var_avg = expected["average"]
+        mean_0, var_0 = expected["rank 0"]
+        single, _, single_history = run(None, 100)
+        single_diff = max(float(np.max(np.abs(a - b))) for a, b in zip(
+            [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()],
+            [p for _, p, _ in single.parameters()] + [b for _, b in single.buffers()]))
+        results[case] = {
+            "identical_on_all_ranks": len(set(prints)) == 1,
+            "reproducible": comm.allreduce(int(again != mine)) == 0,
+            "dropout_seed": net.dropout_seed,
+            "dropout_step": net.dropout_step,
+            "single_dropout_step": single.dropout_step,
+            "steps": opt.step_count,
+            "training": net.training,
+            "masks_distinct": len(masks) == len(set(masks)) and None not in masks,
+            "running_mean_err": float(np.max(np.abs(bn.running_mean - mean_avg))),
+            "running_var_err": float(np.max(np.abs(bn.running_var - var_avg))),
+            "rank0_only_mean_diff": float(np.max(np.abs(bn.running_mean - mean_0))),
+            "rank0_only_var_diff": float(np.max(np.abs(bn.running_var - var_0))),
+            "vs_single_process": single_diff,
+            "history_vs_single_process": max(
+                abs(u - v) for k in single_history.history if k != "time"
+                for u, v in zip(history.history[k], single_history.history[k])),
+        }
+
+    def one_row_per_rank():
+        net = layer_network(0)
+        bprop.fit(net, X[:20], y[:20], optimizer=optim.SGD(net, lr=0.1),
+                  batch_size=2 * size - 1, epochs=1, seed=0, comm=comm)
+
+    def nested_mismatch():
+        net = layer_network(0, inner_activation="tanh" if rank == 1 else "relu")
+        bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), batch_size=12, epochs=1,
+                  seed=0, comm=comm)
+
+    results["one_row_per_rank"] = comm.allgather(capture(one_row_per_rank))
+    results["nested_mismatch"] = comm.allgather(capture(nested_mismatch))
+    if rank == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+
+
 if __name__ == "__main__":
     bprop.set_num_threads(1)  # several ranks share two cores
     {"correctness": correctness, "errors": errors, "fault": fault,
-     "fault-outside": fault_outside}[sys.argv[1]]()
+     "fault-outside": fault_outside, "layers": layers}[sys.argv[1]]()

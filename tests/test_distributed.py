@@ -72,6 +72,56 @@ def test_matches_single_process_training(ranks, record_error):
                      r["max_abs_diff"])
 
 
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_batch_norm_and_dropout_leave_every_rank_identical(ranks, record_error):
+    # BatchNorm on the input and after a Dense, Dropout in a block and inside a
+    # Residual; every rank starts from other weights and another dropout key.
+    out = result(launch(ranks, "layers", timeout=120)[0])
+    for case, steps in (("unweighted", 10), ("weighted", 8)):
+        r = out[case]
+        # parameters, buffers, dropout key and clock, optimizer state, History
+        assert r["identical_on_all_ranks"], (case, r)
+        assert r["reproducible"], (case, r)
+        assert r["steps"] == steps and r["training"], (case, r)
+        # rank 0's key back on every rank; the clock advanced once per step, as in
+        # one process (a rank without rows in a step advances it too)
+        assert r["dropout_seed"] == 100, (case, r)
+        assert r["dropout_step"] == r["single_dropout_step"] == steps, (case, r)
+        assert r["masks_distinct"], (case, r)  # each rank draws its own masks
+        # the running statistics are the row-weighted average of the ranks' ...
+        assert r["running_mean_err"] < 1e-12 and r["running_var_err"] < 1e-12, (case, r)
+        record_error(f"distributed BatchNorm running stats, {ranks} ranks (abs)",
+                     max(r["running_mean_err"], r["running_var_err"]))
+        if ranks == 1:
+            # ... which on one rank are its own, and one rank's fit is one process's
+            assert r["vs_single_process"] < TOL, (case, r)
+            assert r["history_vs_single_process"] < TOL, (case, r)
+        else:
+            # ... not rank 0's alone
+            assert r["rank0_only_mean_diff"] > 1e-3 and r["rank0_only_var_diff"] > 1e-3, r
+    one_row = out["one_row_per_rank"]
+    assert len({m.split("] ", 1)[1] for m in one_row}) == 1, one_row
+    assert all(m.startswith(f"ValueError: [fit, rank {k} of {ranks}] the network has "
+                            "BatchNorm, which needs at least 2 rows per batch") and
+               f"at least {2 * ranks} rows" in m for k, m in enumerate(one_row)), one_row
+    if ranks > 1:  # a nested layer that differs is named by its dotted path
+        assert all("disagree on the network: rank 0 has layers.5.layers.0 Dense(8, 8, "
+                   "activation='relu'), but rank 1 has layers.5.layers.0 Dense(8, 8, "
+                   "activation='tanh')" in m for m in out["nested_mismatch"]), out
+    else:
+        assert out["nested_mismatch"] == ["ok"]
+
+
+def test_rank_dropout_keys_differ_and_are_fixed():
+    from bprop.distributed import rank_dropout_key
+
+    keys = [rank_dropout_key(12345, r) for r in range(1, 6)]
+    assert len(set(keys)) == 5 and 12345 not in keys
+    assert all(0 <= k < 2**64 for k in keys)
+    assert keys == [rank_dropout_key(12345, r) for r in range(1, 6)]
+    assert rank_dropout_key(12346, 1) != keys[0]
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_errors_are_raised_on_every_rank(ranks):
     out = result(launch(ranks, "errors", timeout=120)[0])

@@ -16,12 +16,14 @@ Run the same script on every rank, each holding the whole dataset::
 What each rank does (the minibatch size and the epochs are global: 4 ranks and
 ``batch_size=256`` make the same 256-sample steps as one process does):
 
-* Before training, the ranks allgather a small signature (parameter names,
-  shapes and dtypes, the layers, the optimizer and its hyperparameters, the
-  data's shapes and a checksum of sampled rows, the settings of fit and the
-  state of the shuffling generator) and compare it with rank 0's; any
-  difference raises the same ValueError on every rank. Then rank 0's weights
-  and optimizer state are broadcast in place into the other ranks' buffers.
+* Before training, the ranks allgather a small signature (parameter and buffer
+  names, shapes and dtypes, every layer by its dotted name, nested ones
+  included, the optimizer and its hyperparameters, the data's shapes and a
+  checksum of sampled rows, the settings of fit and the state of the shuffling
+  generator) and compare it with rank 0's; any difference raises the same
+  ValueError on every rank. Then rank 0's weights, buffers (BatchNorm's running
+  statistics), dropout key and clock (``dropout_seed``, ``dropout_step``) and
+  optimizer state are broadcast in place into the other ranks' storage.
 * Every rank draws the same permutation (``seed=None`` becomes a seed drawn on
   rank 0; a Generator gets rank 0's state), so all ranks see the same global
   minibatches. Rank r of R takes rows [lo_r, hi_r) of each minibatch, split as
@@ -37,6 +39,26 @@ What each rank does (the minibatch size and the epochs are global: 4 ranks and
   and the loss with one more (a float64 scalar). Every rank then takes the same
   optimizer step; the fused SGD update of single-process fit is never used,
   since the gradient must be summed before the update.
+* BatchNorm normalises each rank's rows with their own statistics (PyTorch's
+  DistributedDataParallel without SyncBatchNorm), and updates the rank's running
+  statistics from them. After every step the ranks' buffers are replaced by
+  their average weighted by the rows each rank normalised in that step (one
+  ``Allreduce`` in float64; a rank that made no forward pass weighs 0). Chosen
+  over broadcasting rank 0's buffers (DDP's choice): the average uses every
+  rank's rows, and since the running update is linear, ``running_mean`` follows
+  the statistic of the whole minibatch exactly as one process would, and
+  ``running_var`` the row-weighted mean of the ranks' (unbiased) variances,
+  which lacks only the spread between the ranks' means. So after every step
+  every rank holds the same parameters and buffers. A minibatch that would give
+  some rank exactly one row is refused before training (the variance of one row
+  is undefined): every minibatch, the last included, needs 2 rows per rank.
+* Dropout: rank 0 draws its masks with the network's ``dropout_seed`` (the
+  masks one process would draw for its rows), rank r > 0 with
+  ``rank_dropout_key(dropout_seed, r)``, so the ranks' masks are independent
+  and every run reproducible. ``dropout_step`` advances by one per step on
+  every rank (with rows or without), and ``dropout_seed`` is the network's own
+  again between steps: after fit both are the same on every rank, and one
+  rank's fit equals one process's.
 * Validation loss and metrics: each rank predicts its share of the rows, the
   outputs are allgathered, and every rank computes the loss and metrics on the
   whole output, so any metric (not only means) comes out exact and identical.
@@ -70,8 +92,9 @@ from typing import Any, Callable, List, Optional, Tuple
 import numpy as np
 
 from ._validation import type_name
+from .layers import BatchNorm, Residual, walk
 
-__all__ = ["shard_bounds"]
+__all__ = ["rank_dropout_key", "shard_bounds"]
 
 # Methods fit calls on a communicator (mpi4py's Intracomm has them all).
 _COMM_METHODS = ("Get_rank", "Get_size", "Allreduce", "Allgatherv", "Bcast", "allgather",
@@ -110,6 +133,25 @@ def shard_bounds(rows: int, rank: int, size: int) -> Tuple[int, int]:
     q, rem = divmod(rows, size)
     lo = rank * q + min(rank, rem)
     return lo, lo + q + (1 if rank < rem else 0)
+
+
+def rank_dropout_key(key: int, rank: int) -> int:
+    """The key of the dropout masks of rank `rank` > 0 during a data-parallel fit
+    of a network whose key (``dropout_seed``) is `key`: a 64-bit hash of the
+    pair (rank 0 uses `key` itself)."""
+    state = np.random.SeedSequence([int(key), int(rank)]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _layer_line(layer) -> str:
+    """A layer on one line (a Residual's layers are listed after it by walk)."""
+    if isinstance(layer, Residual):
+        return f"Residual of {_plural(len(layer), 'layer')}"
+    return repr(layer)
 
 
 def _collective(exc: BaseException) -> BaseException:
@@ -184,11 +226,13 @@ class DataParallel:
     # ---- once fit has checked its arguments -----------------------------------------
     def start(self, net, optimizer, rng: np.random.Generator, train, valid,
               **settings: Any) -> None:
-        """Compares the ranks' signatures, then broadcasts rank 0's weights and
-        optimizer state in place. Raises the same error on every rank when a rank
-        failed its argument checks or the signatures differ."""
+        """Compares the ranks' signatures, then broadcasts rank 0's weights,
+        buffers, dropout key and clock, and optimizer state in place. Raises the
+        same error on every rank when a rank failed its argument checks, the
+        signatures differ, or a BatchNorm would get one row on some rank."""
         self.phase = "started"
         params = list(net.parameters())
+        buffers = list(net.buffers())
         crc = 0
         for data in (train, valid):
             for arr in (None,) * 4 if data is None else (data.X, data.y, data.w, data.rows):
@@ -196,7 +240,8 @@ class DataParallel:
         state = zlib.crc32(repr(rng.bit_generator.state).encode())
         signature = {
             "network": tuple([f"{name} {tuple(p.shape)} {p.dtype.name}" for name, p, _ in params]
-                             + [f"layers.{i} {L!r}" for i, L in enumerate(net.layers)]),
+                             + [f"{name} {tuple(b.shape)} {b.dtype.name}" for name, b in buffers]
+                             + [f"{name} {_layer_line(L)}" for name, _, L in walk(net.layers)]),
             "optimizer": (repr(optimizer),),
             "data": (f"training {_describe(train)}", f"validation {_describe(valid)}",
                      f"rows with checksum {crc:08x}"),
@@ -205,8 +250,16 @@ class DataParallel:
         }
         gathered = self.comm.allgather(("ok", signature))
         self._check_gathered(gathered)
+        if any(isinstance(L, BatchNorm) for _, _, L in walk(net.layers)):
+            self._check_batch_norm_rows(len(train), int(settings["batch_size"]))
         for _, p, _ in params:
             self.comm.Bcast(p, root=0)
+        for _, b in buffers:
+            self.comm.Bcast(b, root=0)
+        # the key of the dropout masks and their clock: rank 0's, on every rank
+        core = net._core
+        core.dropout_seed, core.dropout_step = self.comm.bcast(
+            (core.dropout_seed, core.dropout_step), root=0)
         # The optimizer's state (same names and shapes: the signature matched).
         for arrays in optimizer._state.values():
             for a in arrays.values():
@@ -215,6 +268,23 @@ class DataParallel:
         self._grads = [g for _, _, g in params]
         self._dtype = net.dtype
         self._mpi_dtype = self.MPI.FLOAT if net.dtype == np.float32 else self.MPI.DOUBLE
+
+    def _check_batch_norm_rows(self, n: int, batch_size: int) -> None:
+        """BatchNorm refuses a training batch of one row: refuses, on every rank
+        alike and before training, minibatches that give some rank one row."""
+        full = min(batch_size, n)
+        for rows in sorted({full, n % full} - {0}, reverse=True):
+            for r in range(self.size):
+                lo, hi = shard_bounds(rows, r, self.size)
+                if hi - lo == 1:
+                    which = "the last minibatch" if rows != full else "a minibatch"
+                    raise _collective(ValueError(
+                        f"[fit, rank {self.rank} of {self.size}] the network has BatchNorm, "
+                        f"which needs at least 2 rows per batch in training mode, but "
+                        f"{which} ({_plural(rows, 'row')} of {n} samples, batch_size="
+                        f"{batch_size}) split over {_plural(self.size, 'rank')} gives rank "
+                        f"{r} one row; give every minibatch, the last one included, at "
+                        f"least {2 * self.size} rows, or use fewer ranks"))
 
     def _check_gathered(self, gathered: List[Tuple[str, Any]]) -> None:
         where = f"fit, rank {self.rank} of {self.size}"
@@ -254,40 +324,88 @@ class DataParallel:
         ``kernel`` is the loss as ``(output, target, weight) -> (value, grad)``:
         the built-in loss ``name``'s kernel or fit's wrapped user loss."""
         core, dtype, MPI, comm = net._core, net.dtype, self.MPI, self.comm
+        rank, size = self.rank, self.size
         out_features = net.out_features
         grads = self._grads
         loss_sum = np.zeros(1, dtype=np.float64)
+        # Dropout: rank 0 draws with the network's key (the masks one process
+        # would draw for those rows), rank r > 0 with a key derived from it and r.
+        shared_key = core.dropout_seed
+        key = shared_key if rank == 0 else rank_dropout_key(shared_key, rank)
+        buffers = [b for _, b in net.buffers()]
+        packed = np.empty(sum(b.size for b in buffers), dtype=np.float64)
 
         def step(Xb: np.ndarray, yb: np.ndarray, wb: Optional[np.ndarray],
                  weight: float) -> float:
             n = Xb.shape[0]
-            lo, hi = shard_bounds(n, self.rank, self.size)
+            lo, hi = shard_bounds(n, rank, size)
             if wb is None:
                 ws = None
                 share = (hi - lo) / n
             else:  # weight: the minibatch's sum of weights
                 ws = wb[lo:hi]
                 share = float(ws.sum(dtype=np.float64)) / weight
+            clock = core.dropout_step  # the same on every rank
             if share > 0:
-                value, grad = kernel(core.forward(Xb[lo:hi]), yb[lo:hi], ws)
+                core.dropout_seed = key
+                try:
+                    output = core.forward(Xb[lo:hi])
+                finally:
+                    core.dropout_seed = shared_key
+                value, grad = kernel(output, yb[lo:hi], ws)
                 # dL/d(output) of the minibatch's mean loss, restricted to these rows
                 core.backward(grad * share, False, False)
                 loss_sum[0] = value * share
             else:
                 if not core.has_backward:  # gives the optimizer its gradient buffers' first use
-                    core.forward(Xb[:1])
-                    core.backward(np.zeros((1, out_features), dtype), False, False)
+                    # in eval mode: one row, no batch statistics or masks to draw
+                    training = core.training
+                    core.training = False
+                    try:
+                        core.forward(Xb[:1])
+                        core.backward(np.zeros((1, out_features), dtype), False, False)
+                    finally:
+                        core.training = training
                 for g in grads:
                     g.fill(0)
                 loss_sum[0] = 0.0
+            core.dropout_step = clock + 1  # one step, on every rank, with rows or without
             for g in grads:
                 comm.Allreduce(MPI.IN_PLACE, g, op=MPI.SUM)
             comm.Allreduce(MPI.IN_PLACE, loss_sum, op=MPI.SUM)
+            if buffers:
+                self._average_buffers(buffers, packed, n, wb)
             value = float(loss_sum[0])
             if math.isfinite(value):
                 optimizer.step()
             return value
         return step
+
+    def _average_buffers(self, buffers: List[np.ndarray], packed: np.ndarray, n: int,
+                         wb: Optional[np.ndarray]) -> None:
+        """Replaces every rank's buffers (BatchNorm's running statistics, each
+        updated from the rank's own rows) by their average weighted by the rows
+        each rank normalised in this step (0 for a rank that made no forward
+        pass): one allreduce, in float64."""
+        rows = []
+        for r in range(self.size):
+            lo, hi = shard_bounds(n, r, self.size)
+            made = hi > lo if wb is None else float(wb[lo:hi].sum(dtype=np.float64)) > 0
+            rows.append(hi - lo if made else 0)
+        total = sum(rows)
+        if total == 0:
+            return
+        fraction = rows[self.rank] / total  # 1.0 for a lone rank: its buffers exactly
+        offset = 0
+        for b in buffers:
+            part = packed[offset:offset + b.size]
+            np.multiply(b.reshape(-1), fraction, out=part)
+            offset += b.size
+        self.comm.Allreduce(self.MPI.IN_PLACE, packed, op=self.MPI.SUM)
+        offset = 0
+        for b in buffers:
+            b.reshape(-1)[...] = packed[offset:offset + b.size]
+            offset += b.size
 
     # ---- per epoch -------------------------------------------------------------------
     def outputs(self, net, data, batch_size: int = 0) -> np.ndarray:

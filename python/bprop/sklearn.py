@@ -32,6 +32,34 @@ one call of the core (forward, loss, L2 term, backward sweep and the optimizer's
 update; see ``Objective`` in cpp/include/bprop/network.hpp), so nothing on the
 per-step path runs in NumPy; the optimizers' own ``weight_decay`` stays 0.
 
+Dropout and batch normalisation (extras, off by default): ``dropout=p`` and
+``batch_norm=True`` make each hidden layer a block
+``Dense -> BatchNorm -> Activation -> Dropout(p)`` (with ``batch_norm``) or
+``Dense(activation) -> Dropout(p)``; without them (p = 0, the default) the network
+is the plain Dense stack, drawn and trained bit for bit as before. ``coefs_`` and
+``intercepts_`` stay the Dense layers' weights and biases (``alpha`` applies to
+those weights only). ``fit`` and ``partial_fit`` train in training mode (Dropout
+drops, BatchNorm normalises with the minibatch's statistics and updates its
+running ones); ``predict``, ``predict_proba``, ``score`` and early stopping's
+validation score run in eval mode, deterministically. Early stopping keeps the
+running statistics of the best epoch with its weights. The dropout masks are
+keyed by a seed drawn from ``random_state`` (after the initial weights), so a
+seeded fit is reproducible bit for bit; pickles carry the masks' key and clock.
+With ``batch_norm``:
+
+* the statistics count rows, not sample weights (as in PyTorch), and a
+  minibatch of one row (the last of an epoch when n_samples % batch_size == 1)
+  makes no update: one row has no batch variance (its loss, in eval mode,
+  still counts in ``loss_curve_``); fewer than 2 training samples raise;
+* ``solver="lbfgs"`` minimises the training-mode objective over the whole
+  dataset, deterministic since its statistics are the full batch's; at the end
+  the running statistics are set to the full batch's at the solution.
+
+``solver="lbfgs"`` refuses ``dropout > 0`` (ValueError): every evaluation would
+draw new masks, and L-BFGS's line search needs one deterministic objective.
+A warm start or ``partial_fit`` refuses a network built with other
+``dropout``/``batch_norm`` (refit with ``warm_start=False``).
+
 Differences from scikit-learn, all by design:
 
 * ``dtype``: float64 unless X arrives as float32 (scikit-learn's rule), or
@@ -89,7 +117,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import optim
 from ._loop import Loop
-from .layers import Dense, layer_from_description
+from .layers import Activation, BatchNorm, Dense, Dropout, Layer, layer_from_description, walk
 from .network import Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -99,6 +127,44 @@ _ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "
                 "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu"}
 _STOCHASTIC_SOLVERS = ("adam", "sgd", "rmsprop")
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+
+
+def _dense_layers(net: Network) -> List[Dense]:
+    """The Dense layers, in order: the layers of scikit-learn's MLP (coefs_,
+    intercepts_); BatchNorm, Activation and Dropout sit between them."""
+    return [layer for _, _, layer in walk(net.layers) if isinstance(layer, Dense)]
+
+
+def _has_batch_norm(net: Network) -> bool:
+    return any(isinstance(layer, BatchNorm) for _, _, layer in walk(net.layers))
+
+
+def _hidden_activation(net: Network) -> Optional[str]:
+    """The activation of the hidden layers (None without hidden layers): an
+    Activation layer's (after a BatchNorm), else the first Dense layer's."""
+    for _, _, layer in walk(net.layers):
+        if isinstance(layer, Activation):
+            return layer.activation
+    dense = _dense_layers(net)
+    return dense[0].activation if len(dense) > 1 else None
+
+
+def _state_arrays(net: Network) -> List[np.ndarray]:
+    """Views of what training changes and a snapshot must restore: the
+    parameters, then the buffers (BatchNorm's running statistics)."""
+    return [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]
+
+
+def _set_full_batch_statistics(net: Network, X: np.ndarray) -> None:
+    """Sets each BatchNorm's running_mean and running_var (unbiased, as the
+    momentum updates keep it) to the statistics of its input over all of X (one
+    forward pass in training mode)."""
+    net._core.forward(X)
+    for _, _, layer in walk(net.layers):
+        if isinstance(layer, BatchNorm):
+            inputs = layer.input
+            layer.running_mean = inputs.mean(axis=0, dtype=np.float64)
+            layer.running_var = inputs.var(axis=0, ddof=1, dtype=np.float64)
 
 
 class _BaseMLP(BaseEstimator):
@@ -137,6 +203,8 @@ class _BaseMLP(BaseEstimator):
                              Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "dtype": [StrOptions(set(_DTYPES)), None],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "batch_norm": ["boolean"],
     }
 
     def __init__(self, hidden_layer_sizes: Any = (100,), activation: str = "relu", *,
@@ -148,7 +216,8 @@ class _BaseMLP(BaseEstimator):
                  nesterovs_momentum: bool = True, early_stopping: bool = False,
                  validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
                  epsilon: float = 1e-8, n_iter_no_change: Any = 10, max_fun: int = 15000,
-                 dtype: Optional[str] = None) -> None:
+                 dtype: Optional[str] = None, dropout: float = 0.0,
+                 batch_norm: bool = False) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -173,6 +242,8 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
         self.dtype = dtype
+        self.dropout = dropout
+        self.batch_norm = batch_norm
 
     # ---- what the subclasses provide ------------------------------------------------
     def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
@@ -230,21 +301,84 @@ class _BaseMLP(BaseEstimator):
                                  f"{self.solver} is not stochastic.")
         return True
 
+    def _layers(self, layer_units: List[int]) -> List[Layer]:
+        """The layers for these widths: per hidden layer Dense(activation) ->
+        [Dropout], or with batch_norm Dense -> BatchNorm -> Activation ->
+        [Dropout] (Dropout only when dropout > 0); then the output Dense."""
+        hidden = _ACTIVATIONS[self.activation]
+        p = float(self.dropout)
+        layers: List[Layer] = []
+        for fan_in, fan_out in zip(layer_units[:-2], layer_units[1:-1]):
+            if self.batch_norm:
+                layers += [Dense(fan_in, fan_out), BatchNorm(fan_out), Activation(hidden)]
+            else:
+                layers.append(Dense(fan_in, fan_out, activation=hidden))
+            if p > 0:
+                layers.append(Dropout(p))
+        layers.append(Dense(layer_units[-2], layer_units[-1]))
+        return layers
+
     def _build_network(self, layer_units: List[int], dtype: np.dtype,
                        random_state: np.random.RandomState) -> Network:
-        """A network with scikit-learn's initial weights, drawn from random_state."""
+        """A network with scikit-learn's initial weights, drawn from random_state
+        (BatchNorm: weight 1, bias 0, running_var 1; the key of the dropout masks
+        drawn from random_state after the weights, only when there is dropout, so
+        that the draws of a network without it are those of scikit-learn)."""
         hidden = _ACTIVATIONS[self.activation]
-        n = len(layer_units) - 1
-        layers = [Dense(layer_units[i], layer_units[i + 1],
-                        activation=hidden if i < n - 1 else "identity") for i in range(n)]
-        net = Network._zeros(layers, dtype=dtype)  # every parameter drawn below
+        net = Network._zeros(self._layers(layer_units), dtype=dtype)  # set below
         factor = 2.0 if hidden == "sigmoid" else 6.0
-        for layer in net.layers:
+        for layer in _dense_layers(net):
             bound = math.sqrt(factor / (layer.in_features + layer.out_features))
             layer.weight = random_state.uniform(-bound, bound,
                                                 (layer.in_features, layer.out_features))
             layer.bias = random_state.uniform(-bound, bound, layer.out_features)
+        for _, _, layer in walk(net.layers):
+            if isinstance(layer, BatchNorm):
+                layer.weight[...] = 1
+                layer.running_var[...] = 1
+        if any(isinstance(layer, Dropout) for _, _, layer in walk(net.layers)):
+            net._core.dropout_seed = int(random_state.randint(0, 2**63, dtype=np.int64))
         return net
+
+    def _check_layer_params(self, where: str) -> None:
+        """What _parameter_constraints cannot say about dropout and batch_norm."""
+        if isinstance(self.dropout, (bool, np.bool_)):
+            raise TypeError(f"{where} dropout must be a float in [0, 1), but got "
+                            f"bool {self.dropout!r}")
+        if self.solver == "lbfgs" and self.dropout > 0:
+            raise ValueError(
+                f"{where} solver='lbfgs' needs a deterministic objective, but dropout="
+                f"{self.dropout} draws new masks at every evaluation of the loss (L-BFGS's "
+                "line search would compare losses of different networks); use dropout=0.0 "
+                "with lbfgs, or solver='adam', 'sgd' or 'rmsprop' with dropout")
+
+    def _check_batch_rows(self, where: str, n_samples: int) -> None:
+        if self.batch_norm and n_samples < 2:
+            raise ValueError(f"{where} batch_norm=True needs at least 2 training samples (the "
+                             f"batch statistics of one row are undefined), but got "
+                             f"{n_samples} sample{'' if n_samples == 1 else 's'}")
+
+    def _check_warm_network(self, where: str, net: Network, hidden: List[int],
+                            layer_units: List[int]) -> None:
+        """Refuses to warm-start (or partial_fit) a network that the current
+        parameters would not build."""
+        again = "refit with warm_start=False to start a new network"
+        expected = [L.in_features for L in _dense_layers(net)] + [net.out_features]
+        if layer_units != expected:
+            raise ValueError(
+                f"{where} the network has layer sizes {expected}, but hidden_layer_sizes="
+                f"{hidden} and the data ask for {layer_units}; {again}")
+        built = _hidden_activation(net)
+        if built is not None and built != _ACTIVATIONS[self.activation]:
+            raise ValueError(f"{where} the network was built with activation={built!r}, but "
+                             f"activation={self.activation!r}; {again}")
+        wanted = [L._description() for L in self._layers(layer_units)]
+        if wanted != [L._description() for L in net.layers]:
+            p = next((L.p for _, _, L in walk(net.layers) if isinstance(L, Dropout)), 0.0)
+            raise ValueError(
+                f"{where} the network was built with dropout={p} and batch_norm="
+                f"{_has_batch_norm(net)}, but dropout={self.dropout} and batch_norm="
+                f"{self.batch_norm}; {again}")
 
     def _make_optimizer(self, net: Network) -> optim.Optimizer:
         lr = float(self.learning_rate_init)
@@ -258,9 +392,10 @@ class _BaseMLP(BaseEstimator):
                           eps=float(self.epsilon))
 
     def _bind_views(self) -> None:
-        """coefs_ and intercepts_ are the network's own weight and bias views."""
-        self.coefs_ = [layer.weight for layer in self._net.layers]
-        self.intercepts_ = [layer.bias for layer in self._net.layers]
+        """coefs_ and intercepts_ are the Dense layers' own weight and bias views."""
+        dense = _dense_layers(self._net)
+        self.coefs_ = [layer.weight for layer in dense]
+        self.intercepts_ = [layer.bias for layer in dense]
 
     def _validate_predict_input(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -272,7 +407,9 @@ class _BaseMLP(BaseEstimator):
     # ---- fit --------------------------------------------------------------------------
     def _fit(self, X: Any, y: Any, sample_weight: Any = None,
              incremental: bool = False) -> "_BaseMLP":
+        where = self._where("partial_fit" if incremental else "fit")
         hidden = self._hidden_sizes()
+        self._check_layer_params(where)
         first_pass = not hasattr(self, "_net") or (not self.warm_start and not incremental)
         X, y = self._validate_input(X, y, incremental, reset=first_pass,
                                     dtype=self._input_dtype(first_pass))
@@ -284,6 +421,7 @@ class _BaseMLP(BaseEstimator):
             sample_weight = np.ascontiguousarray(sample_weight, dtype=dtype)
         target, n_outputs = self._targets(y, dtype)
         layer_units = [X.shape[1], *hidden, n_outputs]
+        self._check_batch_rows(where, X.shape[0])
         random_state = check_random_state(self.random_state)
 
         if first_pass:
@@ -291,21 +429,11 @@ class _BaseMLP(BaseEstimator):
             state: Dict[str, Any] = {"n_iter_": 0, "t_": 0, "n_outputs_": n_outputs,
                                      "n_layers_": len(layer_units), "_optimizer": None,
                                      "_no_improvement_count": 0}
-            state["_best_params"] = [p.copy() for _, p, _ in net.parameters()]
+            state["_best_params"] = [a.copy() for a in _state_arrays(net)]
             snapshot = None
         else:
             net = self._net
-            expected = [L.in_features for L in net.layers] + [net.out_features]
-            if layer_units != expected:
-                raise ValueError(
-                    f"{self._where('partial_fit' if incremental else 'fit')} the network has "
-                    f"layer sizes {expected}, but hidden_layer_sizes={hidden} and the data ask "
-                    f"for {layer_units}; refit with warm_start=False to start a new network")
-            if _ACTIVATIONS[self.activation] != net.layers[0].activation and len(net) > 1:
-                raise ValueError(
-                    f"{self._where('partial_fit' if incremental else 'fit')} the network was "
-                    f"built with activation={net.layers[0].activation!r}, but activation="
-                    f"{self.activation!r}; refit with warm_start=False to start a new network")
+            self._check_warm_network(where, net, hidden, layer_units)
             state = {k: getattr(self, k) for k in (
                 "n_iter_", "t_", "n_outputs_", "n_layers_", "_optimizer",
                 "_no_improvement_count", "_best_params") if hasattr(self, k)}
@@ -315,8 +443,8 @@ class _BaseMLP(BaseEstimator):
             for k in ("best_loss_", "best_validation_score_"):
                 if hasattr(self, k):
                     state[k] = getattr(self, k)
-            state.setdefault("_best_params", [p.copy() for _, p, _ in net.parameters()])
-            snapshot = [p.copy() for _, p, _ in net.parameters()]
+            state.setdefault("_best_params", [a.copy() for a in _state_arrays(net)])
+            snapshot = ([a.copy() for a in _state_arrays(net)], net.dropout_step)
         if self.solver in _STOCHASTIC_SOLVERS:
             # the records of the stopping rule (kept across warm starts, as scikit-learn
             # does; started when there are none, e.g. after an lbfgs fit)
@@ -330,7 +458,11 @@ class _BaseMLP(BaseEstimator):
                     state["best_loss_"] = np.inf
                 state.update(validation_scores_=None, best_validation_score_=None)
 
+        was_training = net.training
         try:
+            # training mode (Dropout drops, BatchNorm uses the batch's statistics);
+            # predict and the validation scores run in eval mode
+            net._core.training = True
             if self.solver in _STOCHASTIC_SOLVERS:
                 self._fit_stochastic(net, state, X, target, y, sample_weight, incremental,
                                      random_state)
@@ -338,9 +470,13 @@ class _BaseMLP(BaseEstimator):
                 self._fit_lbfgs(net, state, X, target, sample_weight)
         except BaseException:
             if snapshot is not None:
-                for (_, p, _), saved in zip(net.parameters(), snapshot):
-                    np.copyto(p, saved)
+                arrays, dropout_step = snapshot
+                for a, saved in zip(_state_arrays(net), arrays):
+                    np.copyto(a, saved)
+                net._core.dropout_step = dropout_step
             raise
+        finally:
+            net._core.training = was_training
         # Everything succeeded: commit.
         for k, v in state.items():
             setattr(self, k, v)
@@ -365,6 +501,7 @@ class _BaseMLP(BaseEstimator):
         if self.early_stopping:
             X, target, sample_weight, X_val, y_val, w_val = self._validation_split(
                 X, target, y_original, sample_weight, random_state)
+            self._check_batch_rows(where, X.shape[0])
         n = X.shape[0]
         if self.batch_size == "auto":
             batch_size = min(200, n)
@@ -376,8 +513,10 @@ class _BaseMLP(BaseEstimator):
 
         # forward, scikit-learn's objective, backward and the update: one call of the
         # core per minibatch (a non-finite objective updates nothing)
-        step = _step_function(net, self._loss_name(), optimizer,
-                              objective=(*self._loss_scales(net.out_features), float(self.alpha)))
+        objective = (*self._loss_scales(net.out_features), float(self.alpha))
+        step = _step_function(net, self._loss_name(), optimizer, objective=objective)
+        if _has_batch_norm(net):
+            step = self._skip_single_rows(net, step, objective)
 
         def diverged(epoch: int, batch: int, value: float) -> None:
             raise ValueError(
@@ -387,7 +526,7 @@ class _BaseMLP(BaseEstimator):
                 f"learning_rate_init (={self.learning_rate_init}) is too large.")
 
         loop = Loop(X, target, sample_weight, batch_size, step, diverged, mean_over_rows=True)
-        params = [p for _, p, _ in net.parameters()]
+        params = _state_arrays(net)  # early stopping keeps the best weights and buffers
         best_params = state["_best_params"]
         tol = float(self.tol)
         lr_init = float(self.learning_rate_init)
@@ -462,6 +601,28 @@ class _BaseMLP(BaseEstimator):
             for src, p in zip(best_params, params):
                 np.copyto(p, src)
 
+    def _skip_single_rows(self, net: Network, step: Any,
+                          objective: Tuple[float, float, float]) -> Any:
+        """The step for a network with BatchNorm: a minibatch of one row (the last
+        of an epoch when n_samples % batch_size == 1) has no batch variance, so it
+        updates nothing; its loss, measured in eval mode, still counts in the
+        epoch's mean (PyTorch would raise; its DataLoader's drop_last drops it)."""
+        core, loss_name = net._core, self._loss_name()
+        loss_scale, grad_scale, alpha = objective
+
+        def step_or_skip(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
+                         weight: float) -> float:
+            if X.shape[0] > 1:
+                return step(X, y, sample_weight, weight)
+            core.training = False
+            try:  # no optimizer and lr < 0: the loss (and gradients), no update
+                return core.train_step(X, y, loss_name, sample_weight, -1.0, None,
+                                       loss_scale=loss_scale, grad_scale=grad_scale,
+                                       l2=alpha / weight)
+            finally:
+                core.training = True
+        return step_or_skip
+
     def _validation_split(self, X: np.ndarray, target: np.ndarray, y_original: np.ndarray,
                           sample_weight: Optional[np.ndarray],
                           random_state: np.random.RandomState) -> Tuple[Any, ...]:
@@ -493,7 +654,13 @@ class _BaseMLP(BaseEstimator):
     def _fit_lbfgs(self, net: Network, state: Dict[str, Any], X: np.ndarray,
                    target: np.ndarray, sample_weight: Optional[np.ndarray]) -> None:
         """Full-batch L-BFGS-B (SciPy) on scikit-learn's objective; the loss and
-        its gradient come from one forward/backward sweep of the core."""
+        its gradient come from one forward/backward sweep of the core.
+
+        With BatchNorm the objective is that of training mode on the whole
+        dataset (its statistics are the full batch's, so the objective is
+        deterministic); the running statistics, which the line search's trial
+        points would otherwise have moved, are set at the end to the full
+        batch's statistics at the solution."""
         loss_name = self._loss_name()
         loss_scale, grad_scale = self._loss_scales(net.out_features)
         weight_sum = (float(X.shape[0]) if sample_weight is None
@@ -533,6 +700,8 @@ class _BaseMLP(BaseEstimator):
         if not all(np.isfinite(p).all() for p, _ in views):
             raise ValueError("Solver produced non-finite parameter weights. The input data may "
                              "contain large values and need to be preprocessed.")
+        if _has_batch_norm(net):
+            _set_full_batch_statistics(net, X)
         state["n_iter_"] = min(int(result.nit), int(self.max_iter))
         state["loss_"] = float(result.fun)
 
@@ -546,6 +715,7 @@ class _BaseMLP(BaseEstimator):
             state["_net_dtype"] = net.dtype.name
             state["_net_params"] = [p.copy() for _, p, _ in net.parameters()]
             state["_net_buffers"] = [b.copy() for _, b in net.buffers()]
+            state["_net_dropout"] = (net.dropout_seed, net.dropout_step)
             state.pop("coefs_", None)
             state.pop("intercepts_", None)
             state["_optimizer_state"] = (None if optimizer is None
@@ -558,6 +728,7 @@ class _BaseMLP(BaseEstimator):
         dtype = state.pop("_net_dtype", None)
         params = state.pop("_net_params", None)
         buffers = state.pop("_net_buffers", [])
+        dropout = state.pop("_net_dropout", None)
         opt_state = state.pop("_optimizer_state", None)
         super().__setstate__(state)
         if specs is None:
@@ -570,6 +741,8 @@ class _BaseMLP(BaseEstimator):
             p[...] = saved
         for (_, b), saved in zip(net.buffers(), buffers):
             b[...] = saved
+        if dropout is not None:  # the copy draws the masks the original would draw next
+            net._core.dropout_seed, net._core.dropout_step = dropout
         self._net = net
         self._optimizer = None
         if opt_state is not None:
@@ -614,6 +787,10 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         max_fun: maximum loss evaluations of "lbfgs".
         dtype: None (float32 for float32 input, else float64), "float32" or
             "float64": the network's dtype.
+        dropout: in [0, 1): dropout probability after each hidden layer (0: no
+            Dropout layer). Not with solver="lbfgs".
+        batch_norm: normalise each hidden layer's pre-activation with BatchNorm
+            (Dense -> BatchNorm -> Activation).
 
     Attributes:
         classes_: (n_classes,) class labels.
@@ -623,8 +800,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         validation_scores_: validation accuracy per epoch (early_stopping).
         best_validation_score_: best validation accuracy (early_stopping).
         t_: training samples seen.
-        coefs_: weights per layer, (fan_in, fan_out) each: views of the network's
-            storage (write in place to change the model).
+        coefs_: weights per Dense layer, (fan_in, fan_out) each: views of the
+            network's storage (write in place to change the model).
         intercepts_: biases per layer, (fan_out,) each, views as well.
         n_features_in_, feature_names_in_: as every scikit-learn estimator.
         n_iter_: epochs run by the last fit (iterations for lbfgs).
