@@ -117,14 +117,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import optim
 from ._loop import Loop
+from .activations import SKLEARN_NAMES
 from .layers import Activation, BatchNorm, Dense, Dropout, Layer, layer_from_description, walk
 from .network import Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
-#: scikit-learn's activation names (and bprop's) -> bprop's.
-_ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu",
-                "sigmoid": "sigmoid", "leaky_relu": "leaky_relu", "gelu": "gelu"}
+#: scikit-learn's activation names (and bprop's) -> bprop's, from the registry.
+_ACTIVATIONS = SKLEARN_NAMES
 _STOCHASTIC_SOLVERS = ("adam", "sgd", "rmsprop")
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
 

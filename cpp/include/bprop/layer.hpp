@@ -68,7 +68,6 @@ struct BackwardContext {
   bool accumulate = false;  // add to the stored gradients
   T sgd_lr = T(-1);         // >= 0: plain SGD fused into the sweep (no gradient stored)
   T l2 = T(0);              // added as l2 * value to the gradient of parameters that decay
-  bool hold_back = false;   // fused SGD: leave the update to Network (apply_fused_sgd)
   void (*on_ready)(void* network, Layer<T>& layer) = nullptr;
   void* network = nullptr;
   void (*poll)(void* network) = nullptr;  // between products; may throw
