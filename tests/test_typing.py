@@ -186,3 +186,22 @@ def test_core_stub_properties_match_bindings():
                                   for d in f.decorator_list)}
             runtime_props = {k for k, v in vars(cls).items() if isinstance(v, property)}
             assert stub_props == runtime_props, node.name
+
+
+def test_readme_layers_example_runs_and_passes_mypy(tmp_path):
+    # the "## Layers" block as a user would paste it after `import bprop`
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## Layers\s*$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, "README.md has no '## Layers' section"
+    block = re.findall(r"^```python\n(.*?)^```", match.group(1), re.M | re.S)[0]
+    code = "import bprop\n" + block
+    namespace: dict = {}
+    exec(compile(code, "README-layers", "exec"), namespace)  # noqa: S102 - our own README
+    net = namespace["net"]
+    assert not net.training and len(net) == 7
+    assert [name for name, _ in net.buffers()] == ["layers.1.running_mean", "layers.1.running_var"]
+    pytest.importorskip("mypy")
+    (tmp_path / "layers_example.py").write_text(code, encoding="utf-8")
+    result = _run(["-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+                   "layers_example.py"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -368,7 +368,15 @@ class Local:
 
     def start(self, net: Network, optimizer: Optimizer, rng: np.random.Generator, train,
               valid, **settings) -> None:
-        """Called once the arguments are checked, before the network changes."""
+        """Called once the arguments are checked, before the network changes; the
+        last checks that depend on the strategy (DataParallel: each rank's share)."""
+        n, batch_size = len(train), settings["batch_size"]
+        if (min(batch_size, n) == 1 or n % batch_size == 1) and any(
+                isinstance(layer, BatchNorm) for _, _, layer in walk(net.layers)):
+            # found before the first step, not by the step that meets the minibatch
+            raise ValueError(f"[fit] {n} training samples in minibatches of {batch_size} make "
+                             "a minibatch of one row, on which BatchNorm cannot train (the "
+                             "variance of one row is 0); choose another batch_size")
 
     def step_function(self, net: Network, optimizer: Optimizer, kernel: Callable,
                       name: Optional[str]) -> Callable:
@@ -623,14 +631,6 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
                                  " has only zero sample weights")
-
-    n = len(train)
-    if (min(batch_size, n) == 1 or n % batch_size == 1) and any(
-            isinstance(layer, BatchNorm) for _, _, layer in walk(net.layers)):
-        # found before the first step, not by the step that meets the minibatch
-        raise ValueError(f"[{where}] {n} training samples in minibatches of {batch_size} make "
-                         "a minibatch of one row, on which BatchNorm cannot train (the variance "
-                         "of one row is 0); choose another batch_size")
 
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).
