@@ -53,6 +53,8 @@ _GELU_OPSET = 20
 # The first opset with a LayerNormalization operator; below it LayerNorm is built from
 # ReduceMean, Sub, Mul, Add, Sqrt and Reciprocal.
 _LAYER_NORM_OPSET = 17
+# The first opset in which ReduceMean takes its axes as an input, not an attribute.
+_REDUCE_AXES_INPUT_OPSET = 18
 # A ModelProto is one protobuf message, which cannot exceed 2 GiB; keep headroom for
 # the graph itself.
 _MAX_ONNX_PARAMETER_BYTES = 2**31 - 2**24
@@ -90,11 +92,11 @@ class _OnnxGraph:
         self.nodes.append(self.helper.make_node(op, list(inputs), [output], name=name, **attrs))
         return output
 
-    def tensor(self, name: str, value) -> str:
+    def tensor(self, name: str, value, dtype=None) -> str:
         """An initializer holding a copy of `value` (so the model does not alias the
-        network's storage), in the network's dtype."""
-        self.initializers.append(self.numpy_helper.from_array(np.array(value, dtype=self.dtype),
-                                                              name=name))
+        network's storage), in the network's dtype unless `dtype` is given."""
+        array = np.array(value, dtype=self.dtype if dtype is None else dtype)
+        self.initializers.append(self.numpy_helper.from_array(array, name=name))
         return name
 
 
@@ -229,30 +231,47 @@ def _onnx_batch_norm(g: _OnnxGraph, layer: BatchNorm, name: str, a: str) -> str:
     else:
         scale = g.tensor(f"{name}.ones", np.ones(layer.features))
         shift = g.tensor(f"{name}.zeros", np.zeros(layer.features))
-    inputs = [a, scale, shift, g.tensor(f"{name}.running_mean", layer.running_mean),
-              g.tensor(f"{name}.running_var", layer.running_var)]
-    return g.node("BatchNormalization", inputs, f"{name}.output", f"{name}.batch_norm",
-                  epsilon=layer.eps)
+    mean = g.tensor(f"{name}.running_mean", layer.running_mean)
+    if g.dtype == np.float32:
+        # the epsilon attribute is a 32-bit float, as the float32 core's eps
+        var = g.tensor(f"{name}.running_var", layer.running_var)
+        eps = layer.eps
+    else:
+        # float64: the attribute would round eps to 32 bits (1e-4 moves by 2.5e-12), so
+        # the variance input is running_var + eps, added in float64 as the core adds it,
+        # and epsilon is 0
+        var = g.tensor(f"{name}.running_var_eps", layer.running_var + np.float64(layer.eps))
+        eps = 0.0
+    return g.node("BatchNormalization", [a, scale, shift, mean, var], f"{name}.output",
+                  f"{name}.batch_norm", epsilon=eps)
 
 
 def _onnx_layer_norm(g: _OnnxGraph, layer: LayerNorm, name: str, a: str) -> str:
     out = f"{name}.output"
     affine = layer.elementwise_affine
-    if g.opset >= _LAYER_NORM_OPSET:
+    # float64 is spelled out at every opset: LayerNormalization's epsilon attribute is a
+    # 32-bit float, which would round eps (and move a row of small variance by ~1e-10).
+    if g.opset >= _LAYER_NORM_OPSET and g.dtype == np.float32:
         scale = (g.tensor(f"{name}.weight", layer.weight) if affine else
                  g.tensor(f"{name}.ones", np.ones(layer.features)))
         inputs = [a, scale] + ([g.tensor(f"{name}.bias", layer.bias)] if affine else [])
         return g.node("LayerNormalization", inputs, out, f"{name}.layer_norm", axis=-1,
                       epsilon=layer.eps)
-    # Below opset 17, the core's arithmetic: per row, xhat = (a - mean) * invstd with
+    # The core's arithmetic: per row, xhat = (a - mean) * invstd with
     # invstd = 1 / sqrt(var + eps), var the biased variance; then xhat * weight + bias.
-    # (ReduceMean takes its axes as an attribute up to opset 17.)
     p = f"{name}.layer_norm"
     xhat = out if not affine else f"{p}.xhat"
-    g.node("ReduceMean", [a], f"{p}.mean", f"{p}.mean", axes=[-1], keepdims=1)
-    g.node("Sub", [a, f"{p}.mean"], f"{p}.centered", f"{p}.center")
-    g.node("Mul", [f"{p}.centered", f"{p}.centered"], f"{p}.squared", f"{p}.square")
-    g.node("ReduceMean", [f"{p}.squared"], f"{p}.var", f"{p}.var", axes=[-1], keepdims=1)
+    if g.opset >= _REDUCE_AXES_INPUT_OPSET:
+        axes = g.tensor(f"{p}.axes", [-1], dtype=np.int64)
+        g.node("ReduceMean", [a, axes], f"{p}.mean", f"{p}.mean", keepdims=1)
+        g.node("Sub", [a, f"{p}.mean"], f"{p}.centered", f"{p}.center")
+        g.node("Mul", [f"{p}.centered", f"{p}.centered"], f"{p}.squared", f"{p}.square")
+        g.node("ReduceMean", [f"{p}.squared", axes], f"{p}.var", f"{p}.var", keepdims=1)
+    else:
+        g.node("ReduceMean", [a], f"{p}.mean", f"{p}.mean", axes=[-1], keepdims=1)
+        g.node("Sub", [a, f"{p}.mean"], f"{p}.centered", f"{p}.center")
+        g.node("Mul", [f"{p}.centered", f"{p}.centered"], f"{p}.squared", f"{p}.square")
+        g.node("ReduceMean", [f"{p}.squared"], f"{p}.var", f"{p}.var", axes=[-1], keepdims=1)
     g.node("Add", [f"{p}.var", g.tensor(f"{name}.eps", layer.eps)], f"{p}.var_eps",
            f"{p}.add_eps")
     g.node("Sqrt", [f"{p}.var_eps"], f"{p}.std", f"{p}.sqrt")
@@ -349,8 +368,10 @@ def to_onnx(net: Network, path: Union[str, "os.PathLike[str]"], *, opset: int = 
     * Residual: its layers' nodes, then Add(x, f(x)).
 
     The ``epsilon`` attribute of BatchNormalization and LayerNormalization is a 32-bit
-    float, so in a float64 graph eps is rounded to float32 (1e-5 moves by 2.5e-14; the
-    output by about that relative to the variance). The batch dimension is symbolic
+    float, exact for a float32 network. A float64 graph keeps eps in float64 instead:
+    BatchNormalization gets ``running_var + eps`` (initializer "<layer>.running_var_eps",
+    added in float64 as the core adds it) with epsilon 0, and LayerNorm is spelled out
+    at every opset. The batch dimension is symbolic
     ("batch"). The model passes ``onnx.checker.check_model`` before it is written; the
     file is replaced atomically (a temporary file in the same folder, then
     ``os.replace``), so a failed export leaves any existing file intact.
