@@ -255,15 +255,15 @@ def test_from_torch_reads_every_module_kind(torch):
         "BatchNorm(12, momentum=0.3, eps=1e-05, affine=True)",
         "Activation('leaky_relu', negative_slope=0.07)",
         "Dropout(p=0.3)",
-        "Residual(\n  (0): Dense(12, 12, activation='identity', bias=False)\n"
-        "  (1): LayerNorm(12, eps=0.001, elementwise_affine=True)\n"
-        "  (2): Activation('tanh')\n  (3): Dense(12, 12, activation='sigmoid')\n)",
+        ("Residual(\n  (0): Dense(12, 12, activation='identity', bias=False)\n"
+         "  (1): LayerNorm(12, eps=0.001, elementwise_affine=True)\n"
+         "  (2): Activation('tanh')\n  (3): Dense(12, 12, activation='sigmoid')\n)"),
         "LayerNorm(12, eps=1e-05, elementwise_affine=True)",
         "Activation('relu')",
         "Dense(12, 9, activation='identity')",
         "Dropout(p=0.3)",
-        "Residual(\n  (0): BatchNorm(9, momentum=0.1, eps=1e-05, affine=False)\n"
-        "  (1): Dense(9, 9, activation='relu')\n)",
+        ("Residual(\n  (0): BatchNorm(9, momentum=0.1, eps=1e-05, affine=False)\n"
+         "  (1): Dense(9, 9, activation='relu')\n)"),
         "Dense(9, 5, activation='softmax')",
     ]
     assert not net.training
@@ -450,6 +450,23 @@ def test_onnx_without_affine_and_at_the_ends(onnx, ort, tmp_path):
                                        **(TOL64 if dtype == "float64" else TOL32))
 
 
+def test_onnx_float64_keeps_eps_in_float64(onnx, ort, tmp_path):
+    # Guards against the 32-bit epsilon attribute of BatchNormalization and
+    # LayerNormalization: eps = 1e-4 rounded to float32 moves by 2.5e-12, which over a
+    # variance of 1e-3 moved float64 outputs by ~1e-9 relative.
+    net = bprop.Network([bprop.BatchNorm(6, eps=1e-4), bprop.LayerNorm(6, eps=1e-5),
+                         bprop.Dense(6, 3)], dtype="float64", seed=0).eval()
+    net[0].running_var = np.full(6, 1e-3)
+    net[0].running_mean = np.linspace(-1, 1, 6)
+    X = 1e-2 * np.random.default_rng(0).standard_normal((40, 6))  # rows of small variance
+    for opset in (13, 17, 20):
+        path = tmp_path / f"net{opset}.onnx"
+        interop.to_onnx(net, path, opset=opset)
+        expected = net.predict(X)
+        np.testing.assert_allclose(run_ort(ort, path, X), expected, rtol=1e-12,
+                                   atol=1e-12 * np.abs(expected).max())
+
+
 def test_onnx_size_limit_counts_buffers(onnx, tmp_path, monkeypatch):
     net = bprop.Network([bprop.BatchNorm(4, affine=False)], dtype="float64")  # 0 parameters
     monkeypatch.setattr(interop, "_MAX_ONNX_PARAMETER_BYTES", 63)
@@ -498,17 +515,48 @@ def test_from_torch_refuses_what_bprop_cannot_hold(torch):
         ([nn.Linear(3, 4), Res(nn.Sequential(nn.Identity()))], ValueError,
          r"module 1 \(TorchResidual\) has a body without layers"),
         ([nn.Linear(3, 4), nn.ReLU(), nn.LayerNorm(5)], ValueError,
-         r"module 2 \(LayerNorm\) expects 5 input features, but module 0 \(Linear\) "
-         r"produces 4"),
+         (r"module 2 \(LayerNorm\) expects 5 input features, but module 0 \(Linear\) "
+          r"produces 4")),
         ([nn.Linear(3, 4), nn.BatchNorm1d(6)], ValueError,
-         r"module 1 \(BatchNorm1d\) expects 6 input features, but module 0 \(Linear\) "
-         r"produces 4"),
+         (r"module 1 \(BatchNorm1d\) expects 6 input features, but module 0 \(Linear\) "
+          r"produces 4")),
         ([nn.Linear(3, 4), Res(nn.Sequential(nn.Linear(4, 4))), nn.Linear(5, 2)], ValueError,
          r"module 2 \(Linear\) expects 5 input features, but module 0 \(Linear\) produces 4"),
     ]
     for modules, error, message in cases:
         with pytest.raises(error, match=r"\[from_torch\] " + message):
             interop.from_torch(nn.Sequential(*modules))
+
+
+def test_from_torch_names_modules_by_their_path(torch):
+    from collections import OrderedDict
+
+    nn = torch.nn
+    model = nn.Sequential(OrderedDict(
+        stem=nn.Sequential(OrderedDict(fc=nn.Linear(3, 4), act=nn.ReLU())),
+        block=interop.TorchResidual(nn.Sequential(OrderedDict(norm=nn.GroupNorm(2, 4)))),
+    ))
+    with pytest.raises(ValueError, match=r"\[from_torch\] module block.body.norm \(GroupNorm\) "
+                                         r"is not supported"):
+        interop.from_torch(model)
+    model.block.body.norm = nn.BatchNorm1d(4, track_running_stats=False)
+    with pytest.raises(ValueError, match=r"module block.body.norm \(BatchNorm1d\) has "
+                                         r"track_running_stats=False"):
+        interop.from_torch(model)
+    model.block.body.norm = nn.LayerNorm(4)
+    net = interop.from_torch(model)  # the path is what get_submodule takes
+    assert model.get_submodule("block.body.norm") is model.block.body.norm
+    assert [layer.kind for layer in net.layers] == ["Dense", "Residual"]
+
+
+def test_network_methods_delegate_to_interop(torch, onnx, ort, tmp_path):
+    net = trained(every_layer(), "float64")
+    module = net.to_torch()
+    back = bprop.Network.from_torch(module, dtype="float32")
+    assert back.dtype == np.float32 and descriptions(back) == descriptions(net)
+    net.to_onnx(tmp_path / "net.onnx", opset=16)
+    X = inputs(net, 12)
+    np.testing.assert_allclose(run_ort(ort, tmp_path / "net.onnx", X), net.predict(X), **TOL64)
 
 
 def test_from_torch_refuses_mixed_modes(torch):

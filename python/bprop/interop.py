@@ -304,7 +304,7 @@ def _onnx_layers(g: _OnnxGraph, layers: Sequence[Layer], prefix: str, a: str) ->
             body = _onnx_layers(g, layer.layers, f"{name}.layers", a)
             a = g.node("Add", [a, body], f"{name}.output", f"{name}.add")  # y = x + f(x)
         else:  # pragma: no cover - every layer kind above is handled
-            raise ValueError(f"[to_onnx] {name} is a {layer.kind}, which has no ONNX export")
+            raise TypeError(f"[to_onnx] {name} is a {layer.kind}, which has no ONNX export")
     return a
 
 
@@ -465,7 +465,8 @@ def _torch_dtype(torch, dtype: np.dtype):
     return torch.float32 if dtype == np.float32 else torch.float64
 
 
-def _copy_into(torch, target, value: np.ndarray) -> None:
+def _copy_into(torch, target, value: Any) -> None:
+    """target[...] = value, a torch tensor (or view) from a NumPy array of its dtype."""
     with torch.no_grad():
         target.copy_(torch.from_numpy(np.ascontiguousarray(value)))
 
@@ -478,7 +479,7 @@ def _torch_modules(torch, layers: Sequence[Layer], dtype) -> list:
             # skip_init: no random initialisation, which would advance torch's global RNG
             linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
                                         bias=layer.has_bias, dtype=dtype)
-            _copy_into(torch, linear.weight, layer.weight.T)
+            _copy_into(torch, linear.weight.T, layer.weight)  # W is weight transposed
             if layer.has_bias:
                 _copy_into(torch, linear.bias, layer.bias)
             modules.append(linear)
@@ -509,7 +510,7 @@ def _torch_modules(torch, layers: Sequence[Layer], dtype) -> list:
             body = nn.Sequential(*_torch_modules(torch, layer.layers, dtype))
             modules.append(_torch_residual(torch)(body))
         else:  # pragma: no cover - every layer kind above is handled
-            raise ValueError(f"[to_torch] a {layer.kind} layer has no torch module")
+            raise TypeError(f"[to_torch] a {layer.kind} layer has no torch module")
     return modules
 
 
