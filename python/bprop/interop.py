@@ -3,6 +3,22 @@
 Both ``onnx`` and ``torch`` are optional and imported only when a function here
 needs them; a missing package raises an ImportError that says what to install.
 
+Every layer kind maps both ways:
+
+=================  ==========================================  ===========================
+bprop              torch.nn                                     ONNX (eval mode)
+=================  ==========================================  ===========================
+Dense              Linear (+ the activation's module)           Gemm (+ the activation)
+Activation         ReLU, LeakyReLU, Sigmoid, Tanh, GELU,        Relu, LeakyRelu, ...
+                   Softmax, Identity
+Dropout            Dropout                                      nothing (eval: identity)
+BatchNorm          BatchNorm1d                                  BatchNormalization
+LayerNorm          LayerNorm(features)                          LayerNormalization
+                                                                (opset >= 17; decomposed
+                                                                below)
+Residual           TorchResidual(body=Sequential)               the body, then Add
+=================  ==========================================  ===========================
+
 Weight layout: bprop stores W as (in_features, out_features) and computes
 z = a W + b, so ONNX's Gemm takes W as its B input unchanged, while
 ``torch.nn.Linear.weight`` (out_features, in_features) is W transposed.
@@ -13,13 +29,16 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence,
+                    Tuple, Union)
 
 import numpy as np
 
 from . import _core
-from ._validation import check_dtype, check_int, check_path, type_name
-from .network import _DELEGATES, Dense, Network
+from ._validation import check_dtype, check_float, check_int, check_path, type_name
+from .layers import (Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm, Residual,
+                     layer_from_description, walk)
+from .network import _DELEGATES, Network
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -31,6 +50,11 @@ __all__ = ["to_onnx", "from_torch", "to_torch"]
 MIN_OPSET = 13
 # The first opset with a Gelu operator; below it GELU is built from Erf.
 _GELU_OPSET = 20
+# The first opset with a LayerNormalization operator; below it LayerNorm is built from
+# ReduceMean, Sub, Mul, Add, Sqrt and Reciprocal.
+_LAYER_NORM_OPSET = 17
+# The first opset in which ReduceMean takes its axes as an input, not an attribute.
+_REDUCE_AXES_INPUT_OPSET = 18
 # A ModelProto is one protobuf message, which cannot exceed 2 GiB; keep headroom for
 # the graph itself.
 _MAX_ONNX_PARAMETER_BYTES = 2**31 - 2**24
@@ -50,6 +74,108 @@ def _require(package: str, where: str):
             f"[{where}] needs the optional package '{package}', which is not installed; "
             f"install it with `pip install {package}` (the bprop[{package}] extra)"
         ) from exc
+
+
+# ---- the activation table -----------------------------------------------------------
+
+
+class _OnnxGraph:
+    """The nodes and initializers of the graph being built, in the network's dtype."""
+
+    def __init__(self, onnx, dtype: np.dtype, opset: int) -> None:
+        self.helper, self.numpy_helper = onnx.helper, onnx.numpy_helper
+        self.dtype, self.opset = dtype, opset
+        self.nodes: list = []
+        self.initializers: list = []
+
+    def node(self, op: str, inputs: Sequence[str], output: str, name: str, **attrs) -> str:
+        self.nodes.append(self.helper.make_node(op, list(inputs), [output], name=name, **attrs))
+        return output
+
+    def tensor(self, name: str, value, dtype=None) -> str:
+        """An initializer holding a copy of `value` (so the model does not alias the
+        network's storage), in the network's dtype unless `dtype` is given."""
+        array = np.array(value, dtype=self.dtype if dtype is None else dtype)
+        self.initializers.append(self.numpy_helper.from_array(array, name=name))
+        return name
+
+
+def _onnx_op(op: str, **attrs) -> Callable[[_OnnxGraph, str, str, str, float], None]:
+    """out = op(z), one node named `p`."""
+    def emit(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
+        g.node(op, [z], out, p, **attrs)
+    return emit
+
+
+def _onnx_leaky_relu(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
+    if g.dtype == np.float32:
+        # LeakyRelu's alpha attribute is a 32-bit float, as the float32 core's slope
+        g.node("LeakyRelu", [z], out, p, alpha=slope)
+        return
+    # float64: a float attribute would round the slope to 32 bits (and onnxruntime has
+    # no double LeakyRelu kernel), so spell out the core's select(z > 0, z, slope * z)
+    # with the slope as a float64 constant.
+    g.node("Greater", [z, g.tensor(f"{p}.zero", 0.0)], f"{p}.positive", f"{p}.greater")
+    g.node("Mul", [z, g.tensor(f"{p}.negative_slope", slope)], f"{p}.scaled", f"{p}.scale")
+    g.node("Where", [f"{p}.positive", z, f"{p}.scaled"], out, f"{p}.where")
+
+
+def _onnx_gelu(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
+    if g.opset >= _GELU_OPSET:
+        g.node("Gelu", [z], out, p, approximate="none")
+        return
+    # exact GELU z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2))), in the core's order:
+    # (0.5 * z) * (1 + erf(z * (1/sqrt(2))))
+    g.node("Mul", [z, g.tensor(f"{p}.inv_sqrt2", 1.0 / math.sqrt(2.0))], f"{p}.scaled",
+           f"{p}.scale")
+    g.node("Erf", [f"{p}.scaled"], f"{p}.erf", f"{p}.erf")
+    g.node("Add", [f"{p}.erf", g.tensor(f"{p}.one", 1.0)], f"{p}.one_plus_erf",
+           f"{p}.add_one")
+    g.node("Mul", [g.tensor(f"{p}.half", 0.5), z], f"{p}.half_z", f"{p}.halve")
+    g.node("Mul", [f"{p}.half_z", f"{p}.one_plus_erf"], out, f"{p}.product")
+
+
+def _plain(module, where: str) -> float:
+    """negative_slope for a module with nothing to check or carry."""
+    return 0.01
+
+
+def _gelu_from_torch(module, where: str) -> float:
+    if module.approximate != "none":
+        raise ValueError(f"{where} uses approximate={module.approximate!r}; bprop's gelu "
+                         "is the exact erf form, GELU(approximate='none')")
+    return 0.01
+
+
+def _softmax_from_torch(module, where: str) -> float:
+    if module.dim not in (-1, 1):
+        raise ValueError(f"{where} has dim={module.dim!r}; bprop's softmax runs over the "
+                         "features of each sample, Softmax(dim=-1) or Softmax(dim=1)")
+    return 0.01
+
+
+class _ActivationRow(NamedTuple):
+    torch: str                                 # the torch.nn class, matched exactly
+    to_torch: Callable[[Any, float], Any]      # (torch.nn, negative_slope) -> module
+    from_torch: Callable[[Any, str], float]    # (module, where) -> negative_slope; raises
+    #                                            for a configuration bprop cannot match
+    onnx: Optional[Callable[[_OnnxGraph, str, str, str, float], None]]  # None: no node
+
+
+# One row per activation: its PyTorch module and its ONNX nodes.
+_ACTIVATION_TABLE: Dict[str, _ActivationRow] = {
+    "identity": _ActivationRow("Identity", lambda nn, s: nn.Identity(), _plain, None),
+    "sigmoid": _ActivationRow("Sigmoid", lambda nn, s: nn.Sigmoid(), _plain,
+                              _onnx_op("Sigmoid")),
+    "tanh": _ActivationRow("Tanh", lambda nn, s: nn.Tanh(), _plain, _onnx_op("Tanh")),
+    "relu": _ActivationRow("ReLU", lambda nn, s: nn.ReLU(), _plain, _onnx_op("Relu")),
+    "leaky_relu": _ActivationRow("LeakyReLU", lambda nn, s: nn.LeakyReLU(s),
+                                 lambda m, where: float(m.negative_slope), _onnx_leaky_relu),
+    "gelu": _ActivationRow("GELU", lambda nn, s: nn.GELU(), _gelu_from_torch, _onnx_gelu),
+    # row-wise over the features, as the core does (batch, out_features)
+    "softmax": _ActivationRow("Softmax", lambda nn, s: nn.Softmax(dim=-1), _softmax_from_torch,
+                              _onnx_op("Softmax", axis=-1)),
+}
 
 
 # ---- ONNX -------------------------------------------------------------------------
@@ -77,103 +203,136 @@ def _check_path(where: str, path: object) -> str:
     return path
 
 
-def _activation_nodes(onnx, layer: Dense, index: int, z: str, out: str, dtype: np.dtype,
-                      opset: int) -> Tuple[list, list]:
-    """Nodes computing out = activation(z) for one layer, and the constants they use."""
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
-    prefix = f"layers.{index}"
-    act = layer.activation
-    if act == "sigmoid":
-        return [helper.make_node("Sigmoid", [z], [out], name=f"{prefix}.sigmoid")], []
-    if act == "tanh":
-        return [helper.make_node("Tanh", [z], [out], name=f"{prefix}.tanh")], []
-    if act == "relu":
-        return [helper.make_node("Relu", [z], [out], name=f"{prefix}.relu")], []
-    if act == "leaky_relu":
-        if dtype == np.float32:
-            # LeakyRelu's alpha attribute is a 32-bit float, as the float32 core's slope
-            return [helper.make_node("LeakyRelu", [z], [out], name=f"{prefix}.leaky_relu",
-                                     alpha=layer.negative_slope)], []
-        # float64: a float attribute would round the slope to 32 bits (and onnxruntime
-        # has no double LeakyRelu kernel), so spell out the core's select(z > 0, z, slope * z)
-        # with the slope as a float64 constant.
-        p = f"{prefix}.leaky_relu"
-        consts = [numpy_helper.from_array(np.array(v, dtype=dtype), name=f"{p}.{n}")
-                  for n, v in (("negative_slope", layer.negative_slope), ("zero", 0.0))]
-        nodes = [
-            helper.make_node("Greater", [z, f"{p}.zero"], [f"{p}.positive"],
-                             name=f"{p}.greater"),
-            helper.make_node("Mul", [z, f"{p}.negative_slope"], [f"{p}.scaled"],
-                             name=f"{p}.scale"),
-            helper.make_node("Where", [f"{p}.positive", z, f"{p}.scaled"], [out],
-                             name=f"{p}.where"),
-        ]
-        return nodes, consts
-    if act == "softmax":
-        # row-wise over the features, as the core does (batch, out_features)
-        return [helper.make_node("Softmax", [z], [out], name=f"{prefix}.softmax",
-                                 axis=-1)], []
-    if act == "gelu":
-        if opset >= _GELU_OPSET:
-            return [helper.make_node("Gelu", [z], [out], name=f"{prefix}.gelu",
-                                     approximate="none")], []
-        # exact GELU z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2))), in the core's order:
-        # (0.5 * z) * (1 + erf(z * (1/sqrt(2))))
-        p = f"{prefix}.gelu"
-        consts = [numpy_helper.from_array(np.array(v, dtype=dtype), name=f"{p}.{n}")
-                  for n, v in (("inv_sqrt2", 1.0 / math.sqrt(2.0)), ("one", 1.0),
-                               ("half", 0.5))]
-        nodes = [
-            helper.make_node("Mul", [z, f"{p}.inv_sqrt2"], [f"{p}.scaled"], name=f"{p}.scale"),
-            helper.make_node("Erf", [f"{p}.scaled"], [f"{p}.erf"], name=f"{p}.erf"),
-            helper.make_node("Add", [f"{p}.erf", f"{p}.one"], [f"{p}.one_plus_erf"],
-                             name=f"{p}.add_one"),
-            helper.make_node("Mul", [f"{p}.half", z], [f"{p}.half_z"], name=f"{p}.halve"),
-            helper.make_node("Mul", [f"{p}.half_z", f"{p}.one_plus_erf"], [out],
-                             name=f"{p}.product"),
-        ]
-        return nodes, consts
-    raise ValueError(f"[to_onnx] layer {index} has activation {act!r}, which has no ONNX "
-                     "export")  # pragma: no cover - every activation above is handled
+def _onnx_activation(g: _OnnxGraph, name: str, activation: str, slope: float, z: str) -> str:
+    """out = activation(z) for the layer called `name`; identity adds nothing."""
+    emit = _ACTIVATION_TABLE[activation].onnx
+    if emit is None:
+        return z
+    out = f"{name}.output"
+    emit(g, f"{name}.{activation}", z, out, slope)
+    return out
+
+
+def _onnx_dense(g: _OnnxGraph, layer: Dense, name: str, a: str) -> str:
+    # z = a W (+ b): Gemm's Y = A B (+ C) with B = W (in_features, out_features)
+    inputs = [a, g.tensor(f"{name}.weight", layer.weight)]
+    if layer.has_bias:
+        inputs.append(g.tensor(f"{name}.bias", layer.bias))
+    z = f"{name}.output" if layer.activation == "identity" else f"{name}.z"
+    g.node("Gemm", inputs, z, f"{name}.gemm")
+    return _onnx_activation(g, name, layer.activation, layer.negative_slope, z)
+
+
+def _onnx_batch_norm(g: _OnnxGraph, layer: BatchNorm, name: str, a: str) -> str:
+    # eval mode: (a - running_mean) / sqrt(running_var + eps) * weight + bias
+    if layer.affine:
+        scale, shift = g.tensor(f"{name}.weight", layer.weight), g.tensor(f"{name}.bias",
+                                                                          layer.bias)
+    else:
+        scale = g.tensor(f"{name}.ones", np.ones(layer.features))
+        shift = g.tensor(f"{name}.zeros", np.zeros(layer.features))
+    mean = g.tensor(f"{name}.running_mean", layer.running_mean)
+    if g.dtype == np.float32:
+        # the epsilon attribute is a 32-bit float, as the float32 core's eps
+        var = g.tensor(f"{name}.running_var", layer.running_var)
+        eps = layer.eps
+    else:
+        # float64: the attribute would round eps to 32 bits (1e-4 moves by 2.5e-12), so
+        # the variance input is running_var + eps, added in float64 as the core adds it,
+        # and epsilon is 0
+        var = g.tensor(f"{name}.running_var_eps", layer.running_var + np.float64(layer.eps))
+        eps = 0.0
+    return g.node("BatchNormalization", [a, scale, shift, mean, var], f"{name}.output",
+                  f"{name}.batch_norm", epsilon=eps)
+
+
+def _onnx_layer_norm(g: _OnnxGraph, layer: LayerNorm, name: str, a: str) -> str:
+    out = f"{name}.output"
+    affine = layer.elementwise_affine
+    # float64 is spelled out at every opset: LayerNormalization's epsilon attribute is a
+    # 32-bit float, which would round eps (and move a row of small variance by ~1e-10).
+    if g.opset >= _LAYER_NORM_OPSET and g.dtype == np.float32:
+        scale = (g.tensor(f"{name}.weight", layer.weight) if affine else
+                 g.tensor(f"{name}.ones", np.ones(layer.features)))
+        inputs = [a, scale] + ([g.tensor(f"{name}.bias", layer.bias)] if affine else [])
+        return g.node("LayerNormalization", inputs, out, f"{name}.layer_norm", axis=-1,
+                      epsilon=layer.eps)
+    # The core's arithmetic: per row, xhat = (a - mean) * invstd with
+    # invstd = 1 / sqrt(var + eps), var the biased variance; then xhat * weight + bias.
+    p = f"{name}.layer_norm"
+    xhat = out if not affine else f"{p}.xhat"
+    if g.opset >= _REDUCE_AXES_INPUT_OPSET:
+        axes = g.tensor(f"{p}.axes", [-1], dtype=np.int64)
+        g.node("ReduceMean", [a, axes], f"{p}.mean", f"{p}.mean", keepdims=1)
+        g.node("Sub", [a, f"{p}.mean"], f"{p}.centered", f"{p}.center")
+        g.node("Mul", [f"{p}.centered", f"{p}.centered"], f"{p}.squared", f"{p}.square")
+        g.node("ReduceMean", [f"{p}.squared", axes], f"{p}.var", f"{p}.var", keepdims=1)
+    else:
+        g.node("ReduceMean", [a], f"{p}.mean", f"{p}.mean", axes=[-1], keepdims=1)
+        g.node("Sub", [a, f"{p}.mean"], f"{p}.centered", f"{p}.center")
+        g.node("Mul", [f"{p}.centered", f"{p}.centered"], f"{p}.squared", f"{p}.square")
+        g.node("ReduceMean", [f"{p}.squared"], f"{p}.var", f"{p}.var", axes=[-1], keepdims=1)
+    g.node("Add", [f"{p}.var", g.tensor(f"{name}.eps", layer.eps)], f"{p}.var_eps",
+           f"{p}.add_eps")
+    g.node("Sqrt", [f"{p}.var_eps"], f"{p}.std", f"{p}.sqrt")
+    g.node("Reciprocal", [f"{p}.std"], f"{p}.invstd", f"{p}.invstd")
+    g.node("Mul", [f"{p}.centered", f"{p}.invstd"], xhat, f"{p}.normalize")
+    if affine:
+        g.node("Mul", [xhat, g.tensor(f"{name}.weight", layer.weight)], f"{p}.scaled",
+               f"{p}.scale")
+        g.node("Add", [f"{p}.scaled", g.tensor(f"{name}.bias", layer.bias)], out,
+               f"{p}.shift")
+    return out
+
+
+def _onnx_layers(g: _OnnxGraph, layers: Sequence[Layer], prefix: str, a: str) -> str:
+    """Emits `layers` (named prefix.0, prefix.1, ...) on input `a`; returns the name of
+    their output tensor (`a` itself if every layer is the identity in eval mode)."""
+    for i, layer in enumerate(layers):
+        name = f"{prefix}.{i}"
+        if isinstance(layer, Dense):
+            a = _onnx_dense(g, layer, name, a)
+        elif isinstance(layer, Activation):
+            a = _onnx_activation(g, name, layer.activation, layer.negative_slope, a)
+        elif isinstance(layer, Dropout):
+            pass  # eval mode: the identity, left out of the graph
+        elif isinstance(layer, BatchNorm):
+            a = _onnx_batch_norm(g, layer, name, a)
+        elif isinstance(layer, LayerNorm):
+            a = _onnx_layer_norm(g, layer, name, a)
+        elif isinstance(layer, Residual):
+            body = _onnx_layers(g, layer.layers, f"{name}.layers", a)
+            a = g.node("Add", [a, body], f"{name}.output", f"{name}.add")  # y = x + f(x)
+        else:  # pragma: no cover - every layer kind above is handled
+            raise TypeError(f"[to_onnx] {name} is a {layer.kind}, which has no ONNX export")
+    return a
 
 
 def _build_onnx_model(net: Network, opset: int, input_name: str, output_name: str):
     onnx = _require("onnx", "to_onnx")
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    helper = onnx.helper
     dtype = net.dtype
     elem_type = helper.np_dtype_to_tensor_dtype(dtype)
-    nodes: list = []
-    initializers: list = []
-    a = input_name
-    last = len(net) - 1
-    for i, layer in enumerate(net):
-        prefix = f"layers.{i}"
-        out = output_name if i == last else f"{prefix}.output"
-        z = out if layer.activation == "identity" else f"{prefix}.z"
-        # copies of the parameters, so the model does not alias the network's storage
-        initializers.append(numpy_helper.from_array(np.array(layer.weight, dtype=dtype),
-                                                    name=f"{prefix}.weight"))
-        initializers.append(numpy_helper.from_array(np.array(layer.bias, dtype=dtype),
-                                                    name=f"{prefix}.bias"))
-        # z = a W + b: Gemm's Y = A B + C with B = W (in_features, out_features)
-        nodes.append(helper.make_node("Gemm", [a, f"{prefix}.weight", f"{prefix}.bias"], [z],
-                                      name=f"{prefix}.gemm"))
-        if layer.activation != "identity":
-            act_nodes, consts = _activation_nodes(onnx, layer, i, z, out, dtype, opset)
-            nodes += act_nodes
-            initializers += consts
-        a = out
-    produced = [o for node in nodes for o in node.output]
-    internal = {t.name for t in initializers} | set(produced[:-1])  # the last is the output
+    g = _OnnxGraph(onnx, dtype, opset)
+    result = _onnx_layers(g, net.layers, "layers", input_name)
+    if result == input_name:  # pragma: no cover - a network always has a layer with nodes
+        result = g.node("Identity", [input_name], "layers.output", "layers.identity")
+    internal = {t.name for t in g.initializers} | {o for n in g.nodes for o in n.output}
+    internal.discard(result)
     for name, value in (("input_name", input_name), ("output_name", output_name)):
         if value in internal:
             raise ValueError(f"[to_onnx] {name} {value!r} collides with an internal tensor "
                              "name of the graph; choose a name not starting with 'layers.'")
+    for node in g.nodes:  # the last tensor is the graph's output
+        for names in (node.input, node.output):
+            for k, tensor in enumerate(names):
+                if tensor == result:
+                    names[k] = output_name
     graph = helper.make_graph(
-        nodes, "bprop.Network",
+        g.nodes, "bprop.Network",
         [helper.make_tensor_value_info(input_name, elem_type, ["batch", net.in_features])],
         [helper.make_tensor_value_info(output_name, elem_type, ["batch", net.out_features])],
-        initializer=initializers,
+        initializer=g.initializers,
         doc_string=repr(net),
     )
     opset_imports = [helper.make_opsetid("", opset)]
@@ -189,20 +348,36 @@ def _build_onnx_model(net: Network, opset: int, input_name: str, output_name: st
 
 def to_onnx(net: Network, path: Union[str, "os.PathLike[str]"], *, opset: int = 17,
             input_name: str = "X", output_name: str = "output") -> None:
-    """Writes the network as an ONNX model, for inference in onnxruntime and others.
+    """Writes the network in eval mode (what ``predict`` computes) as an ONNX model, for
+    inference in onnxruntime and others.
 
-    Per layer the graph holds a Gemm (z = a W + b, weight and bias as initializers in
-    the network's dtype) followed by the activation: Sigmoid, Tanh, Relu,
-    LeakyRelu(alpha=negative_slope) (for float64, Where(z > 0, z, slope * z) with a
-    float64 slope, since the alpha attribute is 32-bit), Softmax(axis=-1), and exact
-    GELU as the Gelu operator for opset >= 20 or as 0.5 * z * (1 + Erf(z / sqrt(2)))
-    below it. The batch
-    dimension is symbolic ("batch"). The model passes ``onnx.checker.check_model``
-    before it is written; the file is replaced atomically (a temporary file in the same
-    folder, then ``os.replace``), so a failed export leaves any existing file intact.
+    Per layer, with parameters and buffers as initializers in the network's dtype and
+    named as in ``net.parameters()`` / ``net.buffers()`` ("layers.4.layers.0.weight"):
+
+    * Dense: Gemm (z = a W + b; without bias, Gemm with no C input), then the
+      activation: Sigmoid, Tanh, Relu, LeakyRelu(alpha=negative_slope) (for float64,
+      Where(z > 0, z, slope * z) with a float64 slope, since the alpha attribute is
+      32-bit), Softmax(axis=-1), and exact GELU as the Gelu operator for opset >= 20 or
+      as 0.5 * z * (1 + Erf(z / sqrt(2))) below it.
+    * Activation: the same activation nodes; identity adds none.
+    * Dropout: nothing (the identity in eval mode).
+    * BatchNorm: BatchNormalization with the running statistics (ones and zeros as
+      scale and bias without affine).
+    * LayerNorm: LayerNormalization(axis=-1) for opset >= 17; below it the same
+      function from ReduceMean, Sub, Mul, Add, Sqrt and Reciprocal.
+    * Residual: its layers' nodes, then Add(x, f(x)).
+
+    The ``epsilon`` attribute of BatchNormalization and LayerNormalization is a 32-bit
+    float, exact for a float32 network. A float64 graph keeps eps in float64 instead:
+    BatchNormalization gets ``running_var + eps`` (initializer "<layer>.running_var_eps",
+    added in float64 as the core adds it) with epsilon 0, and LayerNorm is spelled out
+    at every opset. The batch dimension is symbolic
+    ("batch"). The model passes ``onnx.checker.check_model`` before it is written; the
+    file is replaced atomically (a temporary file in the same folder, then
+    ``os.replace``), so a failed export leaves any existing file intact.
 
     Args:
-        net: the network to export.
+        net: the network to export (its mode is not changed).
         path: the .onnx file to write; its folder must exist.
         opset: ONNX opset of the default domain, from 13 to the newest the installed
             ``onnx`` knows. Runtimes support a bounded range of opsets, and not every
@@ -226,7 +401,8 @@ def to_onnx(net: Network, path: Union[str, "os.PathLike[str]"], *, opset: int = 
     onnx = _require("onnx", where)
     opset = check_int(where, "opset", opset, minimum=MIN_OPSET,
                       maximum=onnx.defs.onnx_opset_version())
-    nbytes = net.num_parameters * net.dtype.itemsize
+    elements = net.num_parameters + sum(view.size for _, view in net.buffers())
+    nbytes = elements * net.dtype.itemsize
     if nbytes > _MAX_ONNX_PARAMETER_BYTES:
         raise ValueError(f"[{where}] the parameters take {nbytes:,} bytes, more than the "
                          f"{_MAX_ONNX_PARAMETER_BYTES:,} a single ONNX protobuf can hold")
@@ -249,164 +425,110 @@ def to_onnx(net: Network, path: Union[str, "os.PathLike[str]"], *, opset: int = 
 
 # ---- PyTorch ----------------------------------------------------------------------
 
+_TORCH_RESIDUAL: Optional[type] = None
 
-def _torch_activation(torch, module: Any, index: int) -> Optional[Tuple[str, float]]:
-    """(activation, negative_slope) for a supported activation module; None for any
-    other module. Raises for a supported type configured in a way bprop cannot match."""
+
+def _torch_residual(torch) -> type:
+    """The torch module of bprop.Residual, made on first use (torch is optional)."""
+    global _TORCH_RESIDUAL
+    if _TORCH_RESIDUAL is None:
+        class TorchResidual(torch.nn.Module):
+            """y = x + body(x): bprop.Residual as a torch module, ``body`` a
+            ``torch.nn.Sequential``. ``bprop.interop.from_torch`` reads it back as a
+            Residual."""
+
+            def __init__(self, body) -> None:
+                super().__init__()
+                if not isinstance(body, torch.nn.Module):
+                    raise TypeError("[TorchResidual] body must be a torch.nn.Module, but got "
+                                    f"{type_name(body)}")
+                self.body = body
+
+            def forward(self, x):
+                return x + self.body(x)
+
+        # reachable as bprop.interop.TorchResidual (the module's __getattr__), so that
+        # pickle and torch.save find the class
+        TorchResidual.__module__ = __name__
+        TorchResidual.__qualname__ = "TorchResidual"
+        _TORCH_RESIDUAL = TorchResidual
+    return _TORCH_RESIDUAL
+
+
+def __getattr__(name: str):
+    if name == "TorchResidual":
+        return _torch_residual(_require("torch", "bprop.interop.TorchResidual"))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _torch_dtype(torch, dtype: np.dtype):
+    return torch.float32 if dtype == np.float32 else torch.float64
+
+
+def _copy_into(torch, target, value: Any) -> None:
+    """target[...] = value, a torch tensor (or view) from a NumPy array of its dtype."""
+    with torch.no_grad():
+        target.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+
+def _torch_modules(torch, layers: Sequence[Layer], dtype) -> list:
     nn = torch.nn
-    kind = type(module)  # exact types: a subclass may override forward
-    where = f"[from_torch] module {index} ({kind.__name__})"
-    if kind is nn.ReLU:
-        return "relu", 0.01
-    if kind is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if kind is nn.Sigmoid:
-        return "sigmoid", 0.01
-    if kind is nn.Tanh:
-        return "tanh", 0.01
-    if kind is nn.GELU:
-        if module.approximate != "none":
-            raise ValueError(f"{where} uses approximate={module.approximate!r}; bprop's gelu "
-                             "is the exact erf form, GELU(approximate='none')")
-        return "gelu", 0.01
-    if kind is nn.Softmax:
-        if module.dim not in (-1, 1):
-            raise ValueError(f"{where} has dim={module.dim!r}; bprop's softmax runs over the "
-                             "features of each sample, Softmax(dim=-1) or Softmax(dim=1)")
-        return "softmax", 0.01
-    return None
-
-
-def from_torch(module: Union["torch.nn.Sequential", Sequence["torch.nn.Module"]],
-               dtype: Optional[Union[str, np.dtype]] = None) -> Network:
-    """Builds a bprop.Network equal to a PyTorch stack of Linear layers and activations.
-
-    Each ``torch.nn.Linear`` becomes a Dense layer whose weight is the Linear's weight
-    transposed (copied exactly) and whose bias is its bias (zeros for ``bias=False``).
-    An activation module applies to the Linear before it: ReLU, LeakyReLU(negative_slope),
-    Sigmoid, Tanh, GELU(approximate='none'), Softmax(dim=-1 or 1). A Linear with no
-    activation after it gets identity; ``torch.nn.Identity`` is a no-op anywhere.
-    Module types are matched exactly (a subclass may change forward).
-
-    Args:
-        module: a ``torch.nn.Sequential``, or a list/tuple of modules.
-        dtype: "float32" or "float64" for the network; None takes the dtype of the
-            parameters, which must then all be float32 or all float64. An explicit dtype
-            casts parameters of any floating dtype.
-
-    Returns:
-        a new Network; it shares no memory with the module.
-
-    Raises:
-        TypeError: module is not a Sequential or list of modules.
-        ValueError: an unsupported module (named by index and type), two activations in
-            a row, an activation before any Linear, widths that do not chain, or
-            parameters of a dtype bprop does not hold.
-        ImportError: torch is not installed.
-    """
-    where = "from_torch"
-    torch = _require("torch", where)
-    nn = torch.nn
-    if isinstance(module, nn.Sequential):
-        modules = list(module)
-    elif isinstance(module, (list, tuple)):
-        modules = list(module)
-        for i, m in enumerate(modules):
-            if not isinstance(m, nn.Module):
-                raise TypeError(f"[{where}] module {i} must be a torch.nn.Module, but got "
-                                f"{type_name(m)}")
-    else:
-        raise TypeError(f"[{where}] module must be a torch.nn.Sequential or a list of "
-                        f"modules, but got {type_name(module)}")
-    if dtype is not None:
-        dtype = check_dtype(where, dtype)
-
-    # (index, Linear, activation, negative_slope) per Dense layer
-    stack: List[list] = []
-    has_activation = False
-    for i, m in enumerate(modules):
-        kind = type(m).__name__
-        if type(m) is nn.Linear:
-            stack.append([i, m, "identity", 0.01])
-            has_activation = False
-            continue
-        if type(m) is nn.Identity:
-            continue
-        act = _torch_activation(torch, m, i)
-        if act is None:
-            hint = (" (bprop has no dropout: build the Sequential without it, e.g. "
-                    "nn.Sequential(*[m for m in model if not isinstance(m, nn.Dropout)]))"
-                    if "Dropout" in kind else "")
-            raise ValueError(f"[{where}] module {i} ({kind}) is not supported; expected "
-                             "Linear, ReLU, LeakyReLU, Sigmoid, Tanh, GELU, Softmax or "
-                             f"Identity{hint}")
-        if not stack:
-            raise ValueError(f"[{where}] module {i} ({kind}) is an activation with no Linear "
-                             "before it; the stack must start with a Linear")
-        if has_activation:
-            prev = stack[-1]
-            raise ValueError(f"[{where}] module {i} ({kind}) follows another activation; "
-                             f"each Linear takes at most one (Linear at module {prev[0]} "
-                             f"already has {prev[2]!r})")
-        stack[-1][2], stack[-1][3] = act
-        has_activation = True
-    if not stack:
-        raise ValueError(f"[{where}] module holds no Linear layer; expected at least one")
-
-    params = []
-    dtypes = set()
-    for i, linear, _, _ in stack:
-        for name in ("weight", "bias"):
-            p = getattr(linear, name)
-            if p is None:
-                continue
-            if p.is_meta:
-                raise ValueError(f"[{where}] module {i} (Linear) has its {name} on the meta "
-                                 "device, without values to copy")
-            if not p.is_floating_point():
-                raise ValueError(f"[{where}] module {i} (Linear) has a {p.dtype} {name}; "
-                                 "expected floating point")
-            dtypes.add(p.dtype)
-    if dtype is None:
-        if dtypes - {torch.float32, torch.float64} or len(dtypes) != 1:
-            found = ", ".join(sorted(str(d) for d in dtypes))
-            raise ValueError(f"[{where}] cannot infer the dtype from parameters of dtype "
-                             f"{found}; expected all torch.float32 or all torch.float64, or "
-                             "pass dtype='float32' / 'float64'")
-        dtype = check_dtype(where, str(next(iter(dtypes))).replace("torch.", ""))
-    torch_dtype = torch.float32 if dtype == np.float32 else torch.float64
-
-    layers = []
-    for n, (i, linear, activation, slope) in enumerate(stack):
-        if n > 0 and linear.in_features != stack[n - 1][1].out_features:
-            j = stack[n - 1][0]
-            raise ValueError(f"[{where}] module {i} (Linear) expects {linear.in_features} "
-                             f"input features, but module {j} (Linear) produces "
-                             f"{stack[n - 1][1].out_features}")
-        with torch.no_grad():
-            W = linear.weight.detach().to(device="cpu", dtype=torch_dtype).numpy().T
-            b = (np.zeros(linear.out_features, dtype=dtype) if linear.bias is None else
-                 linear.bias.detach().to(device="cpu", dtype=torch_dtype).numpy())
-        if not (np.isfinite(W).all() and np.isfinite(b).all()):
-            raise ValueError(f"[{where}] module {i} (Linear) holds NaN or inf parameters")
-        layers.append(Dense(linear.in_features, linear.out_features, activation=activation,
-                            negative_slope=slope))
-        params.append((W, b))
-    net = Network._zeros(layers, dtype=dtype)
-    for layer, (W, b) in zip(net, params):
-        layer.weight = W
-        layer.bias = b
-    return net
+    modules: list = []
+    for layer in layers:
+        if isinstance(layer, Dense):
+            # skip_init: no random initialisation, which would advance torch's global RNG
+            linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
+                                        bias=layer.has_bias, dtype=dtype)
+            _copy_into(torch, linear.weight.T, layer.weight)  # W is weight transposed
+            if layer.has_bias:
+                _copy_into(torch, linear.bias, layer.bias)
+            modules.append(linear)
+            if layer.activation != "identity":
+                row = _ACTIVATION_TABLE[layer.activation]
+                modules.append(row.to_torch(nn, layer.negative_slope))
+        elif isinstance(layer, Activation):
+            modules.append(_ACTIVATION_TABLE[layer.activation].to_torch(nn, layer.negative_slope))
+        elif isinstance(layer, Dropout):
+            modules.append(nn.Dropout(layer.p))
+        elif isinstance(layer, BatchNorm):
+            bn = nn.BatchNorm1d(layer.features, eps=layer.eps, momentum=layer.momentum,
+                                affine=layer.affine, track_running_stats=True, dtype=dtype)
+            if layer.affine:
+                _copy_into(torch, bn.weight, layer.weight)
+                _copy_into(torch, bn.bias, layer.bias)
+            _copy_into(torch, bn.running_mean, layer.running_mean)
+            _copy_into(torch, bn.running_var, layer.running_var)
+            modules.append(bn)
+        elif isinstance(layer, LayerNorm):
+            ln = nn.LayerNorm(layer.features, eps=layer.eps,
+                              elementwise_affine=layer.elementwise_affine, dtype=dtype)
+            if layer.elementwise_affine:
+                _copy_into(torch, ln.weight, layer.weight)
+                _copy_into(torch, ln.bias, layer.bias)
+            modules.append(ln)
+        elif isinstance(layer, Residual):
+            body = nn.Sequential(*_torch_modules(torch, layer.layers, dtype))
+            modules.append(_torch_residual(torch)(body))
+        else:  # pragma: no cover - every layer kind above is handled
+            raise TypeError(f"[to_torch] a {layer.kind} layer has no torch module")
+    return modules
 
 
 def to_torch(net: Network) -> "torch.nn.Sequential":
-    """A ``torch.nn.Sequential`` computing the same function as the network.
+    """A ``torch.nn.Sequential`` computing the same function as the network, in the
+    same mode (``training``).
 
-    Each Dense layer becomes ``torch.nn.Linear(in_features, out_features)`` with
-    weight = W transposed and bias = b, copied exactly in the network's dtype,
-    followed by its activation module (none for identity): ReLU, LeakyReLU(negative_slope),
-    Sigmoid, Tanh, GELU(), Softmax(dim=-1). ``from_torch`` turns the result back into an
-    equal network. The global torch RNG is not consumed.
+    Per layer, with parameters and buffers copied exactly in the network's dtype:
+    Dense becomes ``Linear(in_features, out_features, bias=...)`` (weight = W
+    transposed) followed by its activation module (none for identity): ReLU,
+    LeakyReLU(negative_slope), Sigmoid, Tanh, GELU(), Softmax(dim=-1); Activation
+    becomes that module alone (Identity for identity); Dropout(p); BatchNorm becomes
+    ``BatchNorm1d(features, eps, momentum, affine)`` with its running statistics
+    (``num_batches_tracked`` stays 0: bprop does not count batches, and a float
+    momentum does not use it); LayerNorm becomes ``LayerNorm(features, eps,
+    elementwise_affine)``; Residual becomes ``bprop.interop.TorchResidual`` with its
+    layers as ``body``, an ``nn.Sequential``. ``from_torch`` turns the result back into
+    an equal network. The global torch RNG is not consumed.
 
     Returns:
         a new Sequential on the CPU, sharing no memory with the network.
@@ -418,31 +540,283 @@ def to_torch(net: Network) -> "torch.nn.Sequential":
     if not isinstance(net, Network):
         raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
     torch = _require("torch", where)
+    module = torch.nn.Sequential(*_torch_modules(torch, net.layers,
+                                                 _torch_dtype(torch, net.dtype)))
+    return module.train(net.training)
+
+
+_SUPPORTED = ("Linear, BatchNorm1d, LayerNorm, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, GELU, "
+              "Softmax, Identity, Sequential or bprop.interop.TorchResidual")
+
+
+class _Entry:
+    """One bprop layer read from a torch module: its description, the torch tensors
+    to copy into it (by bprop name), and where it came from."""
+
+    def __init__(self, where: str, description: Dict[str, Any],
+                 tensors: Optional[Dict[str, Any]] = None) -> None:
+        self.where = where
+        self.description = description
+        self.tensors = tensors or {}
+        self.children: List["_Entry"] = []
+
+    def tree(self) -> Dict[str, Any]:
+        if self.description["kind"] == "Residual":
+            return {"kind": "Residual", "layers": [c.tree() for c in self.children]}
+        return self.description
+
+    def flat(self):
+        yield self
+        for child in self.children:
+            yield from child.flat()
+
+
+class _TorchReader:
+    """Turns torch modules into _Entry trees, checking each module as it goes."""
+
+    def __init__(self, torch) -> None:
+        self.torch = torch
+        nn = torch.nn
+        self.activations = {getattr(nn, row.torch): (name, row)
+                            for name, row in _ACTIVATION_TABLE.items() if name != "identity"}
+        self.residual = _torch_residual(torch)
+        self.width: Optional[int] = None     # the width reaching the next module
+        self.producer = ""                   # "module 2 (Linear)", which made that width
+        self.modes: List[Tuple[str, bool]] = []  # (where, training) of Dropout, BatchNorm1d
+        self.any_width = False
+
+    def take_width(self, where: str, features: int) -> None:
+        if self.width is not None and self.width != features:
+            raise ValueError(f"[from_torch] {where} expects {features} input features, but "
+                             f"{self.producer} produces {self.width}")
+
+    def sets_width(self, where: str, features: int) -> None:
+        self.width, self.producer, self.any_width = features, where, True
+
+    def read(self, children: Sequence[Tuple[str, Any]], out: List[_Entry]) -> None:
+        """Appends the entries of `children` ((path, module) pairs) to `out`; nested
+        Sequentials are only grouping and are flattened into it."""
+        nn = self.torch.nn
+        for path, m in children:
+            kind = type(m)  # exact types: a subclass may override forward
+            where = f"module {path} ({kind.__name__})"
+            if kind is nn.Sequential:
+                self.read([(f"{path}.{n}", c) for n, c in m.named_children()], out)
+            elif kind is nn.Identity:
+                continue
+            elif kind is nn.Linear:
+                self.take_width(where, m.in_features)
+                self.sets_width(where, m.out_features)
+                tensors = {"weight": m.weight} if m.bias is None else {"weight": m.weight,
+                                                                       "bias": m.bias}
+                out.append(_Entry(where, dict(kind="Dense", in_features=m.in_features,
+                                              out_features=m.out_features,
+                                              activation="identity", negative_slope=0.01,
+                                              bias=m.bias is not None), tensors))
+            elif kind is nn.BatchNorm1d:
+                out.append(self.batch_norm(where, m))
+            elif kind is nn.LayerNorm:
+                out.append(self.layer_norm(where, m))
+            elif kind is nn.Dropout:
+                p = check_float("from_torch", f"{where} p", m.p, minimum=0.0, maximum=1.0)
+                if p == 1.0:
+                    raise ValueError(f"[from_torch] {where} has p=1.0, which drops everything; "
+                                     "bprop's Dropout takes p in [0, 1)")
+                self.modes.append((where, m.training))
+                out.append(_Entry(where, dict(kind="Dropout", p=p)))
+            elif kind is self.residual:
+                out.append(self.residual_entry(path, where, m))
+            elif kind in self.activations:
+                name, row = self.activations[kind]
+                slope = row.from_torch(m, f"[from_torch] {where}")
+                last = out[-1].description if out else None
+                if last is not None and last["kind"] == "Dense" and \
+                        last["activation"] == "identity":
+                    # Linear followed by its activation: one Dense
+                    last["activation"], last["negative_slope"] = name, slope
+                else:
+                    out.append(_Entry(where, dict(kind="Activation", activation=name,
+                                                  negative_slope=slope)))
+            else:
+                raise ValueError(f"[from_torch] {where} is not supported; expected {_SUPPORTED}")
+
+    def batch_norm(self, where: str, m) -> _Entry:
+        if not m.track_running_stats or m.running_mean is None:
+            raise ValueError(f"[from_torch] {where} has track_running_stats=False; bprop's "
+                             "BatchNorm keeps running statistics (eval mode normalises with "
+                             "them): use BatchNorm1d(..., track_running_stats=True)")
+        if m.momentum is None:
+            raise ValueError(f"[from_torch] {where} has momentum=None (a cumulative average); "
+                             "bprop's BatchNorm takes an exponential average with a momentum "
+                             "in [0, 1]")
+        momentum = check_float("from_torch", f"{where} momentum", m.momentum, minimum=0.0,
+                               maximum=1.0)
+        eps = check_float("from_torch", f"{where} eps", m.eps, minimum=0.0,
+                          exclusive_minimum=True)
+        self.take_width(where, m.num_features)
+        self.sets_width(where, m.num_features)
+        self.modes.append((where, m.training))
+        tensors = {"running_mean": m.running_mean, "running_var": m.running_var}
+        if m.affine:
+            tensors.update(weight=m.weight, bias=m.bias)
+        return _Entry(where, dict(kind="BatchNorm", features=m.num_features, eps=eps,
+                                  affine=bool(m.affine), momentum=momentum), tensors)
+
+    def layer_norm(self, where: str, m) -> _Entry:
+        shape = tuple(m.normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"[from_torch] {where} normalizes over the last {len(shape)} "
+                             f"dimensions {shape}; bprop's LayerNorm normalizes over the "
+                             "features of each sample, LayerNorm(features)")
+        affine = bool(m.elementwise_affine)
+        if affine and m.bias is None:
+            raise ValueError(f"[from_torch] {where} has a weight but no bias (bias=False); "
+                             "bprop's LayerNorm has both or neither (elementwise_affine)")
+        eps = check_float("from_torch", f"{where} eps", m.eps, minimum=0.0,
+                          exclusive_minimum=True)
+        self.take_width(where, shape[0])
+        self.sets_width(where, shape[0])
+        tensors = {"weight": m.weight, "bias": m.bias} if affine else {}
+        return _Entry(where, dict(kind="LayerNorm", features=shape[0], eps=eps, affine=affine),
+                      tensors)
+
+    def residual_entry(self, path: str, where: str, m) -> _Entry:
+        body = m.body
+        children = ([(f"{path}.body.{n}", c) for n, c in body.named_children()]
+                    if type(body) is self.torch.nn.Sequential else [(f"{path}.body", body)])
+        width, producer = self.width, self.producer
+        entry = _Entry(where, {"kind": "Residual"})
+        self.read(children, entry.children)
+        if not entry.children:
+            raise ValueError(f"[from_torch] {where} has a body without layers (only Identity "
+                             "or empty); bprop's Residual needs at least one layer")
+        if width is None:
+            width = self.width
+        if self.width != width:
+            raise ValueError(f"[from_torch] {where} has a body that maps {width} features to "
+                             f"{self.width}; x + body(x) needs the body to keep the width")
+        self.width, self.producer = width, (producer or where)
+        return entry
+
+
+def from_torch(module: Union["torch.nn.Sequential", Sequence["torch.nn.Module"]],
+               dtype: Optional[Union[str, np.dtype]] = None) -> Network:
+    """Builds a bprop.Network equal to a PyTorch model, in the same mode.
+
+    Modules are read in order; nested ``torch.nn.Sequential`` containers are only
+    grouping and are flattened into their parent:
+
+    * ``Linear`` becomes a Dense layer whose weight is the Linear's weight transposed
+      (copied exactly) and whose bias is its bias (``bias=False`` gives
+      ``Dense(bias=False)``).
+    * An activation module (ReLU, LeakyReLU(negative_slope), Sigmoid, Tanh,
+      GELU(approximate='none'), Softmax(dim=-1 or 1)) right after a Linear becomes that
+      Dense layer's activation; anywhere else it becomes an Activation layer.
+      ``Identity`` is a no-op anywhere.
+    * ``Dropout(p)`` becomes Dropout(p) (``inplace`` makes no difference).
+    * ``BatchNorm1d`` becomes BatchNorm with its momentum, eps, affine flag, weight,
+      bias, running_mean and running_var (``track_running_stats=True`` and a float
+      momentum are required).
+    * ``LayerNorm(features)`` (over the last dimension only) becomes LayerNorm with its
+      eps, elementwise_affine flag, weight and bias.
+    * ``bprop.interop.TorchResidual`` (what ``to_torch`` makes of a Residual) becomes a
+      Residual of its body's layers.
+
+    The network's mode is the modules' ``training`` flag: that of the Dropout and
+    BatchNorm1d modules, which must agree, or, without any, that of the Sequential (the
+    first module of a list). Module types are matched exactly (a subclass may change
+    forward). Errors name the module by its path, as ``module.get_submodule`` takes it.
+
+    Args:
+        module: a ``torch.nn.Sequential``, or a list/tuple of modules.
+        dtype: "float32" or "float64" for the network; None takes the dtype of the
+            parameters and buffers, which must then all be float32 or all float64. An
+            explicit dtype casts parameters of any floating dtype.
+
+    Returns:
+        a new Network; it shares no memory with the module.
+
+    Raises:
+        TypeError: module is not a Sequential or list of modules.
+        ValueError: an unsupported module or configuration (named by path and type),
+            widths that do not chain, Dropout and BatchNorm1d modules in different
+            modes, or parameters of a dtype bprop does not hold.
+        ImportError: torch is not installed.
+    """
+    where = "from_torch"
+    torch = _require("torch", where)
     nn = torch.nn
-    torch_dtype = torch.float32 if net.dtype == np.float32 else torch.float64
-    modules: list = []
-    for layer in net:
-        # skip_init: no random initialisation, which would advance torch's global RNG
-        linear = torch.nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
-                                          dtype=torch_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(layer.weight.T)))
-            linear.bias.copy_(torch.from_numpy(np.array(layer.bias)))
-        modules.append(linear)
-        act = layer.activation
-        if act == "relu":
-            modules.append(nn.ReLU())
-        elif act == "leaky_relu":
-            modules.append(nn.LeakyReLU(layer.negative_slope))
-        elif act == "sigmoid":
-            modules.append(nn.Sigmoid())
-        elif act == "tanh":
-            modules.append(nn.Tanh())
-        elif act == "gelu":
-            modules.append(nn.GELU())
-        elif act == "softmax":
-            modules.append(nn.Softmax(dim=-1))
-    return nn.Sequential(*modules)
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        mode = module.training
+    elif isinstance(module, (list, tuple)):
+        for i, m in enumerate(module):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"[{where}] module {i} must be a torch.nn.Module, but got "
+                                f"{type_name(m)}")
+        children = [(str(i), m) for i, m in enumerate(module)]
+        mode = module[0].training if module else True
+    else:
+        raise TypeError(f"[{where}] module must be a torch.nn.Sequential or a list of "
+                        f"modules, but got {type_name(module)}")
+    if dtype is not None:
+        dtype = check_dtype(where, dtype)
+
+    reader = _TorchReader(torch)
+    entries: List[_Entry] = []
+    reader.read(children, entries)
+    if not reader.any_width:
+        raise ValueError(f"[{where}] module holds no Linear, BatchNorm1d or LayerNorm layer; "
+                         "expected at least one (they give the network its width)")
+    if reader.modes:
+        modes = {training for _, training in reader.modes}
+        if len(modes) > 1:
+            train = next(w for w, t in reader.modes if t)
+            evaluating = next(w for w, t in reader.modes if not t)
+            raise ValueError(f"[{where}] {train} is in training mode but {evaluating} in eval "
+                             "mode; a bprop network has one mode: call .train() or .eval() "
+                             "on the whole model")
+        mode = modes.pop()
+    flat = [e for top in entries for e in top.flat()]
+
+    dtypes = set()
+    for entry in flat:
+        for name, t in entry.tensors.items():
+            if t.is_meta:
+                raise ValueError(f"[{where}] {entry.where} has its {name} on the meta "
+                                 "device, without values to copy")
+            if not t.is_floating_point():
+                raise ValueError(f"[{where}] {entry.where} has a {t.dtype} {name}; "
+                                 "expected floating point")
+            dtypes.add(t.dtype)
+    if dtype is None:
+        if dtypes - {torch.float32, torch.float64} or len(dtypes) != 1:
+            found = ", ".join(sorted(str(d) for d in dtypes))
+            raise ValueError(f"[{where}] cannot infer the dtype from parameters of dtype "
+                             f"{found}; expected all torch.float32 or all torch.float64, or "
+                             "pass dtype='float32' / 'float64'")
+        dtype = check_dtype(where, str(next(iter(dtypes))).replace("torch.", ""))
+    torch_dtype = _torch_dtype(torch, dtype)
+
+    values: List[Dict[str, np.ndarray]] = []
+    for entry in flat:
+        arrays = {}
+        for name, t in entry.tensors.items():
+            with torch.no_grad():
+                value = t.detach().to(device="cpu", dtype=torch_dtype).numpy()
+            if not np.isfinite(value).all():
+                raise ValueError(f"[{where}] {entry.where} holds NaN or inf in its {name} "
+                                 f"(in {np.dtype(dtype).name})")
+            arrays[name] = value.T if entry.description["kind"] == "Dense" and \
+                name == "weight" else value
+        values.append(arrays)
+
+    layers = [layer_from_description(top.tree()) for top in entries]
+    net = Network._zeros(layers, dtype=dtype)
+    for (_, _, layer), arrays in zip(walk(net.layers), values):
+        for name, value in arrays.items():
+            setattr(layer, name, value)  # copies, after a shape check
+    return net.train(bool(mode))
 
 
 _DELEGATES.update(to_onnx=to_onnx, from_torch=from_torch, to_torch=to_torch)
