@@ -36,6 +36,7 @@ import numpy as np
 
 from . import _core
 from ._validation import check_dtype, check_float, check_int, check_path, type_name
+from .activations import GELU_OPSET, REGISTRY
 from .layers import (Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm, Residual,
                      layer_from_description, walk)
 from .network import _DELEGATES, Network
@@ -48,8 +49,6 @@ __all__ = ["to_onnx", "from_torch", "to_torch"]
 # Softmax changed meaning in opset 13 (an axis of its own instead of "flatten from
 # axis into 2-D"); starting there keeps every node's semantics the same across the range.
 MIN_OPSET = 13
-# The first opset with a Gelu operator; below it GELU is built from Erf.
-_GELU_OPSET = 20
 # The first opset with a LayerNormalization operator; below it LayerNorm is built from
 # ReduceMean, Sub, Mul, Add, Sqrt and Reciprocal.
 _LAYER_NORM_OPSET = 17
@@ -76,7 +75,7 @@ def _require(package: str, where: str):
         ) from exc
 
 
-# ---- the activation table -----------------------------------------------------------
+# ---- building an ONNX graph ---------------------------------------------------------
 
 
 class _OnnxGraph:
@@ -98,84 +97,6 @@ class _OnnxGraph:
         array = np.array(value, dtype=self.dtype if dtype is None else dtype)
         self.initializers.append(self.numpy_helper.from_array(array, name=name))
         return name
-
-
-def _onnx_op(op: str, **attrs) -> Callable[[_OnnxGraph, str, str, str, float], None]:
-    """out = op(z), one node named `p`."""
-    def emit(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
-        g.node(op, [z], out, p, **attrs)
-    return emit
-
-
-def _onnx_leaky_relu(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
-    if g.dtype == np.float32:
-        # LeakyRelu's alpha attribute is a 32-bit float, as the float32 core's slope
-        g.node("LeakyRelu", [z], out, p, alpha=slope)
-        return
-    # float64: a float attribute would round the slope to 32 bits (and onnxruntime has
-    # no double LeakyRelu kernel), so spell out the core's select(z > 0, z, slope * z)
-    # with the slope as a float64 constant.
-    g.node("Greater", [z, g.tensor(f"{p}.zero", 0.0)], f"{p}.positive", f"{p}.greater")
-    g.node("Mul", [z, g.tensor(f"{p}.negative_slope", slope)], f"{p}.scaled", f"{p}.scale")
-    g.node("Where", [f"{p}.positive", z, f"{p}.scaled"], out, f"{p}.where")
-
-
-def _onnx_gelu(g: _OnnxGraph, p: str, z: str, out: str, slope: float) -> None:
-    if g.opset >= _GELU_OPSET:
-        g.node("Gelu", [z], out, p, approximate="none")
-        return
-    # exact GELU z * Phi(z) = 0.5 * z * (1 + erf(z / sqrt(2))), in the core's order:
-    # (0.5 * z) * (1 + erf(z * (1/sqrt(2))))
-    g.node("Mul", [z, g.tensor(f"{p}.inv_sqrt2", 1.0 / math.sqrt(2.0))], f"{p}.scaled",
-           f"{p}.scale")
-    g.node("Erf", [f"{p}.scaled"], f"{p}.erf", f"{p}.erf")
-    g.node("Add", [f"{p}.erf", g.tensor(f"{p}.one", 1.0)], f"{p}.one_plus_erf",
-           f"{p}.add_one")
-    g.node("Mul", [g.tensor(f"{p}.half", 0.5), z], f"{p}.half_z", f"{p}.halve")
-    g.node("Mul", [f"{p}.half_z", f"{p}.one_plus_erf"], out, f"{p}.product")
-
-
-def _plain(module, where: str) -> float:
-    """negative_slope for a module with nothing to check or carry."""
-    return 0.01
-
-
-def _gelu_from_torch(module, where: str) -> float:
-    if module.approximate != "none":
-        raise ValueError(f"{where} uses approximate={module.approximate!r}; bprop's gelu "
-                         "is the exact erf form, GELU(approximate='none')")
-    return 0.01
-
-
-def _softmax_from_torch(module, where: str) -> float:
-    if module.dim not in (-1, 1):
-        raise ValueError(f"{where} has dim={module.dim!r}; bprop's softmax runs over the "
-                         "features of each sample, Softmax(dim=-1) or Softmax(dim=1)")
-    return 0.01
-
-
-class _ActivationRow(NamedTuple):
-    torch: str                                 # the torch.nn class, matched exactly
-    to_torch: Callable[[Any, float], Any]      # (torch.nn, negative_slope) -> module
-    from_torch: Callable[[Any, str], float]    # (module, where) -> negative_slope; raises
-    #                                            for a configuration bprop cannot match
-    onnx: Optional[Callable[[_OnnxGraph, str, str, str, float], None]]  # None: no node
-
-
-# One row per activation: its PyTorch module and its ONNX nodes.
-_ACTIVATION_TABLE: Dict[str, _ActivationRow] = {
-    "identity": _ActivationRow("Identity", lambda nn, s: nn.Identity(), _plain, None),
-    "sigmoid": _ActivationRow("Sigmoid", lambda nn, s: nn.Sigmoid(), _plain,
-                              _onnx_op("Sigmoid")),
-    "tanh": _ActivationRow("Tanh", lambda nn, s: nn.Tanh(), _plain, _onnx_op("Tanh")),
-    "relu": _ActivationRow("ReLU", lambda nn, s: nn.ReLU(), _plain, _onnx_op("Relu")),
-    "leaky_relu": _ActivationRow("LeakyReLU", lambda nn, s: nn.LeakyReLU(s),
-                                 lambda m, where: float(m.negative_slope), _onnx_leaky_relu),
-    "gelu": _ActivationRow("GELU", lambda nn, s: nn.GELU(), _gelu_from_torch, _onnx_gelu),
-    # row-wise over the features, as the core does (batch, out_features)
-    "softmax": _ActivationRow("Softmax", lambda nn, s: nn.Softmax(dim=-1), _softmax_from_torch,
-                              _onnx_op("Softmax", axis=-1)),
-}
 
 
 # ---- ONNX -------------------------------------------------------------------------
@@ -205,7 +126,7 @@ def _check_path(where: str, path: object) -> str:
 
 def _onnx_activation(g: _OnnxGraph, name: str, activation: str, slope: float, z: str) -> str:
     """out = activation(z) for the layer called `name`; identity adds nothing."""
-    emit = _ACTIVATION_TABLE[activation].onnx
+    emit = REGISTRY[activation].onnx
     if emit is None:
         return z
     out = f"{name}.output"
@@ -484,10 +405,10 @@ def _torch_modules(torch, layers: Sequence[Layer], dtype) -> list:
                 _copy_into(torch, linear.bias, layer.bias)
             modules.append(linear)
             if layer.activation != "identity":
-                row = _ACTIVATION_TABLE[layer.activation]
+                row = REGISTRY[layer.activation]
                 modules.append(row.to_torch(nn, layer.negative_slope))
         elif isinstance(layer, Activation):
-            modules.append(_ACTIVATION_TABLE[layer.activation].to_torch(nn, layer.negative_slope))
+            modules.append(REGISTRY[layer.activation].to_torch(nn, layer.negative_slope))
         elif isinstance(layer, Dropout):
             modules.append(nn.Dropout(layer.p))
         elif isinstance(layer, BatchNorm):
@@ -578,7 +499,7 @@ class _TorchReader:
         self.torch = torch
         nn = torch.nn
         self.activations = {getattr(nn, row.torch): (name, row)
-                            for name, row in _ACTIVATION_TABLE.items() if name != "identity"}
+                            for name, row in REGISTRY.items() if name != "identity"}
         self.residual = _torch_residual(torch)
         self.width: Optional[int] = None     # the width reaching the next module
         self.producer = ""                   # "module 2 (Linear)", which made that width
