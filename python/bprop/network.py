@@ -433,13 +433,14 @@ class Network:
 
     @staticmethod
     def from_torch(module, dtype=None) -> "Network":
-        """A Network equal to a torch Sequential of Linear layers and activations;
-        see :func:`bprop.interop.from_torch`."""
+        """A Network equal to a torch model: nested nn.Sequential of Linear,
+        BatchNorm1d, LayerNorm, Dropout, activation modules and
+        bprop.interop.TorchResidual; see :func:`bprop.interop.from_torch`."""
         return _DELEGATES["from_torch"](module, dtype=dtype)
 
     def to_torch(self):
-        """A torch.nn.Sequential with the same weights and dtype; see
-        :func:`bprop.interop.to_torch`."""
+        """A torch.nn.Sequential with the same layers, parameters, buffers, mode and
+        dtype; see :func:`bprop.interop.to_torch`."""
         return _DELEGATES["to_torch"](self)
 
 
