@@ -123,8 +123,8 @@ def test_the_optimizer_inside_the_sweep_updates_every_layers_parameters(rule):
     sizes = [v.size for _, v, _, _ in c.parameter_views()]
     lr = 0.1
     plan = _core.UpdatePlan64(rule, dict(lr=lr), sizes,
-                              [(np.zeros(n), np.zeros(n), None) if rule == "adam" else
-                               (None, None, None) for n in sizes])
+                              [{"exp_avg": np.zeros(n), "exp_avg_sq": np.zeros(n)}
+                               if rule == "adam" else {} for n in sizes])
     value = c.train_step(X, y, "softmax_cross_entropy", None, -1.0, plan)
     out = c2.forward(X)
     v2, grad = _core.softmax_cross_entropy(out, y, None)

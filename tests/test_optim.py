@@ -478,3 +478,20 @@ def test_schedules_are_fit_callbacks(make_network, rng):
     with pytest.raises(KeyError, match="monitor 'val_accuracy' is not among the fit logs"):
         bprop.fit(net, X, y, optimizer=opt, epochs=1,
                   callbacks=[optim.ReduceLROnPlateau(opt, monitor="val_accuracy")])
+
+
+def test_the_core_names_each_rules_state_and_refuses_a_plan_without_it():
+    # the state slots are named once, in the core (cpp/src/kernels.cpp state_names)
+    from bprop import _core
+    assert _core.update_state_names("adam", {}) == ["exp_avg", "exp_avg_sq"]
+    assert _core.update_state_names("sgd", {"momentum": 0.0}) == []
+    assert _core.update_state_names("rmsprop", {"momentum": 0.9, "centered": True}) == [
+        "square_avg", "grad_avg", "momentum_buffer"]
+    n = 3
+    with pytest.raises(ValueError, match=r"has no state 'exp_avg_sq'"):
+        _core.UpdatePlan64("adam", {"lr": 0.1}, [n], [{"exp_avg": np.zeros(n)}])
+    with pytest.raises(ValueError, match=r"state this rule does not keep"):
+        _core.UpdatePlan64("sgd", {"lr": 0.1}, [n], [{"momentum_buffer": np.zeros(n)}])
+    with pytest.raises(ValueError, match=r"exp_avg has 2 elements, expected 3"):
+        _core.UpdatePlan64("adam", {"lr": 0.1}, [n],
+                           [{"exp_avg": np.zeros(2), "exp_avg_sq": np.zeros(n)}])

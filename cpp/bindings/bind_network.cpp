@@ -143,8 +143,10 @@ struct UpdatePlan {
 };
 
 template <typename T>
-T* optional_state(py::handle obj, Index size, const char* name) {
-  if (obj.is_none()) return nullptr;
+T* state_array(py::handle obj, Index size, const char* name) {
+  if (!py::isinstance<py::array>(obj)) {
+    throw py::type_error(std::string("[UpdatePlan] state ") + name + " must be an array");
+  }
   auto a = strict_array<T>(obj, "UpdatePlan", name,
                            static_cast<int>(py::reinterpret_borrow<py::array>(obj).ndim()));
   require_writeable(a, "UpdatePlan", name);
@@ -156,86 +158,90 @@ T* optional_state(py::handle obj, Index size, const char* name) {
   return a.mutable_data();
 }
 
+/// An update rule and its settings from the Python optimizer's description.
+UpdateSpec update_spec(const std::string& rule, const py::dict& h) {
+  UpdateSpec s;
+  if (rule == "sgd") {
+    s.rule = UpdateRule::sgd;
+  } else if (rule == "adam") {
+    s.rule = UpdateRule::adam;
+  } else if (rule == "rmsprop") {
+    s.rule = UpdateRule::rmsprop;
+  } else {
+    throw py::value_error("[UpdatePlan] rule must be 'sgd', 'adam' or 'rmsprop', but got '" +
+                          rule + "'");
+  }
+  auto get = [&](const char* key, double fallback) {
+    return h.contains(key) ? h[key].cast<double>() : fallback;
+  };
+  auto flag = [&](const char* key) { return h.contains(key) ? h[key].cast<bool>() : false; };
+  s.lr = get("lr", 0);
+  s.weight_decay = get("weight_decay", 0);
+  s.momentum = get("momentum", 0);
+  s.dampening = get("dampening", 0);
+  s.nesterov = flag("nesterov");
+  s.beta1 = get("beta1", 0.9);
+  s.beta2 = get("beta2", 0.999);
+  s.eps = get("eps", 1e-8);
+  s.decoupled = flag("decoupled");
+  s.alpha = get("alpha", 0.99);
+  s.centered = flag("centered");
+  return s;
+}
+
+/// The UpdateState member a state name (of state_names) refers to.
+template <typename T>
+T* UpdateState<T>::*state_slot(const std::string& name) {
+  if (name == "momentum_buffer") return &UpdateState<T>::momentum_buffer;
+  if (name == "exp_avg") return &UpdateState<T>::exp_avg;
+  if (name == "exp_avg_sq") return &UpdateState<T>::exp_avg_sq;
+  if (name == "square_avg") return &UpdateState<T>::square_avg;
+  if (name == "grad_avg") return &UpdateState<T>::grad_avg;
+  throw py::value_error("[UpdatePlan] unknown state '" + name + "'");
+}
+
 template <typename T>
 void bind_update_plan(py::module_& m, const char* name) {
   using Plan = UpdatePlan<T>;
   py::class_<Plan>(m, name, py::module_local())
       .def(py::init([](const std::string& rule, py::dict h, const std::vector<Index>& sizes,
-                       const std::vector<py::tuple>& states, std::int64_t step_count) {
+                       const std::vector<py::dict>& states, std::int64_t step_count) {
              if (step_count < 0) {
                throw py::value_error("[UpdatePlan] step_count must be >= 0, but got " +
                                      std::to_string(step_count));
              }
              auto plan = std::make_unique<Plan>();
              plan->update.steps = step_count;
-             UpdateSpec& s = plan->update.spec;
-             if (rule == "sgd") {
-               s.rule = UpdateRule::sgd;
-             } else if (rule == "adam") {
-               s.rule = UpdateRule::adam;
-             } else if (rule == "rmsprop") {
-               s.rule = UpdateRule::rmsprop;
-             } else {
-               throw py::value_error("[UpdatePlan] rule must be 'sgd', 'adam' or 'rmsprop', "
-                                     "but got '" + rule + "'");
-             }
-             auto get = [&](const char* key, double fallback) {
-               return h.contains(key) ? h[key].cast<double>() : fallback;
-             };
-             auto flag = [&](const char* key) {
-               return h.contains(key) ? h[key].cast<bool>() : false;
-             };
-             s.lr = get("lr", 0);
-             s.weight_decay = get("weight_decay", 0);
-             s.momentum = get("momentum", 0);
-             s.dampening = get("dampening", 0);
-             s.nesterov = flag("nesterov");
-             s.beta1 = get("beta1", 0.9);
-             s.beta2 = get("beta2", 0.999);
-             s.eps = get("eps", 1e-8);
-             s.decoupled = flag("decoupled");
-             s.alpha = get("alpha", 0.99);
-             s.centered = flag("centered");
+             plan->update.spec = update_spec(rule, h);
              if (states.size() != sizes.size()) {
                throw py::value_error("[UpdatePlan] states and sizes differ in length");
              }
+             const std::vector<const char*> names = state_names(plan->update.spec);
              for (std::size_t i = 0; i < states.size(); ++i) {
-               const py::tuple& st = states[i];
-               if (st.size() != 3) throw py::value_error("[UpdatePlan] each state is (a, b, c)");
-               T* a = optional_state<T>(st[0], sizes[i], "state a");
-               T* b = optional_state<T>(st[1], sizes[i], "state b");
-               T* c = optional_state<T>(st[2], sizes[i], "state c");
-               // the Python optimizers' three slots, by the rule's names
+               const py::dict& st = states[i];
                UpdateState<T> u;
-               switch (s.rule) {
-                 case UpdateRule::sgd:
-                   u.momentum_buffer = a;
-                   break;
-                 case UpdateRule::adam:
-                   u.exp_avg = a;
-                   u.exp_avg_sq = b;
-                   break;
-                 case UpdateRule::rmsprop:
-                   u.square_avg = a;
-                   u.grad_avg = b;
-                   u.momentum_buffer = c;
-                   break;
+               for (const char* name : names) {
+                 if (!st.contains(name)) {
+                   throw py::value_error(std::string("[UpdatePlan] parameter ") +
+                                         std::to_string(i) + " has no state '" + name +
+                                         "', which this rule needs");
+                 }
+                 u.*state_slot<T>(name) = state_array<T>(st[name], sizes[i], name);
+                 plan->keep.push_back(st[name]);
                }
-               const bool needs_a = s.rule != UpdateRule::sgd || s.momentum != 0;
-               const bool needs_b = s.rule == UpdateRule::adam ||
-                                    (s.rule == UpdateRule::rmsprop && s.centered);
-               const bool needs_c = s.rule == UpdateRule::rmsprop && s.momentum > 0;
-               if ((needs_a && !a) || (needs_b && !b) || (needs_c && !c)) {
-                 throw py::value_error("[UpdatePlan] a state array this rule needs is missing");
+               if (st.size() != names.size()) {
+                 throw py::value_error("[UpdatePlan] parameter " + std::to_string(i) +
+                                       " has state this rule does not keep");
                }
                plan->update.states.push_back(u);
-               for (int k = 0; k < 3; ++k) plan->keep.push_back(st[k]);
              }
              plan->sizes = sizes;
              return plan;
            }),
            py::arg("rule"), py::arg("hyperparameters"), py::arg("sizes"), py::arg("states"),
-           py::arg("step_count") = 0)
+           py::arg("step_count") = 0,
+           "rule: 'sgd', 'adam' or 'rmsprop'; states: per parameter, a dict of its state "
+           "arrays by name (update_state_names(rule, hyperparameters)).")
       .def_property(
           "step_count", [](const Plan& p) { return p.update.steps; },
           [](Plan& p, std::int64_t n) {
@@ -735,6 +741,15 @@ void bind_network(py::module_& m) {
       "Testing aid: the n-th look for signals from now (1-based; 0: none) first raises "
       "SIGINT as Ctrl-C would, so that the SIGINT handler runs inside that call, between "
       "two layers. Returns how many looks were taken since the previous call.");
+  m.def(
+      "update_state_names",
+      [](const std::string& rule, py::dict h) {
+        py::list names;
+        for (const char* name : state_names(update_spec(rule, h))) names.append(name);
+        return names;
+      },
+      py::arg("rule"), py::arg("hyperparameters"),
+      "The state arrays an update rule keeps per parameter under these settings.");
   bind_update_plan<float>(m, "UpdatePlan32");
   bind_update_plan<double>(m, "UpdatePlan64");
   bind_network_type<float>(m, "Network32");

@@ -37,8 +37,8 @@ class _BuildInfo(TypedDict):
 # (a, b, c) state arrays of one parameter: momentum buffer (sgd); exp_avg,
 # exp_avg_sq (adam); square_avg, grad_avg, momentum_buffer (rmsprop); None
 # where the rule needs none.
-_State32 = Tuple[Optional[_F32], Optional[_F32], Optional[_F32]]
-_State64 = Tuple[Optional[_F64], Optional[_F64], Optional[_F64]]
+_State32 = Dict[str, _F32]  # a parameter's state arrays by name
+_State64 = Dict[str, _F64]  # a parameter's state arrays by name
 
 class UpdatePlan32:
     """An optimizer's update (rule, hyperparameters and state arrays of each
@@ -232,6 +232,7 @@ def mean_squared_error(output: _Floats, target: _Floats,
 # ---- optimizer updates, in place on param and the state arrays ------------------------
 
 def activation_names() -> List[str]: ...
+def update_state_names(rule: Literal["sgd", "adam", "rmsprop"], hyperparameters: dict[str, Union[float, bool]]) -> List[str]: ...
 def all_finite(a: _Floats) -> bool: ...
 
 # ---- configuration --------------------------------------------------------------------

@@ -70,9 +70,10 @@ def _check_fits_dtype(where: str, hyper: Dict[str, Any], dtype: np.dtype) -> Non
 class Optimizer:
     """Base class: binds to a network and keeps the per-parameter state.
 
-    Subclasses define ``_state_names()`` (the state arrays each parameter needs
-    under the current hyperparameters), ``_check(hyper)`` and ``_bind()``, which
-    describes the update to the core as an UpdatePlan (``_make_plan``).
+    Subclasses define ``_rule`` (the core's update rule), ``_rule_settings()`` (its
+    settings from the hyperparameters) and ``_check(hyper)``; the core names the
+    state each parameter keeps (``_state_names``) and applies the update (the
+    UpdatePlan of ``_bind``).
     """
 
     def __init__(self, net: Network, hyper: Dict[str, Any]) -> None:
@@ -105,12 +106,17 @@ class Optimizer:
         _check_fits_dtype(where, out, self._dtype)
         return out
 
-    def _state_names(self) -> Tuple[str, ...]:
+    #: the core's update rule: "sgd", "adam" or "rmsprop"
+    _rule: str
+
+    def _rule_settings(self) -> Dict[str, Any]:
+        """The rule's settings from the hyperparameters, as the core names them."""
         raise NotImplementedError
 
-    def _bind(self) -> None:
-        """Builds the core's UpdatePlan for the current hyperparameters and state."""
-        raise NotImplementedError
+    def _state_names(self) -> Tuple[str, ...]:
+        """The state arrays each parameter needs under the current hyperparameters:
+        the core's names (one list of them, in cpp/src/kernels.cpp)."""
+        return tuple(_core.update_state_names(self._rule, self._rule_settings()))
 
     # ---- shared machinery -----------------------------------------------------------
     def _zero_state(self) -> Dict[str, Dict[str, np.ndarray]]:
@@ -175,18 +181,18 @@ class Optimizer:
         self._core.apply_plan(self._plan)
 
     # ---- the fused path of Network.train_step / fit ------------------------------
-    def _make_plan(self, rule: str, spec: Dict[str, Any], keys: Tuple[Optional[str], ...]) -> None:
-        """Builds the core's UpdatePlan, which ``step()`` applies to every parameter
-        and Network.train_step inside the backward sweep, layer by layer, right after
-        each gradient is formed. ``keys`` names the state arrays a, b, c. The plan
-        holds the step count, which the core advances with each step it makes; a
-        new plan takes over the old one's count."""
+    def _bind(self) -> None:
+        """Builds the core's UpdatePlan for the current hyperparameters and state,
+        which ``step()`` applies to every parameter and Network.train_step inside
+        the backward sweep, layer by layer, right after each gradient is formed. Each
+        parameter's state goes by name (``exp_avg``, ...). The plan holds the step
+        count, which the core advances with each step it makes; a new plan takes
+        over the old one's count."""
         plan_type = _core.UpdatePlan32 if self._dtype == np.float32 else _core.UpdatePlan64
         sizes = [p.size for _, p, _ in self._params]
-        states = [tuple(self._state[name].get(k) if k else None for k in keys)
-                  for name, _, _ in self._params]
+        states = [self._state[name] for name, _, _ in self._params]
         steps = 0 if self._plan is None else self._plan.step_count
-        self._plan = plan_type(rule, spec, sizes, states, steps)
+        self._plan = plan_type(self._rule, self._rule_settings(), sizes, states, steps)
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data: {"optimizer": class name, "step": int, "hyperparameters": {...},
@@ -326,17 +332,14 @@ class SGD(Optimizer):
                              f"dampening={out['dampening']}")
         return out
 
-    def _state_names(self):
-        return ("momentum_buffer",) if self._hyper["momentum"] != 0 else ()
+    _rule = "sgd"
 
-    def _bind(self):
-        h = self._hyper
+    def _rule_settings(self):
         # Plain SGD (no momentum, no decay) is W -= lr dL/dW, which the core's
         # train_step applies inside the backward sweep without storing dL/dW.
-        self._make_plan("sgd", dict(lr=h["lr"], momentum=h["momentum"],
-                                    dampening=h["dampening"], nesterov=h["nesterov"],
-                                    weight_decay=h["weight_decay"]),
-                        ("momentum_buffer" if h["momentum"] != 0 else None, None, None))
+        h = self._hyper
+        return dict(lr=h["lr"], momentum=h["momentum"], dampening=h["dampening"],
+                    nesterov=h["nesterov"], weight_decay=h["weight_decay"])
 
 
 class Adam(Optimizer):
@@ -368,15 +371,12 @@ class Adam(Optimizer):
                     weight_decay=check_float(where, "weight_decay", h["weight_decay"],
                                              minimum=0.0))
 
-    def _state_names(self):
-        return ("exp_avg", "exp_avg_sq")
+    _rule = "adam"
 
-    def _bind(self):
+    def _rule_settings(self):
         h = self._hyper
-        self._make_plan("adam", dict(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1],
-                                     eps=h["eps"], weight_decay=h["weight_decay"],
-                                     decoupled=self._decoupled),
-                        ("exp_avg", "exp_avg_sq", None))
+        return dict(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                    weight_decay=h["weight_decay"], decoupled=self._decoupled)
 
 
 class AdamW(Adam):
@@ -433,21 +433,12 @@ class RMSprop(Optimizer):
                     momentum=check_float(where, "momentum", h["momentum"], minimum=0.0),
                     centered=_check_bool(where, "centered", h["centered"]))
 
-    def _state_names(self):
-        names = ("square_avg",)
-        if self._hyper["centered"]:
-            names += ("grad_avg",)
-        if self._hyper["momentum"] > 0:
-            names += ("momentum_buffer",)
-        return names
+    _rule = "rmsprop"
 
-    def _bind(self):
+    def _rule_settings(self):
         h = self._hyper
-        self._make_plan("rmsprop", dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
-                                        weight_decay=h["weight_decay"], momentum=h["momentum"],
-                                        centered=h["centered"]),
-                        ("square_avg", "grad_avg" if h["centered"] else None,
-                         "momentum_buffer" if h["momentum"] > 0 else None))
+        return dict(lr=h["lr"], alpha=h["alpha"], eps=h["eps"], weight_decay=h["weight_decay"],
+                    momentum=h["momentum"], centered=h["centered"])
 
 
 #: Optimizer classes by name (used by fit's warm start and by checkpoints).
