@@ -835,7 +835,8 @@ class _BaseMLP(BaseEstimator):
         arrays = [X, target, y_original] + ([] if sample_weight is None else [sample_weight])
         stratify = None
         if is_classifier(self) and n_outputs == 1:
-            stratify = self._label_binarizer.transform(y_original)
+            # scikit-learn's y there: the indicator column as bools
+            stratify = self._label_binarizer.transform(y_original).astype(bool)
         try:
             parts = train_test_split(*arrays, random_state=random_state,
                                      test_size=self.validation_fraction, stratify=stratify)
@@ -1344,7 +1345,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         y_pred = self._predict_with(net, X)
         if not np.isfinite(y_pred).all():
             return float("nan")
-        return float(r2_score(y, y_pred, sample_weight=sample_weight))
+        with np.errstate(over="ignore", invalid="ignore"):  # huge predictions: -inf
+            return float(r2_score(y, y_pred, sample_weight=sample_weight))
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
