@@ -22,7 +22,28 @@ The objective is scikit-learn's, term for term:
   cross-entropies summed over the labels and averaged over the samples;
 * regression: half the squared error, identity output, any number of outputs
   (the gradient is that of ``0.5 * sum over outputs of the sample mean``, as in
-  scikit-learn; ``loss_curve_`` reports the mean over outputs, as scikit-learn).
+  scikit-learn; ``loss_curve_`` reports the mean over outputs, as scikit-learn);
+* Poisson regression (``MLPRegressor(loss="poisson")``): half the Poisson
+  deviance with a log link, ``y log(y / mu) - y + mu`` with ``mu = exp(output)``,
+  summed over the outputs and averaged over the samples; ``predict`` returns
+  ``mu`` (``out_activation_ == "exp"``). The loss is
+  ``bprop.losses.poisson_deviance_log_link``, computed in NumPy (the other
+  losses run in the core's fused kernels). y must be >= 0 and, for ``fit``,
+  have a positive sum (the checks and messages of scikit-learn's Poisson
+  forests; its MLPRegressor checks nothing).
+
+``class_weight`` (MLPClassifier; None, "balanced", a dict, or for multi-label
+targets a list of dicts) becomes per-sample weights as
+``sklearn.utils.class_weight.compute_sample_weight`` computes them over the y of
+the call, multiplying ``sample_weight``; the loss, the L2 term's n_b and early
+stopping's validation score see the product. ``partial_fit`` refuses
+"balanced" (as SGDClassifier does) and maps a dict over ``classes_``.
+
+``coefs_`` and ``intercepts_`` are the network's weights, as in scikit-learn:
+each is a list of views of the Dense layers' storage, and assigning the list
+(``est.coefs_ = [...]``) or an item (``est.coefs_[0] = W``) copies the arrays
+into the network (shapes checked; all or nothing), so that ``predict``,
+``partial_fit`` and a warm-start ``fit`` use them.
 
 ``alpha`` is an explicit L2 term on the weights only (not the intercepts), as
 scikit-learn defines it: each minibatch adds ``0.5 * alpha * ||W||^2 / n_b`` to
@@ -74,11 +95,19 @@ Differences from scikit-learn, all by design:
 * Sparse input is refused (bprop is dense): convert with ``X.toarray()``.
 * ``sample_weight`` must be non-negative; a minibatch whose weights are all 0
   is skipped.
-* Early stopping holds out a stratified validation set for any single-label
-  classification (scikit-learn stratifies only binary problems), falling back
-  to an unstratified split when a class is too small.
-* A fit whose loss becomes NaN or inf raises ``ValueError`` and leaves the
-  weights as they were before the call.
+* A fit whose loss becomes NaN or inf (or that leaves NaN or inf in the
+  weights) raises scikit-learn's ``ValueError`` ("Solver produced non-finite
+  parameter weights. ..."), followed by where and when, and leaves the weights
+  as they were before the call. With ``early_stopping=True`` it does not raise,
+  as in scikit-learn: the diverged epoch records its non-finite loss and a NaN
+  validation score, the best epoch's weights are kept, and a
+  ``ConvergenceWarning`` says so; unlike scikit-learn, which runs on to
+  ``max_iter`` with NaN weights, the fit stops at that epoch.
+
+Early stopping's validation split is scikit-learn's: ``train_test_split`` with
+the same random draws, stratified only for a one-output classifier (binary), so
+that a class with a single sample raises scikit-learn's error there (multi-class
+and multi-label splits are not stratified).
 
 Initial weights are drawn as scikit-learn draws them (uniform in
 ``+-sqrt(6 / (fan_in + fan_out))``, 2 instead of 6 for logistic units, the
@@ -119,9 +148,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from . import optim
 from ._loop import Loop
-from .losses import poisson_deviance_log_link
 from .activations import SKLEARN_NAMES
 from .layers import Activation, BatchNorm, Dense, Dropout, Layer, layer_from_description, walk
+from .losses import poisson_deviance_log_link
 from .network import Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -222,8 +251,8 @@ class _LayerArrays(list):
                          "of the layers' shapes into it, or refit with other "
                          "hidden_layer_sizes")
 
-    append = extend = insert = pop = remove = clear = sort = reverse = _fixed
-    __delitem__ = __iadd__ = __imul__ = _fixed
+    append = extend = insert = pop = remove = clear = sort = reverse = _fixed  # type: ignore
+    __delitem__ = __iadd__ = __imul__ = _fixed  # type: ignore
 
     def __reduce__(self) -> Any:
         return (list, (list(self),))
@@ -252,8 +281,8 @@ def _numpy_objective(net: Network, loss_fn: Any, loss_scale: float,
     sweep, leaving dL/dparams in the gradient views (nothing is updated)."""
     core, dtype = net._core, net.dtype
     dense = _dense_layers(net)
-    weights = [layer.weight for layer in dense]
-    grads = [layer.grad_weight for layer in dense]
+    weights: List[np.ndarray] = [layer.weight for layer in dense]  # type: ignore[misc]
+    grads: List[np.ndarray] = [layer.grad_weight for layer in dense]  # type: ignore[misc]
 
     def evaluate(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
                  l2: float) -> float:
@@ -1004,6 +1033,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             Dropout layer). Not with solver="lbfgs".
         batch_norm: normalise each hidden layer's pre-activation with BatchNorm
             (Dense -> BatchNorm -> Activation).
+        class_weight: None, "balanced", {class: weight} (or a list of such dicts
+            for multi-label targets): per-sample weights of each class, as
+            scikit-learn's compute_sample_weight, times sample_weight.
 
     Attributes:
         classes_: (n_classes,) class labels.
@@ -1014,8 +1046,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         best_validation_score_: best validation accuracy (early_stopping).
         t_: training samples seen.
         coefs_: weights per Dense layer, (fan_in, fan_out) each: views of the
-            network's storage (write in place to change the model).
-        intercepts_: biases per layer, (fan_out,) each, views as well.
+            network's storage; writing into them, assigning an item or the
+            whole list changes the model.
+        intercepts_: biases per layer, (fan_out,) each, the same way.
         n_features_in_, feature_names_in_: as every scikit-learn estimator.
         n_iter_: epochs run by the last fit (iterations for lbfgs).
         n_layers_: number of layers, input and output included.
@@ -1219,9 +1252,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by bprop, with scikit-learn's API.
 
     Parameters, attributes and methods are those of
-    ``sklearn.neural_network.MLPRegressor`` (squared error); see
-    :class:`MLPClassifier` for the parameters and the module docstring for the
-    objective. ``out_activation_`` is "identity"; y may have several columns
+    ``sklearn.neural_network.MLPRegressor``; see :class:`MLPClassifier` for the
+    parameters (but class_weight) and the module docstring for the objective.
+    ``loss`` ("squared_error" or "poisson", the first positional parameter as in
+    scikit-learn) chooses half the squared error with an identity output
+    (``out_activation_ == "identity"``) or half the Poisson deviance with a log
+    link (``out_activation_ == "exp"``, y >= 0). y may have several columns
     (multi-output regression); ``validation_scores_`` hold R^2.
     """
 
