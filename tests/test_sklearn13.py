@@ -22,6 +22,7 @@ from sklearn.neural_network import MLPRegressor as SkMLPRegressor
 from sklearn.neural_network._base import poisson_loss as sk_poisson_loss
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import bprop
 from bprop import losses
@@ -439,3 +440,28 @@ def test_class_weight_in_partial_fit_and_multilabel():
         MLPClassifier(class_weight={0: 2.0}).fit(X, Y)
     with pytest.raises(InvalidParameterError, match="The 'class_weight' parameter"):
         MLPClassifier(class_weight="even").fit(X, y)
+
+
+# ---- scikit-learn's estimator checks for the new parameters ------------------------------
+
+# (class_weight's default, None, runs in test_sklearn.py's checks, which include
+# scikit-learn's check_class_weight_classifiers with a dict)
+def _poisson_expected_failures(estimator):
+    """What scikit-learn's checks ask of a Poisson regressor that it cannot give
+    (scikit-learn's own MLPRegressor(loss="poisson") is not run through them)."""
+    failures = {"check_regressor_multioutput":
+                "feeds negative targets, which loss='poisson' refuses (positive_only is set)"}
+    if estimator.solver != "lbfgs":
+        for name in ("check_regressors_train", "check_regressors_train(readonly_memmap=True)",
+                     "check_regressors_train(readonly_memmap=True,X_dtype=float32)"):
+            failures[name] = "asks R^2 > 0.5 of 200 Adam epochs on a Poisson log link"
+    return failures
+
+
+@parametrize_with_checks([MLPRegressor(loss="poisson"),
+                          MLPRegressor(loss="poisson", solver="lbfgs")],
+                         expected_failed_checks=_poisson_expected_failures)
+def test_sklearn_estimator_checks_for_poisson(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)

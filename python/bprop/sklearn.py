@@ -1387,4 +1387,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
+        # Poisson needs y >= 0 (scikit-learn's GLMs and gradient boosting say so too)
+        tags.target_tags.positive_only = self.loss == "poisson"
         return tags
