@@ -31,7 +31,7 @@ from . import _core
 from ._validation import type_name
 
 __all__ = ["LOSSES", "softmax_cross_entropy", "binary_cross_entropy_with_logits",
-           "mean_squared_error", "get_loss"]
+           "mean_squared_error", "poisson_deviance_log_link", "get_loss"]
 
 LossFn = Callable[..., Tuple[float, np.ndarray]]
 
@@ -261,6 +261,47 @@ def mean_squared_error(output, target, sample_weight=None) -> Tuple[float, np.nd
     y = check_float_target(where, "target", target, o.shape, o.dtype, "output")
     w = check_sample_weight(where, sample_weight, o.shape[0], o.dtype, "output")
     return _core.mean_squared_error(o, y, w)
+
+
+def poisson_deviance_log_link(output, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Half the Poisson deviance of mu = exp(output) (a log link), elementwise:
+    l = y log(y) - y - y z + exp(z) = y log(y / mu) - y + mu, with 0 log 0 = 0.
+
+    The network's output z is log(mu), so any real output is a valid mean and the
+    gradient is simply mu - y. Computed in NumPy (no C++ kernel): pass the
+    function itself where a loss is expected (it is not a name in ``LOSSES``).
+
+    Args:
+        output: (batch, k) log-means z.
+        target: (batch, k) non-negative counts or rates y; (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean over all elements, dL/dz (batch, k) = w_i (exp(z) - y) / (k sum(w))).
+    """
+    where = "poisson_deviance_log_link"
+    z = _as_output(where, "output", output)
+    y = check_float_target(where, "target", target, z.shape, z.dtype, "output")
+    bad = y < 0
+    if bad.any():
+        raise ValueError(f"[{where}] target must be >= 0 (counts or rates), but "
+                         f"target{_first_bad(bad)} = {y[bad][0]}")
+    w = check_sample_weight(where, sample_weight, z.shape[0], z.dtype, "output")
+    with np.errstate(over="ignore", invalid="ignore"):
+        mu = np.exp(z)
+        # xlogy(y, y): log of 1 where y == 0, so that 0 log 0 = 0 without a warning
+        elementwise = y * np.log(np.where(y > 0, y, 1)) - y - y * z + mu
+        grad = mu - y
+        rows = elementwise.sum(axis=1, dtype=np.float64)
+        if w is None:
+            total = float(z.size)
+            value = float(rows.sum()) / total
+        else:
+            total = float(w.sum(dtype=np.float64)) * z.shape[1]
+            value = float(np.dot(w.astype(np.float64), rows)) / total
+            grad *= w[:, None]
+        grad /= total
+    return value, np.ascontiguousarray(grad, dtype=z.dtype)
 
 
 # ---- the registry ------------------------------------------------------------------

@@ -22,7 +22,28 @@ The objective is scikit-learn's, term for term:
   cross-entropies summed over the labels and averaged over the samples;
 * regression: half the squared error, identity output, any number of outputs
   (the gradient is that of ``0.5 * sum over outputs of the sample mean``, as in
-  scikit-learn; ``loss_curve_`` reports the mean over outputs, as scikit-learn).
+  scikit-learn; ``loss_curve_`` reports the mean over outputs, as scikit-learn);
+* Poisson regression (``MLPRegressor(loss="poisson")``): half the Poisson
+  deviance with a log link, ``y log(y / mu) - y + mu`` with ``mu = exp(output)``,
+  summed over the outputs and averaged over the samples; ``predict`` returns
+  ``mu`` (``out_activation_ == "exp"``). The loss is
+  ``bprop.losses.poisson_deviance_log_link``, computed in NumPy (the other
+  losses run in the core's fused kernels). y must be >= 0 and, for ``fit``,
+  have a positive sum (the checks and messages of scikit-learn's Poisson
+  forests; its MLPRegressor checks nothing).
+
+``class_weight`` (MLPClassifier; None, "balanced", a dict, or for multi-label
+targets a list of dicts) becomes per-sample weights as
+``sklearn.utils.class_weight.compute_sample_weight`` computes them over the y of
+the call, multiplying ``sample_weight``; the loss, the L2 term's n_b and early
+stopping's validation score see the product. ``partial_fit`` refuses
+"balanced" (as SGDClassifier does) and maps a dict over ``classes_``.
+
+``coefs_`` and ``intercepts_`` are the network's weights, as in scikit-learn:
+each is a list of views of the Dense layers' storage, and assigning the list
+(``est.coefs_ = [...]``) or an item (``est.coefs_[0] = W``) copies the arrays
+into the network (shapes checked; all or nothing), so that ``predict``,
+``partial_fit`` and a warm-start ``fit`` use them.
 
 ``alpha`` is an explicit L2 term on the weights only (not the intercepts), as
 scikit-learn defines it: each minibatch adds ``0.5 * alpha * ||W||^2 / n_b`` to
@@ -74,11 +95,19 @@ Differences from scikit-learn, all by design:
 * Sparse input is refused (bprop is dense): convert with ``X.toarray()``.
 * ``sample_weight`` must be non-negative; a minibatch whose weights are all 0
   is skipped.
-* Early stopping holds out a stratified validation set for any single-label
-  classification (scikit-learn stratifies only binary problems), falling back
-  to an unstratified split when a class is too small.
-* A fit whose loss becomes NaN or inf raises ``ValueError`` and leaves the
-  weights as they were before the call.
+* A fit whose loss becomes NaN or inf (or that leaves NaN or inf in the
+  weights) raises scikit-learn's ``ValueError`` ("Solver produced non-finite
+  parameter weights. ..."), followed by where and when, and leaves the weights
+  as they were before the call. With ``early_stopping=True`` it does not raise,
+  as in scikit-learn: the diverged epoch records its non-finite loss and a NaN
+  validation score, the best epoch's weights are kept, and a
+  ``ConvergenceWarning`` says so; unlike scikit-learn, which runs on to
+  ``max_iter`` with NaN weights, the fit stops at that epoch.
+
+Early stopping's validation split is scikit-learn's: ``train_test_split`` with
+the same random draws, stratified only for a one-output classifier (binary), so
+that a class with a single sample raises scikit-learn's error there (multi-class
+and multi-label splits are not stratified).
 
 Initial weights are drawn as scikit-learn draws them (uniform in
 ``+-sqrt(6 / (fan_in + fan_out))``, 2 instead of 6 for logistic units, the
@@ -92,6 +121,7 @@ Needs scikit-learn >= 1.6 (``pip install 'bprop[sklearn]'`` or
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from numbers import Integral, Real
 from typing import Any, Dict, List, Optional, Tuple
@@ -108,6 +138,7 @@ try:
     from sklearn.preprocessing import LabelBinarizer
     from sklearn.utils import check_random_state, column_or_1d
     from sklearn.utils._param_validation import Interval, Options, StrOptions
+    from sklearn.utils.class_weight import compute_class_weight, compute_sample_weight
     from sklearn.utils.metaestimators import available_if
     from sklearn.utils.multiclass import check_classification_targets, type_of_target, unique_labels
     from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -119,6 +150,7 @@ from . import optim
 from ._loop import Loop
 from .activations import SKLEARN_NAMES
 from .layers import Activation, BatchNorm, Dense, Dropout, Layer, layer_from_description, walk
+from .losses import poisson_deviance_log_link
 from .network import Network, _step_function
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -127,6 +159,17 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _ACTIVATIONS = SKLEARN_NAMES
 _STOCHASTIC_SOLVERS = ("adam", "sgd", "rmsprop")
 _DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64)}
+#: scikit-learn's message for a fit that diverged; bprop's messages start with it.
+_NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain "
+               "large values and need to be preprocessed.")
+
+
+class _Diverged(Exception):
+    """A minibatch's loss was NaN or inf (early stopping ends the fit there)."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        super().__init__(epoch, value)
+        self.epoch, self.value = epoch, value
 
 
 def _dense_layers(net: Network) -> List[Dense]:
@@ -167,6 +210,96 @@ def _set_full_batch_statistics(net: Network, X: np.ndarray) -> None:
             layer.running_var = inputs.var(axis=0, ddof=1, dtype=np.float64)
 
 
+class _LayerArrays(list):
+    """``coefs_`` or ``intercepts_``: the Dense layers' weight (or bias) views,
+    one per layer. Assigning an item (``est.coefs_[0] = W``, slices too) copies
+    the array into the network, as assigning into scikit-learn's list changes
+    its model; the shape must be the layer's. The list cannot grow, shrink or be
+    reordered (the network's layers are fixed). A copy or pickle of the list
+    alone is a plain list of arrays, detached from the network."""
+
+    def __init__(self, views: List[np.ndarray], name: str, where: str) -> None:
+        super().__init__(views)
+        self._name = name
+        self._where = where
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if isinstance(index, slice):
+            positions = list(range(len(self)))[index]
+            values = list(value)
+            if len(values) != len(positions):
+                raise ValueError(
+                    f"{self._where} {self._name}[{index.start}:{index.stop}:{index.step}] "
+                    f"holds {len(positions)} arrays, but {len(values)} were assigned; the "
+                    "list has one array per layer")
+        else:
+            i = operator.index(index)
+            n = len(self)
+            if not -n <= i < n:
+                raise IndexError(f"{self._where} {self._name} index {i} out of range for "
+                                 f"{n} layers")
+            positions, values = [i % n], [value]
+        checked = [_check_layer_array(self._where, f"{self._name}[{i}]",
+                                      list.__getitem__(self, i), v)
+                   for i, v in zip(positions, values)]
+        for i, array in zip(positions, checked):  # all checked first: all or nothing
+            np.copyto(list.__getitem__(self, i), array, casting="unsafe")
+
+    def _fixed(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(f"{self._where} {self._name} holds one array per layer "
+                         f"({len(self)}); it cannot be resized or reordered. Assign arrays "
+                         "of the layers' shapes into it, or refit with other "
+                         "hidden_layer_sizes")
+
+    append = extend = insert = pop = remove = clear = sort = reverse = _fixed  # type: ignore
+    __delitem__ = __iadd__ = __imul__ = _fixed  # type: ignore
+
+    def __reduce__(self) -> Any:
+        return (list, (list(self),))
+
+
+def _check_layer_array(where: str, name: str, view: np.ndarray, value: Any) -> np.ndarray:
+    """value as an array of view's shape (a real array; cast to view's dtype on copy)."""
+    try:
+        array = np.asarray(value)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"{where} {name} must be an array of shape {view.shape}, but got a "
+                         f"ragged {type(value).__name__}") from exc
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"{where} {name} must hold real numbers, but got dtype {array.dtype}")
+    if array.shape != view.shape:
+        raise ValueError(f"{where} {name} must have shape {view.shape} (the layer's), but "
+                         f"got shape {array.shape}")
+    return array
+
+
+def _numpy_objective(net: Network, loss_fn: Any, loss_scale: float,
+                     grad_scale: float) -> Any:
+    """scikit-learn's objective with a loss computed in NumPy (poisson):
+    ``evaluate(X, y, sample_weight, l2) -> value`` runs forward, the loss, the L2
+    term ``0.5 * l2 * sum ||W||^2`` over the Dense weights, and the backward
+    sweep, leaving dL/dparams in the gradient views (nothing is updated)."""
+    core, dtype = net._core, net.dtype
+    dense = _dense_layers(net)
+    weights: List[np.ndarray] = [layer.weight for layer in dense]  # type: ignore[misc]
+    grads: List[np.ndarray] = [layer.grad_weight for layer in dense]  # type: ignore[misc]
+
+    def evaluate(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
+                 l2: float) -> float:
+        value, grad = loss_fn(core.forward(X), y, sample_weight)
+        if grad_scale != 1.0:
+            grad *= grad_scale
+        core.backward(np.ascontiguousarray(grad, dtype=dtype), False, False)
+        penalty = 0.0
+        if l2 != 0.0:
+            for W, gW in zip(weights, grads):
+                flat = W.reshape(-1)
+                penalty += float(np.dot(flat, flat))
+                gW += l2 * W  # d/dW of 0.5 * l2 * ||W||^2
+        return loss_scale * value + 0.5 * l2 * penalty
+    return evaluate
+
+
 class _BaseMLP(BaseEstimator):
     """What MLPClassifier and MLPRegressor share: parameters, the network, the
     training loops (stochastic and L-BFGS), pickling."""
@@ -174,8 +307,6 @@ class _BaseMLP(BaseEstimator):
     # fitted state (declared for type checkers; set by fit)
     _net: Network
     _optimizer: Optional[optim.Optimizer]
-    coefs_: List[np.ndarray]
-    intercepts_: List[np.ndarray]
 
     _parameter_constraints: Dict[str, List[Any]] = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
@@ -256,7 +387,13 @@ class _BaseMLP(BaseEstimator):
         raise NotImplementedError
 
     def _loss_name(self) -> str:
+        """The core's built-in loss, or "poisson" (computed in NumPy)."""
         raise NotImplementedError
+
+    def _class_sample_weight(self, y: np.ndarray, incremental: bool,
+                             where: str) -> Optional[np.ndarray]:
+        """Per-sample weights from class_weight (float64, (n_samples,)), or None."""
+        return None
 
     def _loss_scales(self, n_outputs: int) -> Tuple[float, float]:
         """(loss scale, gradient scale): scikit-learn's loss = loss scale * bprop's
@@ -391,11 +528,48 @@ class _BaseMLP(BaseEstimator):
         return optim.Adam(net, lr=lr, betas=(float(self.beta_1), float(self.beta_2)),
                           eps=float(self.epsilon))
 
-    def _bind_views(self) -> None:
-        """coefs_ and intercepts_ are the Dense layers' own weight and bias views."""
-        dense = _dense_layers(self._net)
-        self.coefs_ = [layer.weight for layer in dense]
-        self.intercepts_ = [layer.bias for layer in dense]
+    # coefs_ and intercepts_ are the Dense layers' own weight and bias views: reading
+    # them reads the network, assigning them (the list or an item) writes into it.
+    def _layer_arrays(self, name: str) -> _LayerArrays:
+        if "_net" not in self.__dict__:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}' "
+                                 "(not fitted yet)")
+        attr = "weight" if name == "coefs_" else "bias"
+        return _LayerArrays([getattr(layer, attr) for layer in _dense_layers(self._net)],
+                            name, self._where(name))
+
+    def _assign_layer_arrays(self, name: str, values: Any) -> None:
+        where = self._where(name)
+        if "_net" not in self.__dict__:
+            raise AttributeError(f"{where} {name} can be assigned only after fit: the layer "
+                                 "sizes come from the data (fit or partial_fit first, then "
+                                 "assign the weights)")
+        current = self._layer_arrays(name)
+        if isinstance(values, np.ndarray) or not hasattr(values, "__len__"):
+            raise TypeError(f"{where} {name} must be a list of {len(current)} arrays (one per "
+                            f"layer), but got {type(values).__name__}")
+        values = list(values)
+        if len(values) != len(current):
+            shapes = [a.shape for a in current]
+            raise ValueError(f"{where} {name} must hold {len(current)} arrays (one per layer, "
+                             f"shapes {shapes}), but got {len(values)}")
+        current[:] = values
+
+    @property
+    def coefs_(self) -> List[np.ndarray]:
+        return self._layer_arrays("coefs_")
+
+    @coefs_.setter
+    def coefs_(self, values: Any) -> None:
+        self._assign_layer_arrays("coefs_", values)
+
+    @property
+    def intercepts_(self) -> List[np.ndarray]:
+        return self._layer_arrays("intercepts_")
+
+    @intercepts_.setter
+    def intercepts_(self, values: Any) -> None:
+        self._assign_layer_arrays("intercepts_", values)
 
     def _validate_predict_input(self, X: Any) -> np.ndarray:
         check_is_fitted(self)
@@ -415,6 +589,12 @@ class _BaseMLP(BaseEstimator):
                                     dtype=self._input_dtype(first_pass))
         dtype = X.dtype if first_pass else self._net.dtype
         X = np.ascontiguousarray(X, dtype=dtype)
+        class_weight = self._class_sample_weight(y, incremental, where)
+        if class_weight is not None:  # multiplies the user's weights, in float64
+            if sample_weight is not None:
+                class_weight = class_weight * _check_sample_weight(
+                    sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+            sample_weight = class_weight
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=dtype,
                                                  ensure_non_negative=True)
@@ -468,6 +648,11 @@ class _BaseMLP(BaseEstimator):
                                      random_state)
             else:
                 self._fit_lbfgs(net, state, X, target, sample_weight)
+            if not all(np.isfinite(a).all() for a in _state_arrays(net)):
+                raise ValueError(_NON_FINITE + f" {where} the fit left NaN or inf in the "
+                                 "network's parameters; the weights were left as they were "
+                                 "before this call. Preprocess the data (e.g. StandardScaler), "
+                                 "or lower learning_rate_init.")
         except BaseException:
             if snapshot is not None:
                 arrays, dropout_step = snapshot
@@ -482,7 +667,6 @@ class _BaseMLP(BaseEstimator):
             setattr(self, k, v)
         self._net = net
         self.out_activation_ = self._out_activation()
-        self._bind_views()
         return self
 
     def _fit_stochastic(self, net: Network, state: Dict[str, Any], X: np.ndarray,
@@ -500,7 +684,7 @@ class _BaseMLP(BaseEstimator):
         X_val = y_val = w_val = None
         if self.early_stopping:
             X, target, sample_weight, X_val, y_val, w_val = self._validation_split(
-                X, target, y_original, sample_weight, random_state)
+                X, target, y_original, sample_weight, random_state, net.out_features, where)
             self._check_batch_rows(where, X.shape[0])
         n = X.shape[0]
         if self.batch_size == "auto":
@@ -514,16 +698,21 @@ class _BaseMLP(BaseEstimator):
         # forward, scikit-learn's objective, backward and the update: one call of the
         # core per minibatch (a non-finite objective updates nothing)
         objective = (*self._loss_scales(net.out_features), float(self.alpha))
-        step = _step_function(net, self._loss_name(), optimizer, objective=objective)
+        if self._loss_name() == "poisson":
+            step = self._numpy_step(net, optimizer, objective)
+        else:
+            step = _step_function(net, self._loss_name(), optimizer, objective=objective)
         if _has_batch_norm(net):
             step = self._skip_single_rows(net, step, objective)
 
         def diverged(epoch: int, batch: int, value: float) -> None:
+            if self.early_stopping:  # as scikit-learn: the fit ends with the best weights
+                raise _Diverged(epoch, value)
             raise ValueError(
-                f"{where} training diverged in epoch {epoch + 1}: the loss is {value}; the "
-                "weights were left as they were before this call. The input data may contain "
-                "large values and need to be preprocessed (e.g. StandardScaler), or "
-                f"learning_rate_init (={self.learning_rate_init}) is too large.")
+                f"{_NON_FINITE} {where} training diverged in epoch {epoch + 1}: the loss is "
+                f"{value}; the weights were left as they were before this call. Preprocess "
+                "the data (e.g. StandardScaler), or lower learning_rate_init "
+                f"(={self.learning_rate_init}).")
 
         loop = Loop(X, target, sample_weight, batch_size, step, diverged, mean_over_rows=True)
         params = _state_arrays(net)  # early stopping keeps the best weights and buffers
@@ -538,7 +727,11 @@ class _BaseMLP(BaseEstimator):
             if self.shuffle:
                 # each epoch reshuffles the last order, drawing as sklearn.utils.shuffle
                 order = order[random_state.permutation(n)]
-            accumulated, counted = loop.epoch(epoch, order if self.shuffle else None)
+            try:
+                accumulated, counted = loop.epoch(epoch, order if self.shuffle else None)
+            except _Diverged as exc:
+                self._end_diverged(state, exc, n, where)
+                break
             state["n_iter_"] += 1
             loss = accumulated / counted if counted else 0.0
             state["loss_"] = loss
@@ -601,6 +794,38 @@ class _BaseMLP(BaseEstimator):
             for src, p in zip(best_params, params):
                 np.copyto(p, src)
 
+    def _end_diverged(self, state: Dict[str, Any], exc: _Diverged, n: int, where: str) -> None:
+        """Early stopping's end of a fit whose loss became NaN or inf: as in
+        scikit-learn, the fit ends without an error, the epoch's loss and a NaN
+        validation score are recorded, and the best epoch's weights are kept (the
+        initial ones if none was scored)."""
+        state["n_iter_"] += 1
+        state["t_"] += n
+        state["loss_"] = exc.value
+        state["loss_curve_"].append(exc.value)
+        state["validation_scores_"].append(float("nan"))
+        warnings.warn(f"{where} training diverged in epoch {exc.epoch + 1}: the loss is "
+                      f"{exc.value}. Early stopping ends the fit and keeps the weights of the "
+                      f"best epoch (validation score {state['best_validation_score_']}). "
+                      "Preprocess the data (e.g. StandardScaler), or lower learning_rate_init "
+                      f"(={self.learning_rate_init}).", ConvergenceWarning, stacklevel=5)
+
+    def _numpy_step(self, net: Network, optimizer: optim.Optimizer,
+                    objective: Tuple[float, float, float]) -> Any:
+        """The minibatch step for a loss computed in NumPy (poisson): forward, the
+        loss and L2 term, backward, then the optimizer's update (none when the
+        objective is not finite)."""
+        loss_scale, grad_scale, alpha = objective
+        evaluate = _numpy_objective(net, poisson_deviance_log_link, loss_scale, grad_scale)
+
+        def step(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
+                 weight: float) -> float:
+            value = evaluate(X, y, sample_weight, alpha / weight)
+            if math.isfinite(value):
+                optimizer.step()
+            return value
+        return step
+
     def _skip_single_rows(self, net: Network, step: Any,
                           objective: Tuple[float, float, float]) -> Any:
         """The step for a network with BatchNorm: a minibatch of one row (the last
@@ -609,6 +834,8 @@ class _BaseMLP(BaseEstimator):
         epoch's mean (PyTorch would raise; its DataLoader's drop_last drops it)."""
         core, loss_name = net._core, self._loss_name()
         loss_scale, grad_scale, alpha = objective
+        evaluate = (_numpy_objective(net, poisson_deviance_log_link, loss_scale, grad_scale)
+                    if loss_name == "poisson" else None)
 
         def step_or_skip(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
                          weight: float) -> float:
@@ -616,6 +843,8 @@ class _BaseMLP(BaseEstimator):
                 return step(X, y, sample_weight, weight)
             core.training = False
             try:  # no optimizer and lr < 0: the loss (and gradients), no update
+                if evaluate is not None:
+                    return evaluate(X, y, sample_weight, alpha / weight)
                 return core.train_step(X, y, loss_name, sample_weight, -1.0, None,
                                        loss_scale=loss_scale, grad_scale=grad_scale,
                                        l2=alpha / weight)
@@ -625,21 +854,28 @@ class _BaseMLP(BaseEstimator):
 
     def _validation_split(self, X: np.ndarray, target: np.ndarray, y_original: np.ndarray,
                           sample_weight: Optional[np.ndarray],
-                          random_state: np.random.RandomState) -> Tuple[Any, ...]:
-        """Holds out validation_fraction of the samples (stratified for
-        single-label classification when every class can be split)."""
+                          random_state: np.random.RandomState, n_outputs: int,
+                          where: str) -> Tuple[Any, ...]:
+        """Holds out validation_fraction of the samples, as scikit-learn's
+        _fit_stochastic does: stratified only for a classifier with one output
+        unit (binary), by its 0/1 indicator column; multi-class, multi-label and
+        regression splits are not stratified. A class too small to stratify
+        raises scikit-learn's error."""
         arrays = [X, target, y_original] + ([] if sample_weight is None else [sample_weight])
         stratify = None
-        if is_classifier(self) and np.ndim(y_original) == 1:
-            stratify = y_original
+        if is_classifier(self) and n_outputs == 1:
+            # scikit-learn's y there: the indicator column as bools
+            stratify = self._label_binarizer.transform(y_original).astype(bool)
         try:
             parts = train_test_split(*arrays, random_state=random_state,
                                      test_size=self.validation_fraction, stratify=stratify)
-        except ValueError:
+        except ValueError as exc:
             if stratify is None:
                 raise
-            parts = train_test_split(*arrays, random_state=random_state,
-                                     test_size=self.validation_fraction)
+            raise ValueError(f"{exc} ({where} early_stopping=True holds out a validation set "
+                             "stratified by class for a binary problem, as scikit-learn does; "
+                             "give each class more samples, or set early_stopping=False)"
+                             ) from exc
         X_train, X_val, t_train, _, _, y_val = parts[:6]
         w_train = w_val = None
         if sample_weight is not None:
@@ -669,14 +905,20 @@ class _BaseMLP(BaseEstimator):
         views = [(p, g) for _, p, g in net.parameters()]
         sizes = np.cumsum([0] + [p.size for p, _ in views])
         packed_grad = np.empty(int(sizes[-1]))
+        evaluate = (_numpy_objective(net, poisson_deviance_log_link, loss_scale, grad_scale)
+                    if loss_name == "poisson" else None)
 
         def loss_and_grad(theta: np.ndarray) -> Tuple[float, np.ndarray]:
             for (p, _), lo, hi in zip(views, sizes[:-1], sizes[1:]):
                 p[...] = theta[lo:hi].reshape(p.shape)
             # forward, the objective and backward in one call of the core, which
             # leaves the gradients in the views (no optimizer: nothing is updated)
-            value = net._core.train_step(X, target, loss_name, sample_weight, -1.0, None,
-                                         loss_scale=loss_scale, grad_scale=grad_scale, l2=decay)
+            if evaluate is not None:
+                value = evaluate(X, target, sample_weight, decay)
+            else:
+                value = net._core.train_step(X, target, loss_name, sample_weight, -1.0, None,
+                                             loss_scale=loss_scale, grad_scale=grad_scale,
+                                             l2=decay)
             if not math.isfinite(value):
                 return math.inf, np.zeros_like(theta)
             for (_, g), lo, hi in zip(views, sizes[:-1], sizes[1:]):
@@ -698,8 +940,9 @@ class _BaseMLP(BaseEstimator):
         for (p, _), lo, hi in zip(views, sizes[:-1], sizes[1:]):
             p[...] = result.x[lo:hi].reshape(p.shape)
         if not all(np.isfinite(p).all() for p, _ in views):
-            raise ValueError("Solver produced non-finite parameter weights. The input data may "
-                             "contain large values and need to be preprocessed.")
+            raise ValueError(_NON_FINITE + f" {self._where('fit')} L-BFGS left NaN or inf in "
+                             "the network's parameters; the weights were left as they were "
+                             "before this call.")
         if _has_batch_norm(net):
             _set_full_batch_statistics(net, X)
         state["n_iter_"] = min(int(result.nit), int(self.max_iter))
@@ -750,7 +993,6 @@ class _BaseMLP(BaseEstimator):
                 net, **opt_state["hyperparameters"])
             optimizer.load_state_dict(opt_state)
             self._optimizer = optimizer
-        self._bind_views()
 
 
 class MLPClassifier(ClassifierMixin, _BaseMLP):
@@ -791,6 +1033,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             Dropout layer). Not with solver="lbfgs".
         batch_norm: normalise each hidden layer's pre-activation with BatchNorm
             (Dense -> BatchNorm -> Activation).
+        class_weight: None, "balanced", {class: weight} (or a list of such dicts
+            for multi-label targets): per-sample weights of each class, as
+            scikit-learn's compute_sample_weight, times sample_weight.
 
     Attributes:
         classes_: (n_classes,) class labels.
@@ -801,14 +1046,43 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         best_validation_score_: best validation accuracy (early_stopping).
         t_: training samples seen.
         coefs_: weights per Dense layer, (fan_in, fan_out) each: views of the
-            network's storage (write in place to change the model).
-        intercepts_: biases per layer, (fan_out,) each, views as well.
+            network's storage; writing into them, assigning an item or the
+            whole list changes the model.
+        intercepts_: biases per layer, (fan_out,) each, the same way.
         n_features_in_, feature_names_in_: as every scikit-learn estimator.
         n_iter_: epochs run by the last fit (iterations for lbfgs).
         n_layers_: number of layers, input and output included.
         n_outputs_: width of the output layer.
         out_activation_: "softmax" (multi-class) or "logistic" (binary, multi-label).
     """
+
+    _parameter_constraints: Dict[str, List[Any]] = {
+        **_BaseMLP._parameter_constraints,
+        "class_weight": [dict, list, StrOptions({"balanced"}), None],
+    }
+
+    def __init__(self, hidden_layer_sizes: Any = (100,), activation: str = "relu", *,
+                 solver: str = "adam", alpha: float = 0.0001, batch_size: Any = "auto",
+                 learning_rate: str = "constant", learning_rate_init: float = 0.001,
+                 power_t: float = 0.5, max_iter: int = 200, shuffle: bool = True,
+                 random_state: Any = None, tol: float = 1e-4, verbose: bool = False,
+                 warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, n_iter_no_change: Any = 10, max_fun: int = 15000,
+                 dtype: Optional[str] = None, dropout: float = 0.0,
+                 batch_norm: bool = False,
+                 class_weight: Any = None) -> None:
+        super().__init__(
+            hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
+            learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state,
+            tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun, dtype=dtype,
+            dropout=dropout, batch_norm=batch_norm)
+        self.class_weight = class_weight
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPClassifier":
         """Fits the network to X (n_samples, n_features) and y: labels
@@ -881,6 +1155,28 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     def _multiclass(self) -> bool:
         return self._label_binarizer.y_type_ == "multiclass"
+
+    def _class_sample_weight(self, y: np.ndarray, incremental: bool,
+                             where: str) -> Optional[np.ndarray]:
+        """class_weight as per-sample weights, with the semantics of scikit-learn's
+        compute_sample_weight ("balanced": n_samples / (n_classes * count of the
+        class), counted over this call's y; a dict maps classes to weights, 1 for
+        the others). partial_fit refuses "balanced" (one batch cannot tell the
+        class frequencies), as SGDClassifier does, and maps a dict over classes_."""
+        class_weight = self.class_weight
+        if class_weight is None:
+            return None
+        if isinstance(class_weight, str) and incremental:
+            raise ValueError(
+                f"{where} class_weight 'balanced' is not supported for partial_fit: one batch "
+                "does not tell the class frequencies. Compute the weights with "
+                "sklearn.utils.class_weight.compute_class_weight('balanced', classes=classes, "
+                "y=y) over a large enough sample of the targets and pass them as a dict "
+                "(class_weight={class: weight}).")
+        if incremental and y.ndim == 1:
+            weights = compute_class_weight(class_weight, classes=self.classes_, y=y)
+            return np.asarray(weights, dtype=np.float64)[np.searchsorted(self.classes_, y)]
+        return np.asarray(compute_sample_weight(class_weight, y), dtype=np.float64)
 
     def _out_activation(self) -> str:
         return "softmax" if self._multiclass() else "logistic"
@@ -956,11 +1252,42 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     """Multi-layer perceptron regressor trained by bprop, with scikit-learn's API.
 
     Parameters, attributes and methods are those of
-    ``sklearn.neural_network.MLPRegressor`` (squared error); see
-    :class:`MLPClassifier` for the parameters and the module docstring for the
-    objective. ``out_activation_`` is "identity"; y may have several columns
+    ``sklearn.neural_network.MLPRegressor``; see :class:`MLPClassifier` for the
+    parameters (but class_weight) and the module docstring for the objective.
+    ``loss`` ("squared_error" or "poisson", the first positional parameter as in
+    scikit-learn) chooses half the squared error with an identity output
+    (``out_activation_ == "identity"``) or half the Poisson deviance with a log
+    link (``out_activation_ == "exp"``, y >= 0). y may have several columns
     (multi-output regression); ``validation_scores_`` hold R^2.
     """
+
+    _parameter_constraints: Dict[str, List[Any]] = {
+        **_BaseMLP._parameter_constraints,
+        "loss": [StrOptions({"squared_error", "poisson"})],
+    }
+
+    def __init__(self, loss: str = "squared_error", hidden_layer_sizes: Any = (100,),
+                 activation: str = "relu", *,
+                 solver: str = "adam", alpha: float = 0.0001, batch_size: Any = "auto",
+                 learning_rate: str = "constant", learning_rate_init: float = 0.001,
+                 power_t: float = 0.5, max_iter: int = 200, shuffle: bool = True,
+                 random_state: Any = None, tol: float = 1e-4, verbose: bool = False,
+                 warm_start: bool = False, momentum: float = 0.9,
+                 nesterovs_momentum: bool = True, early_stopping: bool = False,
+                 validation_fraction: float = 0.1, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-8, n_iter_no_change: Any = 10, max_fun: int = 15000,
+                 dtype: Optional[str] = None, dropout: float = 0.0,
+                 batch_norm: bool = False) -> None:
+        super().__init__(
+            hidden_layer_sizes, activation, solver=solver, alpha=alpha, batch_size=batch_size,
+            learning_rate=learning_rate, learning_rate_init=learning_rate_init,
+            power_t=power_t, max_iter=max_iter, shuffle=shuffle, random_state=random_state,
+            tol=tol, verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun, dtype=dtype,
+            dropout=dropout, batch_norm=batch_norm)
+        self.loss = loss
 
     def fit(self, X: Any, y: Any, sample_weight: Any = None) -> "MLPRegressor":
         """Fits the network to X (n_samples, n_features) and y (n_samples,) or
@@ -1000,25 +1327,48 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                              order="C", reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
+        if self.loss == "poisson":
+            # the checks of scikit-learn's Poisson regressors (forests, trees); a batch
+            # of partial_fit may hold only zeros
+            where = self._where("partial_fit" if incremental else "fit")
+            negative = y < 0
+            if negative.any():
+                index = np.unravel_index(int(np.argmax(negative)), y.shape)
+                raise ValueError(
+                    "Some value(s) of y are negative which is not allowed for Poisson "
+                    f"regression. ({where} loss='poisson' needs counts or rates y >= 0, but "
+                    f"y[{', '.join(str(int(i)) for i in index)}] = {y[index]})")
+            if not incremental and not np.sum(y) > 0:
+                raise ValueError(
+                    "Sum of y is not strictly positive which is necessary for Poisson "
+                    f"regression. ({where} loss='poisson' with every y = 0 has no finite "
+                    "solution: log(mu) would go to -inf)")
         return X, y
 
     def _out_activation(self) -> str:
-        return "identity"
+        return "exp" if self.loss == "poisson" else "identity"
 
     def _targets(self, y: np.ndarray, dtype: np.dtype) -> Tuple[np.ndarray, int]:
         target = y.reshape(-1, 1) if y.ndim == 1 else y
         return np.ascontiguousarray(target, dtype=dtype), target.shape[1]
 
     def _loss_name(self) -> str:
-        return "mean_squared_error"
+        return "poisson" if self.loss == "poisson" else "mean_squared_error"
 
     def _loss_scales(self, n_outputs: int) -> Tuple[float, float]:
+        if self.loss == "poisson":
+            # bprop's poisson_deviance_log_link is the mean over all elements;
+            # scikit-learn sums the outputs' sample means (loss and gradient)
+            return float(n_outputs), float(n_outputs)
         # bprop: mean((o - t)^2) over all elements, gradient 2 (o - t) / (k n);
         # scikit-learn reports half of it and steps along (o - t) / n.
         return 0.5, 0.5 * n_outputs
 
     def _predict_with(self, net: Network, X: np.ndarray) -> np.ndarray:
         out = net.predict(X)
+        if self._out_activation() == "exp":  # the log link: the network outputs log(mu)
+            with np.errstate(over="ignore"):
+                np.exp(out, out=out)
         return out.ravel() if out.shape[1] == 1 else out
 
     def predict(self, X: Any) -> np.ndarray:
@@ -1031,9 +1381,12 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         y_pred = self._predict_with(net, X)
         if not np.isfinite(y_pred).all():
             return float("nan")
-        return float(r2_score(y, y_pred, sample_weight=sample_weight))
+        with np.errstate(over="ignore", invalid="ignore"):  # huge predictions: -inf
+            return float(r2_score(y, y_pred, sample_weight=sample_weight))
 
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
+        # Poisson needs y >= 0 (scikit-learn's GLMs and gradient boosting say so too)
+        tags.target_tags.positive_only = self.loss == "poisson"
         return tags
