@@ -308,6 +308,63 @@ LayerSpec spec_from_dict(const py::dict& d, const std::string& where) {
   return s;
 }
 
+/// X as the Python layer passes a sparse batch: the tuple (data, indices, indptr,
+/// n_features) of a CSR matrix (scipy's arrays, not copied), or None for a dense X.
+/// data must have dtype T; indices and indptr both int32 or both int64, 1-D and
+/// C-contiguous. Only the shapes are checked here; check_csr checks the contents.
+template <typename T>
+struct CsrArg {
+  py::tuple arrays;  // keeps the arrays alive
+  CsrBatch<T> batch;
+};
+
+template <typename T>
+std::optional<CsrArg<T>> csr_arg(py::handle X_obj, const char* where) {
+  if (!py::isinstance<py::tuple>(X_obj)) return std::nullopt;
+  auto t = py::reinterpret_borrow<py::tuple>(X_obj);
+  const std::string tag = std::string("[") + where + "] X";
+  if (t.size() != 4) {
+    throw py::value_error(tag + " as a tuple must be a CSR matrix's (data, indices, indptr, "
+                          "n_features), but has " + std::to_string(t.size()) + " items");
+  }
+  auto data = strict_array<T>(t[0], where, "X.data", 1);
+  if (!py::isinstance<py::array>(t[1]) || !py::isinstance<py::array>(t[2])) {
+    throw py::type_error(tag + ".indices and X.indptr must be numpy arrays");
+  }
+  auto indices = py::reinterpret_borrow<py::array>(t[1]);
+  auto indptr = py::reinterpret_borrow<py::array>(t[2]);
+  const bool i64 = indices.dtype().equal(py::dtype::of<std::int64_t>());
+  const bool i32 = indices.dtype().equal(py::dtype::of<std::int32_t>());
+  if (!(i32 || i64) || !indptr.dtype().equal(indices.dtype())) {
+    throw py::type_error(tag + ".indices and X.indptr must both have dtype int32 or both "
+                         "int64, but have " + std::string(py::str(indices.dtype())) + " and " +
+                         std::string(py::str(indptr.dtype())));
+  }
+  if (i64) {
+    strict_array<std::int64_t>(indices, where, "X.indices", 1);
+    strict_array<std::int64_t>(indptr, where, "X.indptr", 1);
+  } else {
+    strict_array<std::int32_t>(indices, where, "X.indices", 1);
+    strict_array<std::int32_t>(indptr, where, "X.indptr", 1);
+  }
+  if (indices.shape(0) != data.shape(0) || indptr.shape(0) < 1) {
+    throw py::value_error(tag + " is not a valid CSR matrix: data has " +
+                          std::to_string(data.shape(0)) + " values and indices " +
+                          std::to_string(indices.shape(0)) + ", indptr " +
+                          std::to_string(indptr.shape(0)) + " entries");
+  }
+  CsrArg<T> out;
+  out.arrays = t;
+  out.batch.rows = indptr.shape(0) - 1;
+  out.batch.cols = t[3].cast<Index>();
+  out.batch.nnz = data.shape(0);
+  out.batch.values = data.data();
+  out.batch.indices = indices.data();
+  out.batch.indptr = indptr.data();
+  out.batch.index64 = i64;
+  return out;
+}
+
 /// The views of one layer's caches, found by its path from the top of the network
 /// (see "layer_caches" below). A layer's input is the output of the layer before it
 /// in its sequence, or the input of the Residual it opens, or the network's input.
@@ -320,7 +377,8 @@ py::dict layer_caches(const PyNetwork<T>& s, const std::vector<Index>& path) {
   const bool forward = s.net.has_forward();
   const py::ssize_t batch = forward ? static_cast<py::ssize_t>(s.net.batch()) : 0;
   py::object input = py::none();
-  if (forward) {  // the network's input, as cached by reference
+  if (forward && !s.net.sparse_input()) {  // the network's input, as cached by reference
+    // (a sparse input has no dense view: "input" is None for layer 0)
     auto X = py::reinterpret_borrow<py::array>(s.input);
     py::array v(X.dtype(), {X.shape(0), X.shape(1)}, {X.strides(0), X.strides(1)}, X.data(), X);
     mark_readonly(v);
@@ -487,6 +545,22 @@ void bind_network_type(py::module_& m, const char* name) {
       .def(
           "forward",
           [](Self& s, py::handle X_obj) {
+            if (auto csr = csr_arg<T>(X_obj, "Network.forward")) {
+              const Index rows = csr->batch.rows;
+              py::array_t<T> out({static_cast<py::ssize_t>(rows),
+                                  static_cast<py::ssize_t>(s.net.out_features())});
+              SignalPoll poll(work_of(s, rows));
+              {
+                py::gil_scoped_release nogil;
+                Exclusive<T> lock(s, "Network.forward");
+                auto result = s.net.forward(csr->batch, poll.poll());
+                std::memcpy(out.mutable_data(), result.data(),
+                            sizeof(T) * static_cast<std::size_t>(result.size()));
+                py::gil_scoped_acquire gil;
+                s.input = csr->arrays;
+              }
+              return out;
+            }
             auto X = strict_array<T>(X_obj, "Network.forward", "X", 2);
             const Index rows = X.shape(0), cols = X.shape(1);
             py::array_t<T> out({static_cast<py::ssize_t>(rows),
@@ -548,8 +622,11 @@ void bind_network_type(py::module_& m, const char* name) {
               }
               update = &checked_plan(s, plan_obj, where);
             }
-            auto X = strict_array<T>(X_obj, where, "X", 2);
-            const Index rows = X.shape(0), cols = X.shape(1);
+            auto csr = csr_arg<T>(X_obj, where);
+            py::array_t<T> X;
+            if (!csr) X = strict_array<T>(X_obj, where, "X", 2);
+            const Index rows = csr ? csr->batch.rows : X.shape(0);
+            const Index cols = csr ? csr->batch.cols : X.shape(1);
             Loss loss;
             if (loss_name == "softmax_cross_entropy") {
               loss = Loss::softmax_cross_entropy;
@@ -601,11 +678,21 @@ void bind_network_type(py::module_& m, const char* name) {
             {
               py::gil_scoped_release nogil;
               Exclusive<T> lock(s, where);
-              value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
-                                       target, sw, static_cast<T>(sgd_lr), update, poll.poll(),
-                                       plain ? nullptr : &objective);
+              if (csr) {
+                value = s.net.train_step(csr->batch, loss, labels, target, sw,
+                                         static_cast<T>(sgd_lr), update, poll.poll(),
+                                         plain ? nullptr : &objective);
+              } else {
+                value = s.net.train_step(ConstMatrixMap<T>(X.data(), rows, cols), loss, labels,
+                                         target, sw, static_cast<T>(sgd_lr), update,
+                                         poll.poll(), plain ? nullptr : &objective);
+              }
               py::gil_scoped_acquire gil;
-              s.input = X;
+              if (csr) {
+                s.input = csr->arrays;
+              } else {
+                s.input = X;
+              }
             }
             return value;
           },
@@ -641,8 +728,11 @@ void bind_network_type(py::module_& m, const char* name) {
       .def(
           "predict",
           [](Self& s, py::handle X_obj, Index batch_size) {
-            auto X = strict_array<T>(X_obj, "Network.predict", "X", 2);
-            const Index rows = X.shape(0), cols = X.shape(1);
+            auto csr = csr_arg<T>(X_obj, "Network.predict");
+            py::array_t<T> X;
+            if (!csr) X = strict_array<T>(X_obj, "Network.predict", "X", 2);
+            const Index rows = csr ? csr->batch.rows : X.shape(0);
+            const Index cols = csr ? csr->batch.cols : X.shape(1);
             py::array_t<T> out({static_cast<py::ssize_t>(rows),
                                 static_cast<py::ssize_t>(s.net.out_features())});
             {
@@ -652,8 +742,12 @@ void bind_network_type(py::module_& m, const char* name) {
                                          "another call on the network (from a signal handler?)");
               }
               std::shared_lock lock(s.mutex);
-              s.net.predict(ConstMatrixMap<T>(X.data(), rows, cols), batch_size,
-                            MatrixMap<T>(out.mutable_data(), rows, s.net.out_features()));
+              MatrixMap<T> out_map(out.mutable_data(), rows, s.net.out_features());
+              if (csr) {
+                s.net.predict(csr->batch, batch_size, out_map);
+              } else {
+                s.net.predict(ConstMatrixMap<T>(X.data(), rows, cols), batch_size, out_map);
+              }
             }
             return out;
           },

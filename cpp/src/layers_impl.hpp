@@ -84,15 +84,33 @@ const T* Dense<T>::forward(const T* in, Index batch, const ForwardContext&) {
   const Index I = this->in_, O = this->out_;
   input_ = in;  // a, by reference
   // z = a W + b, output = sigma(z)
+  sparse_ = false;
   gemm<T>(false, false, batch, O, I, T(1), in, I, weight_.value->data(), O, T(0), z_->data(), O);
+  bias_activation(batch);
+  return output_->data();
+}
+
+template <typename T>
+const T* Dense<T>::forward_sparse(const CsrBatch<T>& X, const ForwardContext&) {
+  input_ = nullptr;
+  csr_ = X;  // a, by reference
+  sparse_ = true;
+  // z = X W + b, output = sigma(z), X sparse
+  csr_matmul<T>(X, weight_.value->data(), this->out_, z_->data());
+  bias_activation(X.rows);
+  return output_->data();
+}
+
+template <typename T>
+void Dense<T>::bias_activation(Index batch) {
   const T slope = static_cast<T>(this->spec_.negative_slope);
   if (this->spec_.bias) {
     bias_activation_forward<T>(this->spec_.activation, slope, bias_.value->data(), z_->data(),
-                               output_->data(), batch, O);
+                               output_->data(), batch, this->out_);
   } else {
-    activation_forward<T>(this->spec_.activation, slope, z_->data(), output_->data(), batch, O);
+    activation_forward<T>(this->spec_.activation, slope, z_->data(), output_->data(), batch,
+                          this->out_);
   }
-  return output_->data();
 }
 
 template <typename T>
@@ -103,6 +121,9 @@ void Dense<T>::backward(T* grad_input, Index batch, const BackwardContext<T>& ct
   activation_backward<T>(this->spec_.activation, static_cast<T>(this->spec_.negative_slope),
                          z_->data(), output_->data(), delta, delta, batch, O);
   ctx.check_poll();
+  if (grad_input != nullptr && sparse_) {
+    throw std::logic_error("[Dense.backward] dL/dX is not formed for a sparse input");
+  }
   if (grad_input != nullptr) {
     // dL/da of the layer below = delta W^T, formed while W is unchanged
     gemm<T>(false, true, batch, I, O, T(1), delta, O, weight_.value->data(), O, T(0),
@@ -111,8 +132,12 @@ void Dense<T>::backward(T* grad_input, Index batch, const BackwardContext<T>& ct
   if (ctx.sgd_lr < T(0)) {
     if (grad_input != nullptr) ctx.check_poll();
     // dL/dW = a^T delta (+ l2 W), dL/db = column sums of delta
-    gemm<T>(true, false, I, O, batch, T(1), input_, I, delta, O, ctx.accumulate ? T(1) : T(0),
-            weight_.grad->data(), O);
+    if (sparse_) {  // X^T delta from the CSR arrays, no transposed copy
+      csr_t_matmul<T>(csr_, delta, O, T(1), ctx.accumulate ? T(1) : T(0), weight_.grad->data());
+    } else {
+      gemm<T>(true, false, I, O, batch, T(1), input_, I, delta, O, ctx.accumulate ? T(1) : T(0),
+              weight_.grad->data(), O);
+    }
     if (ctx.l2 != T(0)) {
       VectorMap<T>(weight_.grad->data(), I * O).noalias() +=
           ctx.l2 * ConstVectorMap<T>(weight_.value->data(), I * O);
@@ -135,8 +160,12 @@ bool Dense<T>::apply_fused_sgd(T lr, T l2, Index batch) {
   const Index I = this->in_, O = this->out_;
   // W -= lr (a^T delta + l2 W) as one product into W, b -= lr colsum(delta)
   if (l2 != T(0)) VectorMap<T>(weight_.value->data(), I * O) *= T(1) - lr * l2;
-  gemm<T>(true, false, I, O, batch, -lr, input_, I, delta_->data(), O, T(1),
-          weight_.value->data(), O);
+  if (sparse_) {
+    csr_t_matmul<T>(csr_, delta_->data(), O, -lr, T(1), weight_.value->data());
+  } else {
+    gemm<T>(true, false, I, O, batch, -lr, input_, I, delta_->data(), O, T(1),
+            weight_.value->data(), O);
+  }
   if (this->spec_.bias) {
     VectorMap<T>(bias_.value->data(), O).noalias() -=
         lr * ConstMatrixMap<T>(delta_->data(), batch, O).colwise().sum();
@@ -154,6 +183,19 @@ void Dense<T>::predict(const T* in, T* out, Index batch, T*) const {
                                batch, O);
   } else {
     activation_forward<T>(this->spec_.activation, slope, out, out, batch, O);
+  }
+}
+
+template <typename T>
+void Dense<T>::predict_sparse(const CsrBatch<T>& X, T* out) const {
+  const Index O = this->out_;
+  csr_matmul<T>(X, weight_.value->data(), O, out);
+  const T slope = static_cast<T>(this->spec_.negative_slope);
+  if (this->spec_.bias) {
+    bias_activation_forward<T>(this->spec_.activation, slope, bias_.value->data(), out, out,
+                               X.rows, O);
+  } else {
+    activation_forward<T>(this->spec_.activation, slope, out, out, X.rows, O);
   }
 }
 

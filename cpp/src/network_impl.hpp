@@ -127,30 +127,13 @@ bool Network<T>::aliases_cache(const T* data, Index size) const {
 template <typename T>
 void Network<T>::clear_cache() {
   input_ = nullptr;
+  sparse_input_ = false;
   batch_ = 0;
 }
 
 template <typename T>
 void Network<T>::check_input(ConstMatrixMap<T> X, const char* where) const {
-  if (X.cols() != in_features()) {
-    throw std::invalid_argument(std::string("[") + where + "] X has " +
-                                std::to_string(X.cols()) + " features, but layer 0 expects " +
-                                std::to_string(in_features()));
-  }
-  if (X.rows() <= 0) {
-    throw std::invalid_argument(std::string("[") + where +
-                                "] X has 0 rows; expected at least one sample");
-  }
-  if (training_ && X.rows() < 2) {
-    for (const Layer<T>* L : all_) {
-      if (L->kind() == LayerSpec::Kind::batch_norm) {
-        throw std::invalid_argument(
-            std::string("[") + where + "] X has 1 row, but BatchNorm in training mode needs "
-            "more than one row per batch (the variance of one row is 0); use a larger "
-            "batch, or eval mode (net.eval())");
-      }
-    }
-  }
+  check_rows(X.rows(), X.cols(), where);
   if (aliases_cache(X.data(), X.size())) {
     throw std::invalid_argument(std::string("[") + where +
                                 "] X is a view of this network's own cache (a layer's input, "
@@ -160,19 +143,65 @@ void Network<T>::check_input(ConstMatrixMap<T> X, const char* where) const {
 }
 
 template <typename T>
-const T* Network<T>::run_forward(const T* X, Index batch, const Poll& poll) {
+void Network<T>::check_input(const CsrBatch<T>& X, const char* where) const {
+  if (layers_[0]->kind() != LayerSpec::Kind::dense) {
+    throw std::invalid_argument(
+        std::string("[") + where + "] X is sparse, which only a Dense first layer takes, but "
+        "layer 0 is " + kind_name(layers_[0]->kind()) + "; densify X (X.toarray()) or start "
+        "the network with a Dense layer");
+  }
+  check_rows(X.rows, X.cols, where);
+  check_csr(X, where);
+  if (aliases_cache(X.values, X.nnz)) {
+    throw std::invalid_argument(std::string("[") + where +
+                                "] X's values are a view of this network's own cache, which "
+                                "this call overwrites; pass a copy (X.copy())");
+  }
+}
+
+template <typename T>
+void Network<T>::check_rows(Index rows, Index cols, const char* where) const {
+  if (cols != in_features()) {
+    throw std::invalid_argument(std::string("[") + where + "] X has " +
+                                std::to_string(cols) + " features, but layer 0 expects " +
+                                std::to_string(in_features()));
+  }
+  if (rows <= 0) {
+    throw std::invalid_argument(std::string("[") + where +
+                                "] X has 0 rows; expected at least one sample");
+  }
+  if (training_ && rows < 2) {
+    for (const Layer<T>* L : all_) {
+      if (L->kind() == LayerSpec::Kind::batch_norm) {
+        throw std::invalid_argument(
+            std::string("[") + where + "] X has 1 row, but BatchNorm in training mode needs "
+            "more than one row per batch (the variance of one row is 0); use a larger "
+            "batch, or eval mode (net.eval())");
+      }
+    }
+  }
+}
+
+template <typename T>
+const T* Network<T>::run_forward(const T* X, const CsrBatch<T>* csr, Index batch,
+                                 const Poll& poll) {
   const ForwardContext ctx{training_, dropout_seed_, dropout_step_};
   const T* a = X;
   try {
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       if (poll && l > 0) poll();  // between layers
-      a = layers_[l]->forward(a, batch, ctx);
+      if (l == 0 && X == nullptr) {  // checked: layer 0 is Dense
+        a = static_cast<Dense<T>&>(*layers_[0]).forward_sparse(*csr, ctx);
+      } else {
+        a = layers_[l]->forward(a, batch, ctx);
+      }
     }
   } catch (...) {
     clear_cache();  // the caches now mix this batch's first layers with the last batch
     throw;
   }
   input_ = X;
+  sparse_input_ = X == nullptr;
   batch_ = batch;
   return a;
 }
@@ -187,7 +216,16 @@ template <typename T>
 ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X, const Poll& poll) {
   check_input(X, "Network.forward");
   reserve(X.rows());
-  const T* out = run_forward(X.data(), X.rows(), poll);
+  const T* out = run_forward(X.data(), nullptr, X.rows(), poll);
+  commit_forward();
+  return ConstMatrixMap<T>(out, batch_, out_features());
+}
+
+template <typename T>
+ConstMatrixMap<T> Network<T>::forward(const CsrBatch<T>& X, const Poll& poll) {
+  check_input(X, "Network.forward");
+  reserve(X.rows);
+  const T* out = run_forward(nullptr, &X, X.rows, poll);
   commit_forward();
   return ConstMatrixMap<T>(out, batch_, out_features());
 }
@@ -195,8 +233,14 @@ ConstMatrixMap<T> Network<T>::forward(ConstMatrixMap<T> X, const Poll& poll) {
 template <typename T>
 void Network<T>::backward(ConstMatrixMap<T> grad_output, bool accumulate,
                           MatrixMap<T>* grad_input, const Poll& poll) {
-  if (input_ == nullptr) {
+  if (!has_forward()) {
     throw std::logic_error("[Network.backward] called before forward: run forward(X) first");
+  }
+  if (sparse_input_ && grad_input != nullptr) {
+    throw std::invalid_argument(
+        "[Network.backward] input_grad=True asks for dL/dX, but the last forward's X was "
+        "sparse, for which bprop forms no dL/dX (it would be dense); pass a dense X "
+        "(X.toarray()) to get dL/dX, or input_grad=False");
   }
   if (grad_output.rows() != batch_ || grad_output.cols() != out_features()) {
     throw std::invalid_argument("[Network.backward] grad_output has shape " +
@@ -237,6 +281,23 @@ template <typename T>
 double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
                               const T* target, const T* sample_weight, T sgd_lr,
                               Update<T>* update, const Poll& poll, const Objective* objective) {
+  return train_step_impl(X.data(), nullptr, X.rows(), loss, labels, target, sample_weight,
+                         sgd_lr, update, poll, objective);
+}
+
+template <typename T>
+double Network<T>::train_step(const CsrBatch<T>& X, Loss loss, const std::int64_t* labels,
+                              const T* target, const T* sample_weight, T sgd_lr,
+                              Update<T>* update, const Poll& poll, const Objective* objective) {
+  return train_step_impl(nullptr, &X, X.rows, loss, labels, target, sample_weight, sgd_lr,
+                         update, poll, objective);
+}
+
+template <typename T>
+double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Loss loss,
+                                   const std::int64_t* labels, const T* target,
+                                   const T* sample_weight, T sgd_lr, Update<T>* update,
+                                   const Poll& poll, const Objective* objective) {
   if (objective != nullptr &&
       !(std::isfinite(objective->loss_scale) && std::isfinite(objective->grad_scale) &&
         std::isfinite(objective->l2) && objective->l2 >= 0)) {
@@ -262,7 +323,7 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
     throw std::invalid_argument("[Network.train_step] lr must be finite");
   }
   if (loss == Loss::softmax_cross_entropy && labels != nullptr) {
-    for (Index i = 0; i < X.rows(); ++i) {
+    for (Index i = 0; i < rows; ++i) {
       if (labels[i] < 0 || labels[i] >= out_features()) {
         throw std::invalid_argument(
             "[Network.train_step] labels must lie in [0, " + std::to_string(out_features()) +
@@ -270,17 +331,21 @@ double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t
       }
     }
   }
-  check_input(X, "Network.train_step");
-  const Index n_target = labels != nullptr ? 0 : X.rows() * out_features();
+  if (X != nullptr) {
+    check_input(ConstMatrixMap<T>(X, rows, in_features()), "Network.train_step");
+  } else {
+    check_input(*csr, "Network.train_step");
+  }
+  const Index n_target = labels != nullptr ? 0 : rows * out_features();
   if ((target != nullptr && aliases_cache(target, n_target)) ||
-      (sample_weight != nullptr && aliases_cache(sample_weight, X.rows()))) {
+      (sample_weight != nullptr && aliases_cache(sample_weight, rows))) {
     throw std::invalid_argument("[Network.train_step] y or sample_weight is a view of this "
                                 "network's own cache, which the step overwrites; pass a copy");
   }
-  reserve(X.rows());  // a failed allocation changes nothing: before the try below
+  reserve(rows);  // a failed allocation changes nothing: before the try below
   double value = 0;
   try {
-    const T* output = run_forward(X.data(), X.rows(), poll);
+    const T* output = run_forward(X, csr, rows, poll);
     const Index B = batch_, K = out_features();
     T* grad = layers_.back()->grad_output();  // dL/d(output)
     switch (loss) {
@@ -438,12 +503,34 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
                                 " features, but layer 0 expects " +
                                 std::to_string(in_features()));
   }
-  if (out.rows() != X.rows() || out.cols() != out_features()) {
+  predict_impl(X.data(), nullptr, X.rows(), batch_size, out);
+}
+
+template <typename T>
+void Network<T>::predict(const CsrBatch<T>& X, Index batch_size, MatrixMap<T> out) const {
+  if (layers_[0]->kind() != LayerSpec::Kind::dense) {
+    throw std::invalid_argument(
+        std::string("[Network.predict] X is sparse, which only a Dense first layer takes, but "
+                    "layer 0 is ") + kind_name(layers_[0]->kind()) + "; densify X "
+        "(X.toarray()) or start the network with a Dense layer");
+  }
+  if (X.cols != in_features()) {
+    throw std::invalid_argument("[Network.predict] X has " + std::to_string(X.cols) +
+                                " features, but layer 0 expects " +
+                                std::to_string(in_features()));
+  }
+  check_csr(X, "Network.predict");
+  predict_impl(nullptr, &X, X.rows, batch_size, out);
+}
+
+template <typename T>
+void Network<T>::predict_impl(const T* X, const CsrBatch<T>* csr, Index N, Index batch_size,
+                              MatrixMap<T> out) const {
+  if (out.rows() != N || out.cols() != out_features()) {
     throw std::invalid_argument("[Network.predict] out has shape " +
                                 detail::shape_str(out.rows(), out.cols()) + ", expected " +
-                                detail::shape_str(X.rows(), out_features()));
+                                detail::shape_str(N, out_features()));
   }
-  const Index N = X.rows();
   if (N == 0) return;
   const Index chunk = batch_size <= 0 ? N : std::min(batch_size, N);
   Index width = 0, inner = 0;
@@ -465,10 +552,14 @@ void Network<T>::predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out
   T* scratch = scratch_storage.data();
   for (Index start = 0; start < N; start += chunk) {
     const Index B = std::min(chunk, N - start);
-    const T* a = X.data() + start * in_features();
+    const T* a = X != nullptr ? X + start * in_features() : nullptr;
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       T* dst = l + 1 == layers_.size() ? out.data() + start * out_features() : buffers[l % 2];
-      layers_[l]->predict(a, dst, B, scratch);
+      if (a == nullptr) {  // a sparse X: rows [start, start + B) of its CSR arrays
+        static_cast<const Dense<T>&>(*layers_[0]).predict_sparse(csr->slice(start, B), dst);
+      } else {
+        layers_[l]->predict(a, dst, B, scratch);
+      }
       a = dst;
     }
   }

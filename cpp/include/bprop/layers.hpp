@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "bprop/layer.hpp"
+#include "bprop/sparse.hpp"
 
 namespace bprop {
 
@@ -16,6 +17,11 @@ namespace bprop {
 /// is false. Caches the lecture's quantities: input a (a reference to the layer
 /// below's output, or to the network's input), z, output and delta = dL/dz, which
 /// receives dL/d(output) and becomes dL/dz in place; grad_weight = a^T delta.
+///
+/// As the network's first layer it also takes a sparse batch (forward_sparse):
+/// z = X W + b as a CSR x dense product, and dL/dW = X^T delta straight from the
+/// CSR arrays (sparse.hpp). Its cached input is then the CSR batch (input() is
+/// null, sparse_input() the batch), and it forms no dL/dX.
 template <typename T>
 class Dense final : public Layer<T> {
  public:
@@ -30,9 +36,17 @@ class Dense final : public Layer<T> {
   bool apply_fused_sgd(T lr, T l2, Index batch) override;
   void predict(const T* in, T* out, Index batch, T* workspace) const override;
 
+  /// forward() over a CSR batch (batch, in_features), checked by the network
+  /// (check_csr), cached by reference until the next forward.
+  const T* forward_sparse(const CsrBatch<T>& X, const ForwardContext& ctx);
+  /// predict() over a CSR batch.
+  void predict_sparse(const CsrBatch<T>& X, T* out) const;
+
   const Parameter<T>& weight() const { return weight_; }
   const Parameter<T>* bias() const { return this->spec_.bias ? &bias_ : nullptr; }
   const T* input() const { return input_; }
+  /// The last forward's CSR batch, or null if it was dense.
+  const CsrBatch<T>* sparse_input() const { return sparse_ ? &csr_ : nullptr; }
   const StoragePtr<T>& z() const { return z_; }
   const StoragePtr<T>& output() const override { return output_; }
   const StoragePtr<T>& delta() const { return delta_; }
@@ -41,6 +55,9 @@ class Dense final : public Layer<T> {
   Parameter<T> weight_, bias_;
   StoragePtr<T> z_, output_, delta_;  // output_ is z_ for identity
   const T* input_ = nullptr;
+  CsrBatch<T> csr_;      // the sparse input a, by reference, when sparse_
+  bool sparse_ = false;
+  void bias_activation(Index batch);
 };
 
 /// output = sigma(input), any activation of the registry as a layer of its own.

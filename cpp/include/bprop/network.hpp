@@ -99,6 +99,15 @@ class Network {
   /// parameters and stored gradients are unchanged.
   ConstMatrixMap<T> forward(ConstMatrixMap<T> X, const Poll& poll = {});
 
+  /// forward() over a sparse X (batch, in_features) in CSR form, which layer 0
+  /// must be a Dense layer to take (z = X W + b as a sparse x dense product).
+  /// Throws std::invalid_argument, before anything changes, if layer 0 is not
+  /// Dense or X is not well-formed (check_csr: valid indptr, column indices in
+  /// range, sorted, no duplicates; finite values). The CSR arrays are referenced,
+  /// not copied, until the next forward. A backward sweep after it forms dL/dW =
+  /// X^T delta from the CSR arrays, and no dL/dX (backward refuses grad_input).
+  ConstMatrixMap<T> forward(const CsrBatch<T>& X, const Poll& poll = {});
+
   /// Backward sweep from grad_output = dL/d(output) (batch, out_features), one
   /// visit per layer from the last to the first. Stores every parameter's
   /// gradient (added to the previous ones if `accumulate`). If grad_input is not
@@ -147,6 +156,11 @@ class Network {
   double train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels, const T* target,
                     const T* sample_weight, T sgd_lr, Update<T>* update = nullptr,
                     const Poll& poll = {}, const Objective* objective = nullptr);
+  /// train_step() over a sparse X in CSR form, checked as by forward(CsrBatch).
+  double train_step(const CsrBatch<T>& X, Loss loss, const std::int64_t* labels,
+                    const T* target, const T* sample_weight, T sgd_lr,
+                    Update<T>* update = nullptr, const Poll& poll = {},
+                    const Objective* objective = nullptr);
 
   /// Applies an optimizer's update to every parameter from the stored gradients
   /// (the path of Optimizer.step()) and counts the step (++update.steps). Throws
@@ -159,10 +173,15 @@ class Network {
   /// out_features) to `out`. Safe to call from several threads at once as long as
   /// no thread changes the parameters or buffers.
   void predict(ConstMatrixMap<T> X, Index batch_size, MatrixMap<T> out) const;
+  /// predict() over a sparse X in CSR form, checked as by forward(CsrBatch); each
+  /// chunk of rows is a slice of the CSR arrays (no copy).
+  void predict(const CsrBatch<T>& X, Index batch_size, MatrixMap<T> out) const;
 
   Index batch() const { return batch_; }
   Index capacity() const { return capacity_; }
-  bool has_forward() const { return input_ != nullptr; }
+  bool has_forward() const { return input_ != nullptr || sparse_input_; }
+  /// The last forward's input was sparse (input() is then null).
+  bool sparse_input() const { return sparse_input_; }
   bool has_backward() const { return has_grad_; }
   const T* input() const { return input_; }
 
@@ -173,10 +192,20 @@ class Network {
   void reserve(Index batch);
   // Throws std::invalid_argument, tagged with `where`, for a batch forward cannot take.
   void check_input(ConstMatrixMap<T> X, const char* where) const;
+  void check_input(const CsrBatch<T>& X, const char* where) const;
+  // The checks common to dense and sparse input.
+  void check_rows(Index rows, Index cols, const char* where) const;
   // True if [data, data + size) overlaps a layer's cache.
   bool aliases_cache(const T* data, Index size) const;
   // The forward pass proper: no buffer committed, no dropout step counted.
-  const T* run_forward(const T* X, Index batch, const Poll& poll);
+  // X dense (batch, in_features), or `csr` if X is null.
+  const T* run_forward(const T* X, const CsrBatch<T>* csr, Index batch, const Poll& poll);
+  double train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Loss loss,
+                         const std::int64_t* labels, const T* target, const T* sample_weight,
+                         T sgd_lr, Update<T>* update, const Poll& poll,
+                         const Objective* objective);
+  void predict_impl(const T* X, const CsrBatch<T>* csr, Index N, Index batch_size,
+                    MatrixMap<T> out) const;
   // Makes a successful forward pass's effects permanent: buffers, the dropout step.
   void commit_forward();
   // The backward sweep proper, from the last layer's gradient buffer (already
@@ -200,6 +229,7 @@ class Network {
   std::vector<StoragePtr<T>> caches_;  // every cache storage, for aliases_cache
   Index in_features_ = 0;
   const T* input_ = nullptr;  // layer 0's input a, owned by the caller
+  bool sparse_input_ = false;  // layer 0's input was a CSR batch (Dense::sparse_input())
   Index batch_ = 0;
   Index capacity_ = 0;
   bool has_grad_ = false;
