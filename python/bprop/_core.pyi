@@ -24,6 +24,12 @@ _Floats = TypeVar("_Floats", npt.NDArray[np.float32], npt.NDArray[np.float64])
 #: (in_features, out_features, activation, negative_slope)
 _LayerSpec = Tuple[int, int, str, float]
 
+#: A sparse batch in CSR form, scipy's arrays: (data, indices, indptr, n_features);
+#: indices and indptr both int32 or both int64.
+_Index = Union[npt.NDArray[np.int32], npt.NDArray[np.int64]]
+_Csr32 = Tuple[_F32, _Index, _Index, int]
+_Csr64 = Tuple[_F64, _Index, _Index, int]
+
 class _BuildInfo(TypedDict):
     version: str
     eigen_version: str
@@ -108,7 +114,7 @@ class Network32:
     def has_backward(self) -> bool: ...
     @property
     def batch(self) -> int: ...
-    def forward(self, X: _F32) -> _F32:
+    def forward(self, X: Union[_F32, _Csr32]) -> _F32:
         """(batch, in_features) -> (batch, out_features); caches a and z per layer."""
     @overload
     def backward(self, grad_output: _F32, accumulate: bool = False,
@@ -124,7 +130,7 @@ class Network32:
                  input_grad: bool = False) -> Optional[_F32]: ...
     def train_step(
         self,
-        X: _F32,
+        X: Union[_F32, _Csr32],
         y: Union[_Labels, _F32],
         loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
                       "mean_squared_error"],
@@ -140,7 +146,7 @@ class Network32:
     def apply_plan(self, plan: UpdatePlan32) -> None:
         """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...
-    def predict(self, X: _F32, batch_size: int = 0) -> _F32: ...
+    def predict(self, X: Union[_F32, _Csr32], batch_size: int = 0) -> _F32: ...
     def clear_cache(self) -> None: ...
     def _begin_training(self, where: str) -> None:
         """fit's claim: other threads' calls (but predict) raise RuntimeError."""
@@ -180,7 +186,7 @@ class Network64:
     def has_backward(self) -> bool: ...
     @property
     def batch(self) -> int: ...
-    def forward(self, X: _F64) -> _F64:
+    def forward(self, X: Union[_F64, _Csr64]) -> _F64:
         """(batch, in_features) -> (batch, out_features); caches a and z per layer."""
     @overload
     def backward(self, grad_output: _F64, accumulate: bool = False,
@@ -196,7 +202,7 @@ class Network64:
                  input_grad: bool = False) -> Optional[_F64]: ...
     def train_step(
         self,
-        X: _F64,
+        X: Union[_F64, _Csr64],
         y: Union[_Labels, _F64],
         loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
                       "mean_squared_error"],
@@ -212,7 +218,7 @@ class Network64:
     def apply_plan(self, plan: UpdatePlan64) -> None:
         """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...
-    def predict(self, X: _F64, batch_size: int = 0) -> _F64: ...
+    def predict(self, X: Union[_F64, _Csr64], batch_size: int = 0) -> _F64: ...
     def clear_cache(self) -> None: ...
     def _begin_training(self, where: str) -> None:
         """fit's claim: other threads' calls (but predict) raise RuntimeError."""

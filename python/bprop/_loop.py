@@ -11,7 +11,10 @@ In a given order (or from rows held by index) the rows are gathered with
 ``np.take`` into preallocated C-contiguous buffers, a whole number of minibatches
 (about ``_CHUNK_BYTES``) per call, so that a tiny network does not pay a gather
 per step; each minibatch is a contiguous slice of those buffers (or, in the
-stored order, of the data).
+stored order, of the data). A sparse X (a scipy.sparse CSR matrix, see
+bprop.fit) is gathered with scipy's CSR row indexing instead, a chunk of rows
+at a time, and never densified; each minibatch goes to the step as the core's
+(data, indices, indptr, n_features).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._validation import csr_nbytes_per_row, is_sparse
 
 # Bytes of rows gathered per np.take call (a whole number of minibatches).
 _CHUNK_BYTES = 1 << 20
@@ -63,6 +67,7 @@ class Loop:
                  rows: Optional[np.ndarray] = None, params: Optional[List[np.ndarray]] = None,
                  check_finite: bool = False, mean_over_rows: bool = False) -> None:
         self.X, self.y, self.w, self.rows = X, y, w, rows
+        self.sparse = is_sparse(X)
         self.step, self.diverged = step, diverged
         self.params, self.check_finite = params, check_finite
         self.mean_over_rows = mean_over_rows
@@ -70,7 +75,8 @@ class Loop:
         self.n = n = y.shape[0]
         self.batch_size = bs = min(batch_size, n)
         self.batches = -(-n // bs)
-        row_bytes = X[:1].nbytes + y[:1].nbytes + (0 if w is None else w.itemsize)
+        x_bytes = csr_nbytes_per_row(X) if self.sparse else X[:1].nbytes
+        row_bytes = x_bytes + y[:1].nbytes + (0 if w is None else w.itemsize)
         chunk = bs * max(1, min(self.batches, _CHUNK_BYTES // max(1, bs * row_bytes)))
         self.chunk_rows = min(chunk, n)
         self._buffers: Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None
@@ -78,6 +84,13 @@ class Loop:
     def _chunk(self, order: Optional[np.ndarray], lo: int, hi: int):
         """The dataset's rows lo..hi of this epoch (in `order`): (X, y, w), C-contiguous."""
         X, y, w, rows = self.X, self.y, self.w, self.rows
+        if self.sparse:  # scipy's CSR row indexing: a new CSR matrix of the chunk's rows
+            if order is None:
+                Xc = X[lo:hi] if rows is None else X[rows[lo:hi]]
+                return Xc, y[lo:hi], None if w is None else w[lo:hi]
+            idx = order[lo:hi]
+            Xc = X[idx if rows is None else rows[idx]]
+            return Xc, np.take(y, idx, axis=0), None if w is None else np.take(w, idx, axis=0)
         if order is None and rows is None:
             return X[lo:hi], y[lo:hi], None if w is None else w[lo:hi]
         if self._buffers is None:
@@ -123,9 +136,12 @@ class Loop:
                 b += 1
                 hi = lo + bs
                 Xb = Xc[lo:hi]
+                m = Xb.shape[0]
+                if self.sparse:
+                    Xb = _csr_arrays(Xb)
                 if wc is None:
                     wb = None
-                    weight = Xb.shape[0]
+                    weight = m
                 else:
                     wb = wc[lo:hi]
                     weight = float(wb.sum(dtype=np.float64))
@@ -135,7 +151,7 @@ class Loop:
                 if not isfinite(value) or (every_step and not _all_finite(params)):
                     self.diverged(epoch, b, value)
                 if by_rows:
-                    weight = Xb.shape[0]
+                    weight = m
                 total += value * weight
                 total_weight += weight
                 if on_step is not None:
@@ -145,3 +161,11 @@ class Loop:
             # weights behind; caught here, while the caller's snapshot is still finite.
             self.diverged(epoch, b, value)
         return total, total_weight
+
+
+def _csr_arrays(X) -> tuple:
+    """A CSR minibatch as the core takes it: (data, indices, indptr, n_features)."""
+    indices, indptr = X.indices, X.indptr
+    if indices.dtype != indptr.dtype:  # the core takes both int32 or both int64
+        indices, indptr = indices.astype(np.int64), indptr.astype(np.int64)
+    return (X.data, indices, indptr, X.shape[1])

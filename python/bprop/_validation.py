@@ -67,6 +67,77 @@ def _is_sparse(X: object) -> bool:
     return type(X).__module__.startswith("scipy.sparse") and hasattr(X, "toarray")
 
 
+def is_sparse(X: object) -> bool:
+    """A scipy.sparse matrix or array (any format)."""
+    return _is_sparse(X)
+
+
+def csr_batch(where: str, name: str, X, dtype: np.dtype) -> tuple:
+    """The core's form of a sparse batch for the low-level calls (forward,
+    train_step), which never convert: X must be a 2-D scipy.sparse CSR matrix or
+    array of exactly `dtype`. Returns (data, indices, indptr, n_features), the
+    matrix's own arrays (no copy); the core checks their contents (check_csr:
+    indices in range, sorted, no duplicates; finite values)."""
+    if len(X.shape) != 2:
+        raise ValueError(f"[{where}] {name} must be 2-D (batch, features), but has shape "
+                         f"{X.shape}")
+    if X.format != "csr":
+        raise TypeError(f"[{where}] {name} is a sparse matrix in {X.format.upper()} format, "
+                        f"but {where} takes CSR; convert it once with {name}.tocsr() (a copy "
+                        f"of its stored values and indices)")
+    if X.dtype != dtype:
+        raise TypeError(f"[{where}] {name} must have dtype {dtype}, but has dtype {X.dtype}; "
+                        f"convert it once with {name}.astype(np.{dtype})")
+    return (X.data, X.indices, X.indptr, X.shape[1])
+
+
+def as_csr(where: str, name: str, X, dtype: np.dtype, *, features: int | None = None,
+           allow_empty: bool = False):
+    """The sparse counterpart of as_float_matrix for the high-level calls
+    (predict, fit, evaluate): a scipy.sparse CSR matrix or array of `dtype`, in
+    canonical form, its indices in range, never densified.
+
+    Other formats (CSC, COO, ...) are converted to CSR once, here: a copy of the
+    stored values and indices, O(nnz) time and memory. Integer and floating
+    values are cast (a copy of the stored values only when the dtype differs);
+    bool and complex are refused. Unsorted or duplicate column indices are
+    refused with the fix (X.sum_duplicates()), as are column indices out of range
+    (a hand-built matrix); non-finite values are the callers' to refuse.
+    """
+    if len(X.shape) != 2:
+        raise ValueError(f"[{where}] {name} must be 2-D (samples, features), but has shape "
+                         f"{X.shape}")
+    if X.dtype.kind not in "iuf":
+        raise TypeError(f"[{where}] {name} must hold real numbers (integer or floating), "
+                        f"but has dtype {X.dtype}")
+    rows, cols = X.shape
+    if rows == 0 and not allow_empty:
+        raise ValueError(f"[{where}] {name} has 0 samples; expected at least one")
+    if features is not None and cols != features:
+        raise ValueError(f"[{where}] {name} has {cols} features, but the network "
+                         f"expects {features}")
+    if X.format != "csr":
+        X = X.tocsr()  # the one conversion: O(nnz), sums COO's duplicates
+    indices = X.indices
+    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
+        bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+        raise ValueError(f"[{where}] {name} has a column index out of range: it stores "
+                         f"column {bad}, but has {cols} columns")
+    if not X.has_canonical_format:  # O(nnz) check, cached by scipy
+        raise ValueError(f"[{where}] {name} has unsorted or duplicate column indices; put it "
+                         f"in canonical form once with {name}.sum_duplicates() (which also "
+                         f"sorts), or {name}.sort_indices()")
+    if X.dtype != dtype:
+        X = X.astype(dtype)
+    return X
+
+
+def csr_nbytes_per_row(X) -> int:
+    """The bytes of a CSR matrix per row, on average (at least 1)."""
+    rows = max(1, X.shape[0])
+    return max(1, (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) // rows)
+
+
 def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
                     features: int | None = None, allow_empty: bool = False) -> np.ndarray:
     """Converts X to a C-contiguous (rows, features) array of `dtype`.

@@ -143,7 +143,9 @@ class Layer:
 
     @property
     def input(self) -> Optional[np.ndarray]:
-        """Read-only view of the last forward's input (None before one)."""
+        """Read-only view of the last forward's input (None before one, and for
+        the first layer after a forward pass over a sparse X, which has no dense
+        view: the network holds the CSR arrays themselves)."""
         return self._cache("input")
 
     @property

@@ -10,7 +10,8 @@ import numpy as np
 from . import _core
 from ._init import INIT_BYTES_PER_WEIGHT, initial_parameters
 from ._memory import check_fits_in_memory, format_bytes
-from ._validation import as_float_matrix, check_dtype, check_float, check_int, type_name
+from ._validation import (as_csr, as_float_matrix, check_dtype, check_float, check_int,
+                          csr_batch, is_sparse, type_name)
 from .layers import (ACTIVATIONS, Activation, BatchNorm, Dense, Dropout, Layer, LayerNorm,
                      Residual, input_width, layer_from_description, walk, _chain)
 
@@ -211,6 +212,13 @@ class Network:
         Args:
             X: (batch, in_features), C-contiguous, of the network's dtype. It is
                 cached by reference, not copied: keep it unchanged until backward.
+                Or a scipy.sparse CSR matrix or array (csr_matrix, csr_array) of
+                the network's dtype, int32 or int64 indices, in canonical form
+                (sorted, no duplicates: ``X.sum_duplicates()``), if the first
+                layer is Dense: z = X W + b is then a sparse x dense product, its
+                arrays are cached by reference (the first layer's cached
+                ``input`` is None), and backward forms dL/dW = X^T delta from
+                them but no dL/dX. Other sparse formats are refused (``X.tocsr()``).
 
         Returns:
             (batch, out_features), a new array the caller owns.
@@ -220,6 +228,8 @@ class Network:
                 is forgotten (backward needs a new forward), nothing else changes.
             RuntimeError: fit trains this network in another thread.
         """
+        if is_sparse(X):
+            X = csr_batch("Network.forward", "X", X, self._dtype)
         return self._core.forward(X)
 
     def backward(self, grad_output: np.ndarray, *, accumulate: bool = False,
@@ -230,6 +240,7 @@ class Network:
             grad_output: (batch, out_features) = dL/d(output) of the last forward.
             accumulate: add to the stored gradients instead of overwriting them.
             input_grad: also compute and return dL/dX (batch, in_features).
+                Refused (ValueError) after a forward pass over a sparse X.
 
         Returns:
             dL/dX if ``input_grad``, else None.
@@ -264,7 +275,8 @@ class Network:
         are not written. A callable loss runs the four calls from Python.
 
         Args:
-            X: (batch, in_features), C-contiguous, of the network's dtype.
+            X: (batch, in_features), C-contiguous, of the network's dtype, or a
+                scipy.sparse CSR matrix or array as :meth:`forward` takes it.
             y: int64 labels (batch,) for softmax_cross_entropy, else a
                 (batch, out_features) array of the network's dtype.
             loss: a built-in loss name or a callable
@@ -288,6 +300,8 @@ class Network:
         net_ref = getattr(optimizer, "_net_ref", None)
         if net_ref is None or net_ref() is not self:
             raise ValueError("[Network.train_step] optimizer was built for another network")
+        if is_sparse(X):
+            X = csr_batch("Network.train_step", "X", X, self._dtype)
         if isinstance(loss, str):
             plan = getattr(optimizer, "_plan", None)
             if plan is not None:  # _step_function's step, without making one per call
@@ -303,13 +317,21 @@ class Network:
         Args:
             X: (samples, in_features) array-like of real numbers; converted to a
                 C-contiguous array of the network's dtype (a copy only if needed).
+                Or a scipy.sparse matrix or array, if the first layer is Dense:
+                never densified; a format other than CSR is converted to CSR once
+                (a copy of its stored values and indices), as are other dtypes.
             batch_size: rows per chunk (bounds the workspace); None for all at once.
 
         Returns:
             (samples, out_features), a new array.
         """
-        X = as_float_matrix("Network.predict", "X", X, self._dtype,
-                            features=self._core.in_features)
+        if is_sparse(X):  # rows in chunks of batch_size, each a slice of the CSR arrays
+            X = csr_batch("Network.predict", "X", as_csr("Network.predict", "X", X, self._dtype,
+                                                         features=self._core.in_features),
+                          self._dtype)
+        else:
+            X = as_float_matrix("Network.predict", "X", X, self._dtype,
+                                features=self._core.in_features)
         size = 0 if batch_size is None else check_int("Network.predict", "batch_size",
                                                        batch_size, minimum=1)
         return self._core.predict(X, size)

@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core, _loop
-from ._validation import as_float_matrix, check_float, check_int, type_name
+from ._validation import (as_csr, as_float_matrix, check_float, check_int, csr_nbytes_per_row,
+                          is_sparse, type_name)
 from .distributed import DataParallel
 from .losses import _builtin, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
@@ -303,9 +304,14 @@ class _Dataset:
 
     def __init__(self, where: str, net: Network, X, y, sample_weight, builtin,
                  names=("X", "y", "sample_weight")) -> None:
-        with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused below
-            self.X = as_float_matrix(where, names[0], X, net.dtype, features=net.in_features)
-        if not _core.all_finite(self.X):
+        self.sparse = is_sparse(X)
+        if self.sparse:
+            self.X = _sparse_matrix(where, names[0], X, net)
+        else:
+            with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused below
+                self.X = as_float_matrix(where, names[0], X, net.dtype,
+                                         features=net.in_features)
+        if not self.sparse and not _core.all_finite(self.X):
             i, j = np.argwhere(~np.isfinite(self.X))[0]
             raise ValueError(f"[{where}] {names[0]} must be finite in {net.dtype.name}, but "
                              f"{names[0]}[{i}, {j}] = {self.X[i, j]}")
@@ -321,8 +327,13 @@ class _Dataset:
         """The samples `index` as a new dataset: X's rows copied (C-contiguous) if
         `copy`, else referred to by index; y and w are copied."""
         part = _Dataset.__new__(_Dataset)
+        part.sparse = self.sparse
         rows = index if self.rows is None else self.rows[index]
-        part.X, part.rows = (np.take(self.X, rows, axis=0), None) if copy else (self.X, rows)
+        if copy:  # scipy's CSR row indexing for a sparse X
+            part.X = self.X[rows] if self.sparse else np.take(self.X, rows, axis=0)
+            part.rows = None
+        else:
+            part.X, part.rows = self.X, rows
         part.y = np.take(self.y, index, axis=0)
         part.w = None if self.w is None else np.take(self.w, index, axis=0)
         return part
@@ -331,14 +342,43 @@ class _Dataset:
                 batch_size: int = 0) -> np.ndarray:
         """The network's output (hi - lo, out_features) for samples lo..hi."""
         hi = len(self) if hi is None else hi
+        if self.sparse:
+            gather = _loop._csr_arrays  # the core's form of a CSR matrix
+            take = lambda rows: self.X[rows]  # noqa: E731
+            row_bytes = csr_nbytes_per_row(self.X)
+        else:
+            gather = lambda X: X  # noqa: E731
+            take = lambda rows: np.take(self.X, rows, axis=0)  # noqa: E731
+            row_bytes = self.X[:1].nbytes
         if self.rows is None:
-            return core.predict(self.X[lo:hi], batch_size)
+            return core.predict(gather(self.X[lo:hi]), batch_size)
         out = np.empty((hi - lo, core.out_features), self.X.dtype)
-        step = batch_size or max(1, _loop._CHUNK_BYTES // max(1, self.X[:1].nbytes))
+        step = batch_size or max(1, _loop._CHUNK_BYTES // max(1, row_bytes))
         for a in range(lo, hi, step):
             b = min(a + step, hi)
-            out[a - lo:b - lo] = core.predict(np.take(self.X, self.rows[a:b], axis=0), 0)
+            out[a - lo:b - lo] = core.predict(gather(take(self.rows[a:b])), 0)
         return out
+
+
+def _sparse_matrix(where: str, name: str, X, net: Network):
+    """A sparse X for fit, evaluate and the validation data: a CSR matrix of the
+    network's dtype in canonical form with finite values (as_csr; other formats
+    converted to CSR once, O(nnz)), for a network whose first layer is Dense.
+    Never densified."""
+    first = net.layers[0]
+    if not isinstance(first, Dense):
+        raise TypeError(f"[{where}] {name} is sparse, which only a Dense first layer takes, but "
+                        f"layer 0 is {type_name(first)}; densify it ({name}.toarray()) or start "
+                        "the network with a Dense layer")
+    with np.errstate(over="ignore"):  # too large for the dtype becomes inf: refused below
+        X = as_csr(where, name, X, net.dtype, features=net.in_features)
+    finite = np.isfinite(X.data)
+    if not finite.all():
+        k = int(np.argmin(finite))
+        i = int(np.searchsorted(X.indptr, k, side="right")) - 1
+        raise ValueError(f"[{where}] {name} must be finite in {net.dtype.name}, but "
+                         f"{name}[{i}, {X.indices[k]}] = {X.data[k]}")
+    return X
 
 
 def _scores(out: np.ndarray, data: _Dataset, loss_fn, metric_fns,
@@ -471,7 +511,12 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     Args:
         net: the network; trained in place.
         X: (samples, in_features) real numbers; converted once to the network's
-            dtype (bprop._validation.as_float_matrix).
+            dtype (bprop._validation.as_float_matrix). Or a scipy.sparse matrix
+            or array if the network's first layer is Dense: never densified;
+            converted once to CSR of the network's dtype if it is not (a copy of
+            its stored values and indices, O(nnz)); its minibatches are gathered
+            with scipy's CSR row indexing (a copy of each chunk's rows). Column
+            indices must be sorted without duplicates (``X.sum_duplicates()``).
         y: targets checked against the loss: integer labels (samples,) or
             probability rows for softmax cross-entropy; (samples, out_features)
             floats for mean squared error and binary cross-entropy ((samples,)
@@ -567,6 +612,9 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
     train = _Dataset(where, net, X, y, sample_weight, builtin)
+    if train.sparse and not isinstance(strategy, Local):
+        raise TypeError(f"[{where}] X is sparse, which fit over MPI (comm) does not take yet; "
+                        "pass X.toarray(), or fit without comm")
     epochs = check_int(where, "epochs", epochs, minimum=1)
     batch_size = check_int(where, "batch_size", batch_size, minimum=1)
     shuffle = _as_bool(where, "shuffle", shuffle)
@@ -821,7 +869,8 @@ def evaluate(net: Network, X, y, loss="softmax_cross_entropy", metrics=None,
 
     Args:
         net: the network.
-        X: (samples, in_features) real numbers.
+        X: (samples, in_features) real numbers, or a scipy.sparse matrix as
+            ``fit`` takes it.
         y: targets, checked against the loss as in ``fit``.
         loss: a name from ``bprop.losses.LOSSES``, a callable, or None for
             metrics only.
@@ -893,6 +942,9 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
     if max_checks is not None:
         max_checks = check_int(where, "max_checks", max_checks, minimum=1)
     seed = check_int(where, "seed", seed, minimum=0)
+    if is_sparse(X):
+        raise TypeError(f"[{where}] X is sparse, which gradcheck does not take yet; pass "
+                        "X.toarray() (a handful of rows is plenty)")
     net64 = net._clone("float64")
     data = _Dataset(where, net64, X, y, sample_weight, builtin)
     step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net64)
