@@ -180,7 +180,7 @@ def test_bitwise_identical_for_any_thread_count(rng):
 
 
 def test_zero_stored_values_and_empty_rows(rng):
-    X, y = sparse_data(rng)
+    X, _ = sparse_data(rng)
     Xz = X.copy()
     Xz.data[::3] = 0.0  # stored zeros count as zeros
     Xz.data[Xz.indptr[5]:Xz.indptr[6]] = 0.0

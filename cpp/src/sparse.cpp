@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "bprop/thread_pool.hpp"
 
@@ -17,19 +18,20 @@ const I* as(const void* p) {
 }
 
 template <typename T, typename I>
-void check_typed(const CsrBatch<T>& X, const std::string& where) {
+void check_typed(const CsrBatch<T>& X, const char* where) {
   const I* indptr = as<I>(X.indptr);
   const I* indices = as<I>(X.indices);
-  const std::string tag = "[" + where + "] X ";
+  // the message is built only on failure: the check allocates nothing
+  auto tag = [where] { return std::string("[") + where + "] X "; };
   if (indptr[0] != 0) {
-    throw std::invalid_argument(tag + "is not a valid CSR matrix: indptr[0] must be 0, but is " +
+    throw std::invalid_argument(tag() + "is not a valid CSR matrix: indptr[0] must be 0, but is " +
                                 std::to_string(indptr[0]));
   }
   for (Index i = 0; i < X.rows; ++i) {
     const Index begin = indptr[i], end = indptr[i + 1];
     if (end < begin || end > X.nnz) {
       throw std::invalid_argument(
-          tag + "is not a valid CSR matrix: indptr must not decrease and must end at most at "
+          tag() + "is not a valid CSR matrix: indptr must not decrease and must end at most at "
           "the number of stored values (" + std::to_string(X.nnz) + "), but indptr[" +
           std::to_string(i) + ":" + std::to_string(i + 2) + "] = [" + std::to_string(begin) +
           ", " + std::to_string(end) + "]");
@@ -37,18 +39,18 @@ void check_typed(const CsrBatch<T>& X, const std::string& where) {
     for (Index k = begin; k < end; ++k) {
       const Index j = indices[k];
       if (j < 0 || j >= X.cols) {
-        throw std::invalid_argument(tag + "has a column index out of range: row " +
+        throw std::invalid_argument(tag() + "has a column index out of range: row " +
                                     std::to_string(i) + " stores column " + std::to_string(j) +
                                     ", but X has " + std::to_string(X.cols) + " columns");
       }
       if (k > begin && j <= static_cast<Index>(indices[k - 1])) {
         throw std::invalid_argument(
-            tag + "has " + (j == static_cast<Index>(indices[k - 1]) ? "duplicate" : "unsorted") +
+            tag() + "has " + (j == static_cast<Index>(indices[k - 1]) ? "duplicate" : "unsorted") +
             " column indices in row " + std::to_string(i) + "; put it in canonical form once "
             "with X.sum_duplicates() (which also sorts), or X.sort_indices()");
       }
       if (!std::isfinite(X.values[k])) {
-        throw std::invalid_argument(tag + "must be finite, but stores " +
+        throw std::invalid_argument(tag() + "must be finite, but stores " +
                                     std::to_string(X.values[k]) + " at row " +
                                     std::to_string(i) + ", column " + std::to_string(j));
       }
@@ -116,7 +118,7 @@ void t_matmul_typed(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, 
 }  // namespace
 
 template <typename T>
-void check_csr(const CsrBatch<T>& X, const std::string& where) {
+void check_csr(const CsrBatch<T>& X, const char* where) {
   if (X.index64) {
     check_typed<T, std::int64_t>(X, where);
   } else {
@@ -142,8 +144,8 @@ void csr_t_matmul(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T*
   }
 }
 
-template void check_csr<float>(const CsrBatch<float>&, const std::string&);
-template void check_csr<double>(const CsrBatch<double>&, const std::string&);
+template void check_csr<float>(const CsrBatch<float>&, const char*);
+template void check_csr<double>(const CsrBatch<double>&, const char*);
 template void csr_matmul<float>(const CsrBatch<float>&, const float*, Index, float*);
 template void csr_matmul<double>(const CsrBatch<double>&, const double*, Index, double*);
 template void csr_t_matmul<float>(const CsrBatch<float>&, const float*, Index, float, float,

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 #include "bprop/types.hpp"
 
@@ -50,7 +49,7 @@ struct CsrBatch {
 /// [0, cols) and strictly increase (sorted, no duplicates: scipy's canonical
 /// format); every stored value is finite. O(rows + nnz).
 template <typename T>
-void check_csr(const CsrBatch<T>& X, const std::string& where);
+void check_csr(const CsrBatch<T>& X, const char* where);
 
 /// out (rows, n) = X W, W (cols, n) row-major: row i of out is the sum of
 /// v W[j, :] over row i's stored (j, v), in stored order.
