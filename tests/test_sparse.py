@@ -295,3 +295,40 @@ def test_gradcheck_refuses_sparse(rng):
     X, y = sparse_data(rng, rows=8)
     with pytest.raises(TypeError, match=r"gradcheck.*toarray"):
         bprop.gradcheck(make_net(), X, y)
+
+
+def test_stale_canonical_flag_and_bad_indptr_refused_by_fit(rng):
+    # scipy caches has_canonical_format; a matrix whose arrays were assigned after
+    # the flag was set is checked from its arrays, before scipy's row indexing.
+    X = sp.csr_matrix((2, 12))
+    assert X.has_canonical_format
+    X.data, X.indices, X.indptr = (np.array([1.0, 2.0]), np.array([5, 2], np.int32),
+                                   np.array([0, 2, 2], np.int32))
+    net = make_net()
+    before = snapshot(net)
+    with pytest.raises(ValueError, match=r"\[fit\] X has unsorted or duplicate.*sum_dup"):
+        bprop.fit(net, X, np.zeros(2, np.int64), epochs=1)
+    X.indices, X.indptr = np.array([2, 5], np.int32), np.array([0, 3, 2], np.int32)
+    with pytest.raises(ValueError, match=r"\[fit\] X is not a valid CSR matrix: indptr"):
+        bprop.fit(net, X, np.zeros(2, np.int64), epochs=1)
+    with pytest.raises(ValueError, match=r"\[Network.forward\] X is not a valid CSR matrix"):
+        net.forward(X)
+    assert_unchanged(net, before)
+
+
+def test_train_step_with_a_user_loss(rng):
+    X, y = sparse_data(rng)
+    Y = rng.standard_normal((X.shape[0], 3))
+
+    def half_squares(output, target, sample_weight):
+        diff = output - target
+        return 0.5 * float((diff * diff).sum()), diff
+
+    dense, sparse = make_net(), make_net()
+    od, os_ = optim.SGD(dense, lr=0.01), optim.SGD(sparse, lr=0.01)
+    for _ in range(5):
+        ld = dense.train_step(X.toarray(), Y, half_squares, od)
+        ls = sparse.train_step(X, Y, half_squares, os_)
+        assert ls == pytest.approx(ld, rel=1e-12)
+    for (name, pd, _), (_, ps, _) in zip(dense.parameters(), sparse.parameters()):
+        np.testing.assert_allclose(ps, pd, rtol=1e-12, atol=1e-12, err_msg=name)

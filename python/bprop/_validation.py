@@ -118,12 +118,24 @@ def as_csr(where: str, name: str, X, dtype: np.dtype, *, features: int | None = 
                          f"expects {features}")
     if X.format != "csr":
         X = X.tocsr()  # the one conversion: O(nnz), sums COO's duplicates
-    indices = X.indices
-    if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= cols):
+    # A hand-built matrix is checked here, before scipy's row indexing reads it
+    # (scipy's own flags may be stale: its arrays can be assigned directly).
+    indices, indptr = X.indices, X.indptr
+    nnz = indices.shape[0]
+    if (indptr.shape != (rows + 1,) or X.data.shape != (nnz,) or indptr[0] != 0
+            or indptr[-1] > nnz or (rows and np.any(np.diff(indptr) < 0))):
+        raise ValueError(f"[{where}] {name} is not a valid CSR matrix: indptr must have "
+                         f"{rows + 1} entries, start at 0, not decrease and end at most at "
+                         f"the number of stored values ({nnz})")
+    if nnz and (int(indices.min()) < 0 or int(indices.max()) >= cols):
         bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
         raise ValueError(f"[{where}] {name} has a column index out of range: it stores "
                          f"column {bad}, but has {cols} columns")
-    if not X.has_canonical_format:  # O(nnz) check, cached by scipy
+    # canonical: each row's column indices strictly increase (O(nnz))
+    increasing = np.diff(indices) > 0  # entry k against entry k + 1
+    starts = indptr[1:-1]
+    increasing[starts[(starts > 0) & (starts < nnz)] - 1] = True  # a new row begins
+    if not increasing.all():
         raise ValueError(f"[{where}] {name} has unsorted or duplicate column indices; put it "
                          f"in canonical form once with {name}.sum_duplicates() (which also "
                          f"sorts), or {name}.sort_indices()")
@@ -153,7 +165,7 @@ def as_float_matrix(where: str, name: str, X: object, dtype: np.dtype, *,
     if _is_sparse(X):
         rows, cols = X.shape
         raise TypeError(f"[{where}] {name} is a sparse matrix ({type_name(X)}, shape "
-                        f"({rows}, {cols})), and bprop does not take sparse input yet; "
+                        f"({rows}, {cols})), which {where} does not take; "
                         f"densify it with {name}.toarray() (this needs {rows} x {cols} x "
                         f"{dtype.itemsize} = {rows * cols * dtype.itemsize:,} bytes)")
     if not isinstance(X, np.ndarray):
