@@ -162,7 +162,7 @@ def test_bitwise_identical_for_any_thread_count(rng):
     threads = bprop.get_num_threads()
     results = []
     try:
-        for n in (1, 2, 3):
+        for n in (1, 2, 3, 4):
             bprop.set_num_threads(n)
             net = bprop.Network([bprop.Dense(400, 64, "relu"), bprop.Dense(64, 3)],
                                 dtype="float64", seed=0)
@@ -177,6 +177,7 @@ def test_bitwise_identical_for_any_thread_count(rng):
         bprop.set_num_threads(threads)
     assert results[1] == results[0]
     assert results[2] == results[0]
+    assert results[3] == results[0]
 
 
 def test_zero_stored_values_and_empty_rows(rng):
