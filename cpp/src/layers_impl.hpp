@@ -83,8 +83,8 @@ template <typename T>
 const T* Dense<T>::forward(const T* in, Index batch, const ForwardContext&) {
   const Index I = this->in_, O = this->out_;
   input_ = in;  // a, by reference
-  // z = a W + b, output = sigma(z)
   sparse_ = false;
+  // z = a W + b, output = sigma(z)
   gemm<T>(false, false, batch, O, I, T(1), in, I, weight_.value->data(), O, T(0), z_->data(), O);
   bias_activation(batch);
   return output_->data();
@@ -116,14 +116,14 @@ void Dense<T>::bias_activation(Index batch) {
 template <typename T>
 void Dense<T>::backward(T* grad_input, Index batch, const BackwardContext<T>& ctx) {
   const Index I = this->in_, O = this->out_;
+  if (grad_input != nullptr && sparse_) {  // Network::backward refuses it first
+    throw std::logic_error("[Dense.backward] dL/dX is not formed for a sparse input");
+  }
   T* delta = delta_->data();
   // delta = sigma'(z) * dL/d(output), in place (softmax: its Jacobian-vector product)
   activation_backward<T>(this->spec_.activation, static_cast<T>(this->spec_.negative_slope),
                          z_->data(), output_->data(), delta, delta, batch, O);
   ctx.check_poll();
-  if (grad_input != nullptr && sparse_) {
-    throw std::logic_error("[Dense.backward] dL/dX is not formed for a sparse input");
-  }
   if (grad_input != nullptr) {
     // dL/da of the layer below = delta W^T, formed while W is unchanged
     gemm<T>(false, true, batch, I, O, T(1), delta, O, weight_.value->data(), O, T(0),

@@ -281,20 +281,21 @@ template <typename T>
 double Network<T>::train_step(ConstMatrixMap<T> X, Loss loss, const std::int64_t* labels,
                               const T* target, const T* sample_weight, T sgd_lr,
                               Update<T>* update, const Poll& poll, const Objective* objective) {
-  return train_step_impl(X.data(), nullptr, X.rows(), loss, labels, target, sample_weight,
-                         sgd_lr, update, poll, objective);
+  return train_step_impl(X.data(), nullptr, X.rows(), X.cols(), loss, labels, target,
+                         sample_weight, sgd_lr, update, poll, objective);
 }
 
 template <typename T>
 double Network<T>::train_step(const CsrBatch<T>& X, Loss loss, const std::int64_t* labels,
                               const T* target, const T* sample_weight, T sgd_lr,
                               Update<T>* update, const Poll& poll, const Objective* objective) {
-  return train_step_impl(nullptr, &X, X.rows, loss, labels, target, sample_weight, sgd_lr,
-                         update, poll, objective);
+  return train_step_impl(nullptr, &X, X.rows, X.cols, loss, labels, target, sample_weight,
+                         sgd_lr, update, poll, objective);
 }
 
 template <typename T>
-double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Loss loss,
+double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Index cols,
+                                   Loss loss,
                                    const std::int64_t* labels, const T* target,
                                    const T* sample_weight, T sgd_lr, Update<T>* update,
                                    const Poll& poll, const Objective* objective) {
@@ -332,7 +333,7 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
     }
   }
   if (X != nullptr) {
-    check_input(ConstMatrixMap<T>(X, rows, in_features()), "Network.train_step");
+    check_input(ConstMatrixMap<T>(X, rows, cols), "Network.train_step");
   } else {
     check_input(*csr, "Network.train_step");
   }

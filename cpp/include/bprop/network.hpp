@@ -200,7 +200,7 @@ class Network {
   // The forward pass proper: no buffer committed, no dropout step counted.
   // X dense (batch, in_features), or `csr` if X is null.
   const T* run_forward(const T* X, const CsrBatch<T>* csr, Index batch, const Poll& poll);
-  double train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Loss loss,
+  double train_step_impl(const T* X, const CsrBatch<T>* csr, Index rows, Index cols, Loss loss,
                          const std::int64_t* labels, const T* target, const T* sample_weight,
                          T sgd_lr, Update<T>* update, const Poll& poll,
                          const Objective* objective);
