@@ -186,6 +186,11 @@ UpdateSpec update_spec(const std::string& rule, const py::dict& h) {
   s.decoupled = flag("decoupled");
   s.alpha = get("alpha", 0.99);
   s.centered = flag("centered");
+  s.lazy = flag("lazy");
+  if (s.lazy && s.rule != UpdateRule::adam) {
+    throw py::value_error("[UpdatePlan] lazy updates are Adam's only, but the rule is '" + rule +
+                          "'");
+  }
   return s;
 }
 

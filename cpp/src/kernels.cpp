@@ -207,6 +207,20 @@ void apply_update(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
   parallel_for((n + kUpdateBlock - 1) / kUpdateBlock, block);
 }
 
+template <typename T>
+void apply_update_rows(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
+                       const UpdateState<T>& state, const RowSet& rows, Index row_size) {
+  const Index per = std::max<Index>(64, (kUpdateBlock / std::max<Index>(row_size, 1)) & ~Index(63));
+  auto block = [&](Index b) {
+    const Index r0 = b * per;
+    rows.for_each(r0, std::min(rows.rows, r0 + per), [&](Index j) {
+      const Index i0 = j * row_size;
+      apply_update_serial<T>(s, t, param + i0, grad + i0, state.offset(i0), row_size);
+    });
+  };
+  parallel_for((rows.rows + per - 1) / per, block);
+}
+
 std::vector<const char*> state_names(const UpdateSpec& s) {
   switch (s.rule) {
     case UpdateRule::sgd:
@@ -241,7 +255,9 @@ bool all_finite(const T* x, Index n) {
   template void rmsprop_update<T>(T*, const T*, T*, T*, T*, Index, T, T, T, T, T, bool);     \
   template bool all_finite<T>(const T*, Index);                                               \
   template void apply_update<T>(const UpdateSpec&, std::int64_t, T*, const T*,               \
-                                const UpdateState<T>&, Index);
+                                const UpdateState<T>&, Index);                               \
+  template void apply_update_rows<T>(const UpdateSpec&, std::int64_t, T*, const T*,          \
+                                     const UpdateState<T>&, const RowSet&, Index);
 
 BPROP_INSTANTIATE(float)
 BPROP_INSTANTIATE(double)

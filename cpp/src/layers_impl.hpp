@@ -55,6 +55,7 @@ Dense<T>::Dense(const LayerSpec& spec)
   this->in_ = spec.in_features;
   this->out_ = spec.out_features;
   if (spec.bias) bias_ = detail::make_parameter<T>("bias", {spec.out_features}, false);
+  present_.resize(spec.in_features);  // in_features / 8 bytes
 }
 
 template <typename T>
@@ -84,6 +85,7 @@ const T* Dense<T>::forward(const T* in, Index batch, const ForwardContext&) {
   const Index I = this->in_, O = this->out_;
   input_ = in;  // a, by reference
   sparse_ = false;
+  weight_.present_rows = nullptr;
   // z = a W + b, output = sigma(z)
   gemm<T>(false, false, batch, O, I, T(1), in, I, weight_.value->data(), O, T(0), z_->data(), O);
   bias_activation(batch);
@@ -95,6 +97,8 @@ const T* Dense<T>::forward_sparse(const CsrBatch<T>& X, const ForwardContext&) {
   input_ = nullptr;
   csr_ = X;  // a, by reference
   sparse_ = true;
+  mark_columns<T>(X, present_);  // dL/dW = X^T delta is zero outside these rows
+  weight_.present_rows = &present_;
   // z = X W + b, output = sigma(z), X sparse
   csr_matmul<T>(X, weight_.value->data(), this->out_, z_->data());
   bias_activation(X.rows);
@@ -133,7 +137,10 @@ void Dense<T>::backward(T* grad_input, Index batch, const BackwardContext<T>& ct
     if (grad_input != nullptr) ctx.check_poll();
     // dL/dW = a^T delta (+ l2 W), dL/db = column sums of delta
     if (sparse_) {  // X^T delta from the CSR arrays, no transposed copy
-      csr_t_matmul<T>(csr_, delta, O, T(1), ctx.accumulate ? T(1) : T(0), weight_.grad->data());
+      // a lazy update reads the batch's rows only: the others are not formed
+      const bool rows_only = ctx.lazy && !ctx.accumulate;
+      csr_t_matmul<T>(csr_, delta, O, T(1), ctx.accumulate ? T(1) : T(0), weight_.grad->data(),
+                      rows_only ? &present_ : nullptr);
     } else {
       gemm<T>(true, false, I, O, batch, T(1), input_, I, delta, O, ctx.accumulate ? T(1) : T(0),
               weight_.grad->data(), O);

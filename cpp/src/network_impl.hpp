@@ -383,7 +383,10 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
   }
   commit_forward();
   const bool finite = std::isfinite(value);
-  has_grad_ = !finite || sgd_lr < T(0);
+  // fused SGD stores no gradient; a lazy update over a sparse batch stores dL/dW of
+  // the first layer in the batch's rows only
+  const bool lazy_rows = update != nullptr && update->spec.lazy && csr != nullptr;
+  has_grad_ = !finite || (sgd_lr < T(0) && !lazy_rows);
   if (finite && update != nullptr) ++update->steps;
   return value;
 }
@@ -423,9 +426,18 @@ void Network<T>::update_layer(Layer<T>& layer) {
   // the optimizer's step for this layer's parameters, while their gradients are in cache
   const Update<T>& update = *sweep_.update;
   for (std::size_t i = first; i < end; ++i) {
-    const Parameter<T>& p = *params_[i].parameter;
-    apply_update<T>(update.spec, update.steps + 1, p.value->data(), p.grad->data(),
-                    update.states[i], p.size());
+    update_parameter(update, update.steps + 1, i);
+  }
+}
+
+template <typename T>
+void Network<T>::update_parameter(const Update<T>& update, std::int64_t t, std::size_t i) {
+  const Parameter<T>& p = *params_[i].parameter;
+  if (update.spec.lazy && p.present_rows != nullptr) {  // the rows of a row-sparse gradient
+    apply_update_rows<T>(update.spec, t, p.value->data(), p.grad->data(), update.states[i],
+                         *p.present_rows, p.shape.back());
+  } else {
+    apply_update<T>(update.spec, t, p.value->data(), p.grad->data(), update.states[i], p.size());
   }
 }
 
@@ -447,6 +459,7 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
   ctx.accumulate = accumulate;
   ctx.sgd_lr = sgd_lr;
   ctx.l2 = l2;
+  ctx.lazy = update != nullptr && update->spec.lazy;
   ctx.network = this;
   ctx.on_ready = updating ? &Network<T>::on_ready : nullptr;
   ctx.poll = poll ? &Network<T>::on_poll : nullptr;
@@ -490,10 +503,7 @@ void Network<T>::apply_optimizer(Update<T>& update) {
     throw std::invalid_argument("[Optimizer.step] the optimizer was built for another network");
   }
   const std::int64_t t = update.steps + 1;
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const Parameter<T>& p = *params_[i].parameter;
-    apply_update<T>(update.spec, t, p.value->data(), p.grad->data(), update.states[i], p.size());
-  }
+  for (std::size_t i = 0; i < params_.size(); ++i) update_parameter(update, t, i);
   update.steps = t;
 }
 

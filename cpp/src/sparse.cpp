@@ -80,7 +80,16 @@ void matmul_typed(const CsrBatch<T>& X, const T* W, Index n, T* out) {
 }
 
 template <typename T, typename I>
-void t_matmul_typed(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C) {
+void mark_typed(const CsrBatch<T>& X, RowSet& rows) {
+  const I* indptr = as<I>(X.indptr);
+  const I* indices = as<I>(X.indices);
+  rows.clear();
+  for (Index k = indptr[0]; k < static_cast<Index>(indptr[X.rows]); ++k) rows.insert(indices[k]);
+}
+
+template <typename T, typename I>
+void t_matmul_typed(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C,
+                    const RowSet* only) {
   const I* indptr = as<I>(X.indptr);
   const I* indices = as<I>(X.indices);
   const Index nnz = X.rows > 0 ? static_cast<Index>(indptr[X.rows]) - indptr[0] : 0;
@@ -94,7 +103,9 @@ void t_matmul_typed(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, 
     const Index j0 = t * per, j1 = std::min(X.cols, j0 + per);
     if (j0 >= j1) return;
     MatrixMap<T> Cr(C + j0 * n, j1 - j0, n);
-    if (beta == T(0)) {
+    if (beta == T(0) && only != nullptr) {
+      only->for_each(j0, j1, [&](Index j) { VectorMap<T>(C + j * n, n).setZero(); });
+    } else if (beta == T(0)) {
       Cr.setZero();
     } else if (beta != T(1)) {
       Cr *= beta;
@@ -136,21 +147,39 @@ void csr_matmul(const CsrBatch<T>& X, const T* W, Index n, T* out) {
 }
 
 template <typename T>
-void csr_t_matmul(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C) {
+void mark_columns(const CsrBatch<T>& X, RowSet& rows) {
   if (X.index64) {
-    t_matmul_typed<T, std::int64_t>(X, D, n, alpha, beta, C);
+    mark_typed<T, std::int64_t>(X, rows);
   } else {
-    t_matmul_typed<T, std::int32_t>(X, D, n, alpha, beta, C);
+    mark_typed<T, std::int32_t>(X, rows);
   }
+}
+
+template <typename T>
+void csr_t_matmul(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C,
+                  const RowSet* only) {
+  if (X.index64) {
+    t_matmul_typed<T, std::int64_t>(X, D, n, alpha, beta, C, only);
+  } else {
+    t_matmul_typed<T, std::int32_t>(X, D, n, alpha, beta, C, only);
+  }
+}
+
+Index RowSet::count() const {
+  Index n = 0;
+  for (std::uint64_t w : words) n += __builtin_popcountll(w);
+  return n;
 }
 
 template void check_csr<float>(const CsrBatch<float>&, const char*);
 template void check_csr<double>(const CsrBatch<double>&, const char*);
 template void csr_matmul<float>(const CsrBatch<float>&, const float*, Index, float*);
 template void csr_matmul<double>(const CsrBatch<double>&, const double*, Index, double*);
+template void mark_columns<float>(const CsrBatch<float>&, RowSet&);
+template void mark_columns<double>(const CsrBatch<double>&, RowSet&);
 template void csr_t_matmul<float>(const CsrBatch<float>&, const float*, Index, float, float,
-                                  float*);
+                                  float*, const RowSet*);
 template void csr_t_matmul<double>(const CsrBatch<double>&, const double*, Index, double,
-                                   double, double*);
+                                   double, double*, const RowSet*);
 
 }  // namespace bprop

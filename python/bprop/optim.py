@@ -356,27 +356,46 @@ class Adam(Optimizer):
         eps: added to the denominator, >= 0.
         weight_decay: L2 penalty >= 0, added to the gradient (see AdamW for the
             decoupled form).
+        lazy: for sparse input (see the README's "Sparse input"): after a
+            batch in CSR form, update the first layer's weight only in the rows
+            of the columns the batch stores, as torch.optim.SparseAdam does;
+            the other rows keep their value and their m and v, where plain Adam
+            decays m and v and moves the weight along them every step. Far
+            cheaper for wide sparse input, and a different optimizer: the bias
+            correction uses the optimizer's step count, not a per-row one. Every
+            other parameter, and every parameter after a dense batch, gets the
+            plain Adam update. Needs weight_decay == 0 (as SparseAdam), and a
+            single process (not fit over MPI).
     """
 
     _decoupled = False
 
     def __init__(self, net: Network, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
-        super().__init__(net, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+                 eps: float = 1e-8, weight_decay: float = 0.0, lazy: bool = False) -> None:
+        super().__init__(net, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   lazy=lazy))
 
     def _check(self, where, h):
-        return dict(lr=check_float(where, "lr", h["lr"], minimum=0.0),
-                    betas=_check_betas(where, h["betas"]),
-                    eps=check_float(where, "eps", h["eps"], minimum=0.0),
-                    weight_decay=check_float(where, "weight_decay", h["weight_decay"],
-                                             minimum=0.0))
+        out = dict(lr=check_float(where, "lr", h["lr"], minimum=0.0),
+                   betas=_check_betas(where, h["betas"]),
+                   eps=check_float(where, "eps", h["eps"], minimum=0.0),
+                   weight_decay=check_float(where, "weight_decay", h["weight_decay"],
+                                            minimum=0.0))
+        if "lazy" in h:  # Adam's own (AdamW has none)
+            out["lazy"] = _check_bool(where, "lazy", h["lazy"])
+            if out["lazy"] and out["weight_decay"] != 0:
+                raise ValueError(f"[{where}] lazy=True takes no weight_decay (the rows a "
+                                 f"batch does not touch would not decay), but got "
+                                 f"weight_decay={out['weight_decay']}")
+        return out
 
     _rule = "adam"
 
     def _rule_settings(self):
         h = self._hyper
         return dict(lr=h["lr"], beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
-                    weight_decay=h["weight_decay"], decoupled=self._decoupled)
+                    weight_decay=h["weight_decay"], decoupled=self._decoupled,
+                    lazy=h.get("lazy", False))
 
 
 class AdamW(Adam):
@@ -396,7 +415,8 @@ class AdamW(Adam):
 
     def __init__(self, net: Network, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
-        super().__init__(net, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        Optimizer.__init__(self, net, dict(lr=lr, betas=betas, eps=eps,
+                                           weight_decay=weight_decay))
 
 
 class RMSprop(Optimizer):

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bprop/sparse.hpp"
 #include "bprop/types.hpp"
 
 namespace bprop {
@@ -71,6 +72,11 @@ struct UpdateSpec {
   bool decoupled = false;              // adam: AdamW
   double alpha = 0.99;                 // rmsprop
   bool centered = false;               // rmsprop
+  /// adam only: where a parameter's gradient is row-sparse (the first Dense
+  /// layer's W after a sparse batch: rows outside the batch's columns are zero),
+  /// update only the batch's rows; the others keep their value and state, as
+  /// torch.optim.SparseAdam does (the bias correction uses the optimizer's step t).
+  bool lazy = false;
 };
 
 /// The state arrays of one parameter, owned by the caller, by the names
@@ -120,6 +126,13 @@ inline bool is_plain_sgd(const UpdateSpec& spec) {
 template <typename T>
 void apply_update(const UpdateSpec& spec, std::int64_t t, T* param, const T* grad,
                   const UpdateState<T>& state, Index n);
+
+/// apply_update restricted to the rows in `rows` of a parameter of rows.rows rows
+/// of row_size values (and its state, shaped alike): the others are not touched.
+/// Fixed blocks of rows run on the pool, so the thread count changes no bit.
+template <typename T>
+void apply_update_rows(const UpdateSpec& spec, std::int64_t t, T* param, const T* grad,
+                       const UpdateState<T>& state, const RowSet& rows, Index row_size);
 
 /// True if all n values are finite.
 template <typename T>

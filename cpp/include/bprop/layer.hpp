@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "bprop/activation.hpp"
+#include "bprop/sparse.hpp"
 #include "bprop/types.hpp"
 
 namespace bprop {
@@ -32,6 +33,10 @@ struct Parameter {
   std::vector<Index> shape;
   StoragePtr<T> value, grad;
   bool decays = false;  // scikit-learn's L2 term applies (a Dense layer's weight)
+  /// Not null while the gradient is row-sparse: the rows of a (rows, cols) parameter
+  /// outside this set have a zero gradient (the first Dense layer's W after a
+  /// sparse batch). A lazy update (UpdateSpec::lazy) touches only these rows.
+  const RowSet* present_rows = nullptr;
 
   Index size() const {
     Index n = 1;
@@ -68,6 +73,7 @@ struct BackwardContext {
   bool accumulate = false;  // add to the stored gradients
   T sgd_lr = T(-1);         // >= 0: plain SGD fused into the sweep (no gradient stored)
   T l2 = T(0);              // added as l2 * value to the gradient of parameters that decay
+  bool lazy = false;        // the update is lazy: a row-sparse gradient is needed in its rows only
   void (*on_ready)(void* network, Layer<T>& layer) = nullptr;
   void* network = nullptr;
   void (*poll)(void* network) = nullptr;  // between products; may throw

@@ -57,6 +57,7 @@ class Dense final : public Layer<T> {
   const T* input_ = nullptr;
   CsrBatch<T> csr_;      // the sparse input a, by reference, when sparse_
   bool sparse_ = false;
+  RowSet present_;       // the columns csr_ stores: the rows of dL/dW that can be non-zero
   void bias_activation(Index batch);
 };
 

@@ -136,7 +136,9 @@ class Network {
   ///    parameters (has_backward() then becomes false: the gradient buffers do
   ///    not hold the step's gradients);
   ///  - else `update` not null: dL/dW and dL/db are stored, then the optimizer's
-  ///    fused kernel updates the parameter while they are still in cache;
+  ///    fused kernel updates the parameter while they are still in cache (a lazy
+  ///    update over a sparse X forms and updates the first layer's W in the
+  ///    batch's rows only, so has_backward() then becomes false);
   ///  - else: the gradients are stored as by backward() and nothing is updated.
   /// A step made with `update` is counted in it (++update->steps) in this call.
   /// A non-finite loss stores the gradients, updates and counts nothing.
@@ -219,6 +221,8 @@ class Network {
   static void on_ready(void* self, Layer<T>& layer);
   static void on_poll(void* self);
   void update_layer(Layer<T>& layer);
+  // update's step t on parameter i (lazy: the rows of a row-sparse gradient only)
+  void update_parameter(const Update<T>& update, std::int64_t t, std::size_t i);
   // sum of ||W||^2 over the weights that decay, in float64, in parameter order
   double weight_squares() const;
 

@@ -8,7 +8,9 @@
 // ascending order. Neither allocates.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "bprop/types.hpp"
 
@@ -43,6 +45,37 @@ struct CsrBatch {
   }
 };
 
+/// A set of row numbers in [0, rows) as a bitmap: the rows of the first layer's W
+/// that a sparse batch touches (the columns X stores). Sized once (resize
+/// allocates); clear, insert and the queries do not allocate.
+struct RowSet {
+  Index rows = 0;
+  std::vector<std::uint64_t> words;  // bit j % 64 of words[j / 64]: row j is in the set
+
+  void resize(Index n) {
+    rows = n;
+    words.assign(static_cast<std::size_t>((n + 63) / 64), 0);
+  }
+  void clear() { std::fill(words.begin(), words.end(), std::uint64_t(0)); }
+  void insert(Index j) { words[static_cast<std::size_t>(j >> 6)] |= std::uint64_t(1) << (j & 63); }
+  bool contains(Index j) const {
+    return (words[static_cast<std::size_t>(j >> 6)] >> (j & 63)) & 1U;
+  }
+  Index count() const;
+  /// Calls f(j) for each row j in the set within [begin, end), ascending.
+  template <typename F>
+  void for_each(Index begin, Index end, F&& f) const {
+    for (Index w = begin >> 6; w < ((end + 63) >> 6); ++w) {
+      std::uint64_t bits = words[static_cast<std::size_t>(w)];
+      while (bits != 0) {
+        const Index j = (w << 6) + __builtin_ctzll(bits);
+        bits &= bits - 1;
+        if (j >= begin && j < end) f(j);
+      }
+    }
+  }
+};
+
 /// Throws std::invalid_argument, tagged with `where`, unless X is a well-formed
 /// CSR batch whose products are safe and well defined: indptr starts at 0, never
 /// decreases and ends at most at nnz; each row's column indices lie in
@@ -51,6 +84,10 @@ struct CsrBatch {
 template <typename T>
 void check_csr(const CsrBatch<T>& X, const char* where);
 
+/// Sets `rows` (resized to X.cols beforehand) to the column indices X stores.
+template <typename T>
+void mark_columns(const CsrBatch<T>& X, RowSet& rows);
+
 /// out (rows, n) = X W, W (cols, n) row-major: row i of out is the sum of
 /// v W[j, :] over row i's stored (j, v), in stored order.
 template <typename T>
@@ -58,10 +95,13 @@ void csr_matmul(const CsrBatch<T>& X, const T* W, Index n, T* out);
 
 /// C (cols, n) = alpha X^T D + beta C, D (rows, n): for each row i of X and each
 /// stored (j, v), C[j, :] += alpha v D[i, :], i ascending. beta is 0 (C is
-/// overwritten, never read) or 1 (accumulate). The tasks own fixed ranges of C's
+/// overwritten, never read) or 1 (accumulate). With `only` (X's columns, as
+/// mark_columns gives them) and beta 0, just those rows of C are formed: the
+/// others, which X^T D leaves zero, are not written. The tasks own fixed ranges of C's
 /// rows; each C[j, :] is summed in the same order by one task, so the bits do
 /// not depend on the thread count.
 template <typename T>
-void csr_t_matmul(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C);
+void csr_t_matmul(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, T* C,
+                  const RowSet* only = nullptr);
 
 }  // namespace bprop
