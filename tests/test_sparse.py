@@ -292,12 +292,6 @@ def test_first_layer_not_dense_refused(rng, first):
     assert not net._core.has_forward
 
 
-def test_gradcheck_refuses_sparse(rng):
-    X, y = sparse_data(rng, rows=8)
-    with pytest.raises(TypeError, match=r"gradcheck.*toarray"):
-        bprop.gradcheck(make_net(), X, y)
-
-
 def test_stale_canonical_flag_and_bad_indptr_refused_by_fit(rng):
     # scipy caches has_canonical_format; a matrix whose arrays were assigned after
     # the flag was set is checked from its arrays, before scipy's row indexing.

@@ -28,6 +28,10 @@ What each rank does (the minibatch size and the epochs are global: 4 ranks and
   rank 0; a Generator gets rank 0's state), so all ranks see the same global
   minibatches. Rank r of R takes rows [lo_r, hi_r) of each minibatch, split as
   ``np.array_split`` does (sizes differ by at most one; a rank may get none).
+  A sparse X (scipy.sparse, first layer Dense; see bprop.fit) is never
+  densified: the minibatch is gathered from the CSR matrix by row index as in
+  one process, and a rank's rows are a slice of its CSR arrays (data and
+  indices viewed, indptr rebased: a copy of hi_r - lo_r + 1 entries).
 * It computes the gradient of the mean loss over its rows, scaled by its share
   of the minibatch, n_r / n (with sample weights, sum(w_r) / sum(w)): the sum
   of the ranks' gradients is then exactly the gradient of the minibatch's mean
@@ -91,7 +95,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from ._validation import type_name
+from ._validation import is_sparse, type_name
 from .layers import BatchNorm, Residual, walk
 
 __all__ = ["rank_dropout_key", "shard_bounds"]
@@ -161,14 +165,22 @@ def _collective(exc: BaseException) -> BaseException:
     return exc
 
 
-def _checksum(crc: int, arr: Optional[np.ndarray]) -> int:
+def _checksum(crc: int, arr: Any) -> int:
+    """crc updated with an array's shape, dtype and sampled rows (None, a NumPy
+    array or a scipy.sparse CSR matrix)."""
     if arr is None:
         return zlib.crc32(b"none", crc)
-    crc = zlib.crc32(repr((arr.shape, arr.dtype.str)).encode(), crc)
+    sparse = is_sparse(arr)
+    crc = zlib.crc32(repr((arr.shape, arr.dtype.str, sparse)).encode(), crc)
     n = arr.shape[0]
     if n == 0:
         return crc
     rows = np.unique(np.linspace(0, n - 1, min(n, _CHECKSUM_ROWS)).astype(np.int64))
+    if sparse:  # the sampled rows' CSR arrays (the index width may differ between ranks)
+        part = arr[rows]
+        for a in (part.data, part.indices.astype(np.int64), part.indptr.astype(np.int64)):
+            crc = zlib.crc32(np.ascontiguousarray(a).tobytes(), crc)
+        return crc
     return zlib.crc32(np.ascontiguousarray(np.take(arr, rows, axis=0)).tobytes(), crc)
 
 
@@ -176,8 +188,26 @@ def _describe(data) -> str:
     if data is None:
         return "none"
     w = "none" if data.w is None else f"{data.w.shape}"
-    return (f"X {data.X.shape} {data.X.dtype.name}, y {data.y.shape} {data.y.dtype.name}, "
+    X = data.X
+    kind = f" sparse CSR with {X.nnz} stored values" if is_sparse(X) else ""
+    return (f"X {X.shape} {X.dtype.name}{kind}, y {data.y.shape} {data.y.dtype.name}, "
             f"sample_weight {w}")
+
+
+def _batch_rows(Xb: Any) -> int:
+    """The rows of a minibatch as the loop passes it: an array, or a sparse one as
+    the core's CSR arrays (data, indices, indptr, n_features)."""
+    return Xb[2].shape[0] - 1 if isinstance(Xb, tuple) else Xb.shape[0]
+
+
+def _rows(Xb: Any, lo: int, hi: int) -> Any:
+    """Rows lo..hi of such a minibatch: a slice of an array, or of the CSR arrays
+    (data and indices viewed, indptr rebased to start at 0)."""
+    if not isinstance(Xb, tuple):
+        return Xb[lo:hi]
+    data, indices, indptr, n_features = Xb
+    a, b = indptr[lo], indptr[hi]
+    return data[a:b], indices[a:b], indptr[lo:hi + 1] - a, n_features
 
 
 class DataParallel:
@@ -317,9 +347,10 @@ class DataParallel:
 
     # ---- per step --------------------------------------------------------------------
     def step_function(self, net, optimizer, kernel: Callable, name: Optional[str]) -> Callable:
-        """The loop's step: one global minibatch (batch, in_features), this rank's
-        share of the gradient, the allreduce, the optimizer step. Returns the
-        minibatch's mean loss, the same on every rank (NaN/inf without a step).
+        """The loop's step: one global minibatch (batch, in_features), or a sparse
+        one as the core's CSR arrays (data, indices, indptr, n_features); this
+        rank's share of the gradient, the allreduce, the optimizer step. Returns
+        the minibatch's mean loss, the same on every rank (NaN/inf without a step).
 
         ``kernel`` is the loss as ``(output, target, weight) -> (value, grad)``:
         the built-in loss ``name``'s kernel or fit's wrapped user loss."""
@@ -335,9 +366,8 @@ class DataParallel:
         buffers = [b for _, b in net.buffers()]
         packed = np.empty(sum(b.size for b in buffers), dtype=np.float64)
 
-        def step(Xb: np.ndarray, yb: np.ndarray, wb: Optional[np.ndarray],
-                 weight: float) -> float:
-            n = Xb.shape[0]
+        def step(Xb: Any, yb: np.ndarray, wb: Optional[np.ndarray], weight: float) -> float:
+            n = _batch_rows(Xb)
             lo, hi = shard_bounds(n, rank, size)
             if wb is None:
                 ws = None
@@ -349,7 +379,7 @@ class DataParallel:
             if share > 0:
                 core.dropout_seed = key
                 try:
-                    output = core.forward(Xb[lo:hi])
+                    output = core.forward(_rows(Xb, lo, hi))
                 finally:
                     core.dropout_seed = shared_key
                 value, grad = kernel(output, yb[lo:hi], ws)
@@ -362,7 +392,7 @@ class DataParallel:
                     training = core.training
                     core.training = False
                     try:
-                        core.forward(Xb[:1])
+                        core.forward(_rows(Xb, 0, 1))
                         core.backward(np.zeros((1, out_features), dtype), False, False)
                     finally:
                         core.training = training

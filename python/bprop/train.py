@@ -566,7 +566,10 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         comm: an mpi4py communicator (e.g. ``MPI.COMM_WORLD``) for data-parallel
             training: every rank calls fit with the same arguments and the
             whole dataset, trains on its share of each minibatch and steps with
-            the summed gradient; batch_size is global. See bprop.distributed.
+            the summed gradient; batch_size is global. A sparse X (and
+            validation data) is taken as without comm: each rank's rows of a
+            minibatch are a slice of its CSR arrays, never densified. See
+            bprop.distributed.
 
     Returns:
         History of the epochs run (the same on every rank under comm).
@@ -612,9 +615,6 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
     train = _Dataset(where, net, X, y, sample_weight, builtin)
-    if train.sparse and not isinstance(strategy, Local):
-        raise TypeError(f"[{where}] X is sparse, which fit over MPI (comm) does not take yet; "
-                        "pass X.toarray(), or fit without comm")
     epochs = check_int(where, "epochs", epochs, minimum=1)
     batch_size = check_int(where, "batch_size", batch_size, minimum=1)
     shuffle = _as_bool(where, "shuffle", shuffle)
@@ -920,9 +920,18 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
     gradients vanish). A correct backward gives about 1e-8 or less for smooth
     activations; keep inputs away from ReLU's kink.
 
+    Only the parameters' gradients are checked, not dL/dX (the gradient with
+    respect to the input), which gradcheck never asks backward for. So a sparse X
+    is checked like a dense one: every parameter, the first layer's dL/dW =
+    X^T delta formed from the CSR arrays included; bprop forms no dL/dX for a
+    sparse X at all (``backward(..., input_grad=True)`` refuses it).
+
     Args:
         net: the network.
-        X: (samples, in_features) inputs; a handful of samples is plenty.
+        X: (samples, in_features) inputs; a handful of samples is plenty. Or a
+            scipy.sparse matrix or array if the first layer is Dense (as ``fit``
+            takes it: converted once to CSR of float64 if it is not, never
+            densified; column indices sorted without duplicates).
         y: targets, checked against the loss as in ``fit``.
         loss: a name from ``bprop.losses.LOSSES`` or a callable.
         eps: the finite-difference step (> 0).
@@ -942,18 +951,17 @@ def gradcheck(net: Network, X, y, loss="softmax_cross_entropy", eps: float = 1e-
     if max_checks is not None:
         max_checks = check_int(where, "max_checks", max_checks, minimum=1)
     seed = check_int(where, "seed", seed, minimum=0)
-    if is_sparse(X):
-        raise TypeError(f"[{where}] X is sparse, which gradcheck does not take yet; pass "
-                        "X.toarray() (a handful of rows is plenty)")
     net64 = net._clone("float64")
     data = _Dataset(where, net64, X, y, sample_weight, builtin)
+    # a sparse X as the core takes it: its CSR arrays, cached by reference by every forward
+    inputs = _loop._csr_arrays(data.X) if data.sparse else data.X
     step_loss = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net64)
     core = net64._core
     step = core.dropout_step  # every forward below draws this step's dropout masks
 
     def loss_of_forward() -> Tuple[float, np.ndarray]:
         core.dropout_step = step
-        return step_loss(core.forward(data.X), data.y, data.w)
+        return step_loss(core.forward(inputs), data.y, data.w)
 
     _, grad_output = loss_of_forward()
     core.backward(grad_output, False, False)
