@@ -109,6 +109,10 @@ class Optimizer:
     #: the core's update rule: "sgd", "adam" or "rmsprop"
     _rule: str
 
+    #: hyperparameters added after the first release, with the value that a
+    #: state_dict (or checkpoint) saved before them implies
+    _added_hyperparameters: Dict[str, Any] = {}
+
     def _rule_settings(self) -> Dict[str, Any]:
         """The rule's settings from the hyperparameters, as the core names them."""
         raise NotImplementedError
@@ -228,6 +232,9 @@ class Optimizer:
                 or step < 0:
             raise ValueError(f"[{where}] step must be an int >= 0, but got {step!r}")
         hyper = state_dict["hyperparameters"]
+        if isinstance(hyper, dict):  # a state_dict from before a hyperparameter was added
+            hyper = {**{k: v for k, v in self._added_hyperparameters.items()
+                        if k in self._hyper}, **hyper}
         if not isinstance(hyper, dict) or set(hyper) != set(self._hyper):
             got = sorted(map(str, hyper)) if isinstance(hyper, dict) else type_name(hyper)
             raise ValueError(f"[{where}] hyperparameters must be a dict with the keys "
@@ -369,6 +376,7 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    _added_hyperparameters = {"lazy": False}
 
     def __init__(self, net: Network, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, lazy: bool = False) -> None:

@@ -654,6 +654,11 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     if optimizer._net_ref() is not net:
         raise ValueError(f"[{where}] the optimizer is bound to another network; create it with "
                          "this one, e.g. bprop.optim.Adam(net)")
+    if getattr(strategy, "size", 1) > 1 and optimizer.hyperparameters.get("lazy", False):
+        # each rank knows the rows its own batch touches, not the other ranks'
+        raise ValueError(f"[{where}] a lazy optimizer ({optimizer!r}) cannot train over MPI "
+                         "(comm with more than one rank): the ranks' batches touch different "
+                         "rows; use lazy=False")
 
     valid: Optional[_Dataset] = None
     if validation_data is not None:
