@@ -243,8 +243,13 @@ def errors():
         assert len(set(prints)) == 1, "ranks differ"
         assert max_diff(net, ref) < 1e-12, max_diff(net, ref)
 
+    def lazy_optimizer():
+        net = network(0)
+        bprop.fit(net, sparse(X), y, optimizer=optim.Adam(net, lazy=True), epochs=1, seed=0,
+                  comm=comm)
+
     for fn in (sparse_on_rank_1_only, other_values_on_rank_1, first_layer_not_dense,
-               unsorted_on_rank_1, index_widths_mixed):
+               unsorted_on_rank_1, index_widths_mixed, lazy_optimizer):
         outcomes[fn.__name__] = comm.allgather(capture(fn))
     if rank == 0:
         print("RESULT " + json.dumps(outcomes), flush=True)

@@ -316,3 +316,7 @@ def test_fit_over_mpi_on_sparse_input_errors_reach_every_rank():
     # int32 indices on rank 0, int64 on rank 1: the same data, trained together, and
     # the weights of the dense run
     assert out["index_widths_mixed"] == ["ok", "ok"]
+    # Adam(lazy=True) knows its own batch's rows only: refused on every rank
+    assert all(s.startswith("ValueError: [fit] a lazy optimizer (Adam(lr=0.001, betas=(0.9, "
+                            "0.999), eps=1e-08, weight_decay=0.0, lazy=True)) cannot train over "
+                            "MPI") for s in out["lazy_optimizer"]), out["lazy_optimizer"]
