@@ -67,8 +67,9 @@ def _expected_failed_checks(estimator):
     """BatchNorm's statistics count rows and dropout draws a mask per row, so a
     sample weight of 2 is not a repeated row (as in PyTorch): by design."""
     if estimator.batch_norm or estimator.dropout > 0:
-        return {"check_sample_weight_equivalence_on_dense_data":
-                "batch statistics and dropout masks are per row, not per unit of weight"}
+        why = "batch statistics and dropout masks are per row, not per unit of weight"
+        return {"check_sample_weight_equivalence_on_dense_data": why,
+                "check_sample_weight_equivalence_on_sparse_data": why}
     return {}
 
 
@@ -452,11 +453,19 @@ def test_parameter_errors():
         MLPRegressor().predict(X)
 
 
-def test_sparse_input_is_refused():
-    sparse = pytest.importorskip("scipy.sparse")
-    X, y = make_classification(30, 3, n_redundant=0, random_state=0)
-    with pytest.raises(TypeError, match="dense data is required"):
-        MLPClassifier().fit(sparse.csr_matrix(X), y)
+def test_a_failed_fit_leaves_the_fitted_attributes():
+    # Regression: a fit refused after validate_data (here by early stopping's
+    # stratified split) kept the new n_features_in_ and classes_, so that the
+    # unchanged network then refused the data it was fitted on.
+    X, y = make_classification(60, 5, n_informative=3, n_classes=3, random_state=0)
+    clf = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=0).fit(X, y)
+    proba = clf.predict_proba(X)
+    clf.set_params(early_stopping=True)
+    with pytest.raises(ValueError, match="least populated class"):
+        clf.fit(X[:30, :4], np.arange(30) == 0)
+    assert clf.n_features_in_ == 5
+    np.testing.assert_array_equal(clf.classes_, [0, 1, 2])
+    np.testing.assert_array_equal(clf.predict_proba(X), proba)
 
 
 def test_divergence_raises_and_keeps_the_weights():

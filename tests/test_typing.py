@@ -205,3 +205,20 @@ def test_readme_layers_example_runs_and_passes_mypy(tmp_path):
     result = _run(["-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
                    "layers_example.py"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_sparse_input_example_runs(capsys):
+    # the "### Sparse input" block (a TfidfVectorizer pipeline), as written; not run
+    # through mypy: scikit-learn ships no type information
+    pytest.importorskip("sklearn")
+    sparse = pytest.importorskip("scipy.sparse")
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^### Sparse input\s*$(.*?)(?=^##)", text, re.M | re.S)
+    assert match, "README.md has no '### Sparse input' section"
+    blocks = re.findall(r"^```python\n(.*?)^```", match.group(1), re.M | re.S)
+    assert blocks, "the README's Sparse input section has no python code block"
+    namespace: dict = {}
+    exec(compile("\n".join(blocks), "README-sparse", "exec"), namespace)  # noqa: S102
+    clf = namespace["clf"]
+    assert sparse.issparse(clf[:-1].transform(namespace["docs"][:2]))
+    assert float(capsys.readouterr().out) > 0.8  # three topics: chance is 1/3

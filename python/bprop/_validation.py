@@ -118,8 +118,23 @@ def as_csr(where: str, name: str, X, dtype: np.dtype, *, features: int | None = 
                          f"expects {features}")
     if X.format != "csr":
         X = X.tocsr()  # the one conversion: O(nnz), sums COO's duplicates
-    # A hand-built matrix is checked here, before scipy's row indexing reads it
-    # (scipy's own flags may be stale: its arrays can be assigned directly).
+    check_csr_structure(where, name, X)
+    if not csr_is_canonical(X):
+        raise ValueError(f"[{where}] {name} has unsorted or duplicate column indices; put it "
+                         f"in canonical form once with {name}.sum_duplicates() (which also "
+                         f"sorts), or {name}.sort_indices()")
+    if X.dtype != dtype:
+        X = X.astype(dtype)
+    return X
+
+
+def check_csr_structure(where: str, name: str, X) -> None:
+    """Refuses a CSR matrix whose arrays do not describe a (rows, cols) matrix:
+    indptr of rows + 1 entries from 0, not decreasing, ending at most at the
+    number of stored values; column indices in [0, cols). A hand-built matrix is
+    checked here, before scipy's row indexing (or the core) reads it: scipy's
+    own flags may be stale, since its arrays can be assigned directly. O(nnz)."""
+    rows, cols = X.shape
     indices, indptr = X.indices, X.indptr
     nnz = indices.shape[0]
     if (indptr.shape != (rows + 1,) or X.data.shape != (nnz,) or indptr[0] != 0
@@ -131,17 +146,18 @@ def as_csr(where: str, name: str, X, dtype: np.dtype, *, features: int | None = 
         bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
         raise ValueError(f"[{where}] {name} has a column index out of range: it stores "
                          f"column {bad}, but has {cols} columns")
-    # canonical: each row's column indices strictly increase (O(nnz))
+
+
+def csr_is_canonical(X) -> bool:
+    """Whether each row's column indices strictly increase (sorted, no
+    duplicates: scipy's canonical form), computed from the arrays, not from
+    scipy's cached flags. X must pass check_csr_structure. O(nnz)."""
+    indices, indptr = X.indices, X.indptr
+    nnz = indices.shape[0]
     increasing = np.diff(indices) > 0  # entry k against entry k + 1
     starts = indptr[1:-1]
     increasing[starts[(starts > 0) & (starts < nnz)] - 1] = True  # a new row begins
-    if not increasing.all():
-        raise ValueError(f"[{where}] {name} has unsorted or duplicate column indices; put it "
-                         f"in canonical form once with {name}.sum_duplicates() (which also "
-                         f"sorts), or {name}.sort_indices()")
-    if X.dtype != dtype:
-        X = X.astype(dtype)
-    return X
+    return bool(increasing.all())
 
 
 def csr_nbytes_per_row(X) -> int:

@@ -92,7 +92,6 @@ Differences from scikit-learn, all by design:
   velocity form for a constant learning rate. ``solver="rmsprop"`` (extra)
   uses ``bprop.optim.RMSprop`` with ``learning_rate_init`` and ``epsilon``.
 * ``activation`` also accepts bprop's names ("sigmoid", "leaky_relu", "gelu").
-* Sparse input is refused (bprop is dense): convert with ``X.toarray()``.
 * ``sample_weight`` must be non-negative; a minibatch whose weights are all 0
   is skipped.
 * A fit whose loss becomes NaN or inf (or that leaves NaN or inf in the
@@ -103,6 +102,35 @@ Differences from scikit-learn, all by design:
   validation score, the best epoch's weights are kept, and a
   ``ConvergenceWarning`` says so; unlike scikit-learn, which runs on to
   ``max_iter`` with NaN weights, the fit stops at that epoch.
+
+Sparse X (``scipy.sparse``; scikit-learn's ``{array-like, sparse matrix}``) is
+taken by every method that takes X (``fit``, ``partial_fit``, ``predict``,
+``predict_proba``, ``predict_log_proba``, ``score``) and never densified, as in
+a ``TfidfVectorizer`` pipeline::
+
+    clf = make_pipeline(TfidfVectorizer(), MLPClassifier(hidden_layer_sizes=(64,)))
+    clf.fit(documents, labels)
+
+A CSR matrix or array (``csr_matrix``, ``csr_array``; int32 or int64 indices)
+goes to the core as it is: the first Dense layer's z = X W + b is a sparse x
+dense product (see the README's "Sparse input"). Another format (CSC, COO, DOK,
+LIL, BSR, ...) is converted to CSR once per call, by scikit-learn's
+``check_array``, which copies the stored values and indices (O(nnz)); so is
+another dtype, by the dense rule (float32 and float64 kept, integers and bools
+made float64; the network's dtype once fitted). A matrix with unsorted or
+duplicate column indices is put in canonical form in a copy (duplicates summed,
+as ``X @ W`` sums them); the caller's matrix is never changed. A non-finite
+stored value is refused (ValueError: scikit-learn's "Input X contains NaN." or
+"infinity.", then the call and the value's row and column), as are a column
+index out of range or a malformed ``indptr`` (a hand-built matrix), complex
+values and shapes other than 2-D; a failed ``fit`` or ``partial_fit`` leaves
+the estimator as it was. Shuffling, minibatches, the early-stopping split,
+``sample_weight`` and ``class_weight`` select rows of the CSR matrix by index
+(scipy's row indexing), so a sparse fit is the fit on ``X.toarray()``: the same
+weights and predictions to float64 rounding (tests/test_sklearn_sparse.py; but
+for the bias of a Dense layer before a BatchNorm, whose gradient is 0 up to
+rounding, so that Adam's normalised steps follow the rounding). The estimators'
+tags say so (``input_tags.sparse``).
 
 Early stopping's validation split is scikit-learn's: ``train_test_split`` with
 the same random draws, stratified only for a one-output classifier (binary), so
@@ -120,6 +148,7 @@ Needs scikit-learn >= 1.6 (``pip install 'bprop[sklearn]'`` or
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -147,7 +176,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       f"pip install 'scikit-learn>=1.6' ({exc})") from exc
 
 from . import optim
-from ._loop import Loop
+from ._loop import Loop, _csr_arrays
+from ._validation import check_csr_structure, csr_is_canonical, is_sparse
 from .activations import SKLEARN_NAMES
 from .layers import Activation, BatchNorm, Dense, Dropout, Layer, layer_from_description, walk
 from .losses import poisson_deviance_log_link
@@ -198,16 +228,56 @@ def _state_arrays(net: Network) -> List[np.ndarray]:
     return [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]
 
 
-def _set_full_batch_statistics(net: Network, X: np.ndarray) -> None:
+def _set_full_batch_statistics(net: Network, X: Any) -> None:
     """Sets each BatchNorm's running_mean and running_var (unbiased, as the
     momentum updates keep it) to the statistics of its input over all of X (one
-    forward pass in training mode)."""
+    forward pass in training mode; X as the core takes it, an array or the CSR
+    arrays)."""
     net._core.forward(X)
     for _, _, layer in walk(net.layers):
         if isinstance(layer, BatchNorm):
             inputs = layer.input
             layer.running_mean = inputs.mean(axis=0, dtype=np.float64)
             layer.running_var = inputs.var(axis=0, ddof=1, dtype=np.float64)
+
+
+def _check_sparse_kind(where: str, X: Any) -> None:
+    """What scikit-learn's check_array would refuse in a sparse X with a
+    message not naming the call (or printing the whole matrix): a shape other
+    than 2-D, complex or non-numeric values."""
+    if len(X.shape) != 2:
+        hint = "; use X.reshape(1, -1) for a single sample" if len(X.shape) == 1 else ""
+        raise ValueError(f"{where} X must be 2-D (samples, features), but the sparse X has "
+                         f"shape {X.shape}{hint}")
+    kind = X.dtype.kind
+    if kind == "c":  # scikit-learn's words first, as for a dense X
+        raise ValueError(f"Complex data not supported. {where} X must hold real numbers, "
+                         f"but the sparse X has dtype {X.dtype}")
+    if kind not in "biuf":
+        raise TypeError(f"{where} X must hold real numbers (integer, floating or bool), but "
+                        f"the sparse X has dtype {X.dtype}")
+
+
+def _checked_sparse(where: str, X: Any) -> Any:
+    """A sparse X as validate_data left it (CSR of the network's dtype) made ready
+    for the core: its arrays checked (a hand-built matrix), put in canonical form
+    if it is not (a copy; duplicates summed, as X @ W sums them, and indices
+    sorted: scikit-learn takes such a matrix), and its stored values finite.
+    Never densified; O(nnz)."""
+    check_csr_structure(where[1:-1], "X", X)
+    if not csr_is_canonical(X):
+        X = X.copy()  # the copy's flags are computed afresh, never stale
+        X.sum_duplicates()
+    finite = np.isfinite(X.data[:X.indptr[-1]])  # the values its rows hold
+    if not finite.all():
+        k = int(np.argmin(finite))
+        i = int(np.searchsorted(X.indptr, k, side="right")) - 1
+        value = X.data[k]
+        raise ValueError(
+            f"Input X contains {'NaN' if np.isnan(value) else 'infinity'}. {where} X must "
+            f"hold values finite in {X.dtype.name} (the network's dtype), but the sparse X's "
+            f"stored value X[{i}, {int(X.indices[k])}] is {value} in {X.dtype.name}")
+    return X
 
 
 class _LayerArrays(list):
@@ -571,12 +641,49 @@ class _BaseMLP(BaseEstimator):
     def intercepts_(self, values: Any) -> None:
         self._assign_layer_arrays("intercepts_", values)
 
-    def _validate_predict_input(self, X: Any) -> np.ndarray:
+    def _validate_data(self, where: str, X: Any, *y: Any, **check_params: Any) -> Any:
+        """scikit-learn's validate_data, taking sparse X as scikit-learn's MLP does:
+        a CSR matrix or array is kept (other formats become CSR once, in
+        check_array: a copy of the stored values and indices), cast to the dtype
+        asked for, then made ready for the core by _checked_sparse (which also
+        refuses non-finite stored values, saying where). Never densified."""
+        sparse = is_sparse(X)
+        if not sparse:
+            return validate_data(self, X, *y, **check_params)
+        _check_sparse_kind(where, X)
+        # a value too large for float32 becomes inf here, refused by _checked_sparse
+        with np.errstate(over="ignore"):
+            out = validate_data(self, X, *y, accept_sparse="csr", ensure_all_finite=False,
+                                **check_params)
+        if y:
+            return _checked_sparse(where, out[0]), out[1]
+        return _checked_sparse(where, out)
+
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self) -> Any:
+        """A failed fit or partial_fit leaves the estimator as it was: what its
+        checks set before the failure (n_features_in_, feature_names_in_, classes_,
+        ...) is put back; _fit restores the network's arrays itself."""
+        saved = dict(self.__dict__)
+        try:
+            yield
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
+
+    def _validate_predict_input(self, X: Any, method: str) -> Any:
         check_is_fitted(self)
-        return validate_data(self, X, reset=False, dtype=self._net.dtype, order="C")
+        return self._validate_data(self._where(method), X, reset=False, dtype=self._net.dtype,
+                                   order="C")
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "_net")
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # scipy.sparse X, as scikit-learn's MLP
+        return tags
 
     # ---- fit --------------------------------------------------------------------------
     def _fit(self, X: Any, y: Any, sample_weight: Any = None,
@@ -588,7 +695,8 @@ class _BaseMLP(BaseEstimator):
         X, y = self._validate_input(X, y, incremental, reset=first_pass,
                                     dtype=self._input_dtype(first_pass))
         dtype = X.dtype if first_pass else self._net.dtype
-        X = np.ascontiguousarray(X, dtype=dtype)
+        if not is_sparse(X):  # a sparse X is CSR of the dtype already (_validate_data)
+            X = np.ascontiguousarray(X, dtype=dtype)
         class_weight = self._class_sample_weight(y, incremental, where)
         if class_weight is not None:  # multiplies the user's weights, in float64
             if sample_weight is not None:
@@ -669,7 +777,7 @@ class _BaseMLP(BaseEstimator):
         self.out_activation_ = self._out_activation()
         return self
 
-    def _fit_stochastic(self, net: Network, state: Dict[str, Any], X: np.ndarray,
+    def _fit_stochastic(self, net: Network, state: Dict[str, Any], X: Any,
                         target: np.ndarray, y_original: np.ndarray,
                         sample_weight: Optional[np.ndarray], incremental: bool,
                         random_state: np.random.RandomState) -> None:
@@ -837,9 +945,9 @@ class _BaseMLP(BaseEstimator):
         evaluate = (_numpy_objective(net, poisson_deviance_log_link, loss_scale, grad_scale)
                     if loss_name == "poisson" else None)
 
-        def step_or_skip(X: np.ndarray, y: np.ndarray, sample_weight: Optional[np.ndarray],
+        def step_or_skip(X: Any, y: np.ndarray, sample_weight: Optional[np.ndarray],
                          weight: float) -> float:
-            if X.shape[0] > 1:
+            if y.shape[0] > 1:  # X may be a CSR minibatch's arrays: count y's rows
                 return step(X, y, sample_weight, weight)
             core.training = False
             try:  # no optimizer and lr < 0: the loss (and gradients), no update
@@ -852,7 +960,7 @@ class _BaseMLP(BaseEstimator):
                 core.training = True
         return step_or_skip
 
-    def _validation_split(self, X: np.ndarray, target: np.ndarray, y_original: np.ndarray,
+    def _validation_split(self, X: Any, target: np.ndarray, y_original: np.ndarray,
                           sample_weight: Optional[np.ndarray],
                           random_state: np.random.RandomState, n_outputs: int,
                           where: str) -> Tuple[Any, ...]:
@@ -883,11 +991,13 @@ class _BaseMLP(BaseEstimator):
         if X_val.shape[0] < 2:
             raise ValueError("The validation set is too small. Increase 'validation_fraction' "
                              "or the size of your dataset.")
-        return (np.ascontiguousarray(X_train), np.ascontiguousarray(t_train),
+        if not is_sparse(X_train):  # CSR row indexing made X_train and X_val CSR
+            X_train = np.ascontiguousarray(X_train)
+        return (X_train, np.ascontiguousarray(t_train),
                 None if w_train is None else np.ascontiguousarray(w_train),
                 X_val, y_val, w_val)
 
-    def _fit_lbfgs(self, net: Network, state: Dict[str, Any], X: np.ndarray,
+    def _fit_lbfgs(self, net: Network, state: Dict[str, Any], X: Any,
                    target: np.ndarray, sample_weight: Optional[np.ndarray]) -> None:
         """Full-batch L-BFGS-B (SciPy) on scikit-learn's objective; the loss and
         its gradient come from one forward/backward sweep of the core.
@@ -896,11 +1006,16 @@ class _BaseMLP(BaseEstimator):
         dataset (its statistics are the full batch's, so the objective is
         deterministic); the running statistics, which the line search's trial
         points would otherwise have moved, are set at the end to the full
-        batch's statistics at the solution."""
+        batch's statistics at the solution.
+
+        X is a C-contiguous array, or a CSR matrix, passed to the core as its
+        (data, indices, indptr, n_features) arrays (no copy)."""
         loss_name = self._loss_name()
         loss_scale, grad_scale = self._loss_scales(net.out_features)
         weight_sum = (float(X.shape[0]) if sample_weight is None
                       else float(sample_weight.sum(dtype=np.float64)))
+        if is_sparse(X):
+            X = _csr_arrays(X)
         decay = float(self.alpha) / weight_sum
         views = [(p, g) for _, p, g in net.parameters()]
         sizes = np.cumsum([0] + [p.size for p, _ in views])
@@ -1000,7 +1115,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
 
     Parameters, attributes and methods are those of
     ``sklearn.neural_network.MLPClassifier``; see the module docstring for the
-    objective and the few differences.
+    objective and the few differences. Every method taking X takes a dense
+    array-like or a scipy.sparse matrix or array (CSR as it is, other formats
+    converted to CSR once; never densified), as scikit-learn's.
 
     Args:
         hidden_layer_sizes: widths of the hidden layers, e.g. (100,) or (64, 32).
@@ -1089,7 +1206,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         (n_samples,) or a multi-label indicator matrix (n_samples, n_labels).
 
         Args:
-            X: training inputs (n_samples, n_features).
+            X: training inputs (n_samples, n_features): an array-like, or a
+                scipy.sparse matrix or array (see the module docstring).
             y: targets.
             sample_weight: optional non-negative weights (n_samples,).
 
@@ -1097,7 +1215,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self.
         """
         self._validate_params()
-        self._fit(X, y, sample_weight=sample_weight, incremental=False)
+        with self._unchanged_on_failure():
+            self._fit(X, y, sample_weight=sample_weight, incremental=False)
         return self
 
     @available_if(lambda est: est._check_solver())
@@ -1106,7 +1225,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         """One epoch over (X, y), continuing from the current weights.
 
         Args:
-            X: inputs (n_samples, n_features).
+            X: inputs (n_samples, n_features), dense or sparse.
             y: labels (n_samples,) or indicator matrix.
             sample_weight: optional non-negative weights (n_samples,).
             classes: every class of the whole dataset; required on the first call.
@@ -1115,25 +1234,28 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             self.
         """
         self._validate_params()
-        if not hasattr(self, "classes_"):
-            if classes is None:
-                raise ValueError("classes must be passed on the first call to partial_fit.")
-            self._label_binarizer = LabelBinarizer()
-            if type_of_target(y).startswith("multilabel"):
-                self._label_binarizer.fit(y)
-            else:
-                self._label_binarizer.fit(classes)
-            self.classes_ = self._label_binarizer.classes_
-        elif classes is not None and not np.array_equal(self.classes_, unique_labels(classes)):
-            raise ValueError(f"`classes={classes!r}` is not the same as on last call to "
-                             f"partial_fit, was: {self.classes_!r}")
-        self._fit(X, y, sample_weight=sample_weight, incremental=True)
+        with self._unchanged_on_failure():
+            if not hasattr(self, "classes_"):
+                if classes is None:
+                    raise ValueError("classes must be passed on the first call to "
+                                     "partial_fit.")
+                self._label_binarizer = LabelBinarizer()
+                if type_of_target(y).startswith("multilabel"):
+                    self._label_binarizer.fit(y)
+                else:
+                    self._label_binarizer.fit(classes)
+                self.classes_ = self._label_binarizer.classes_
+            elif classes is not None and not np.array_equal(self.classes_,
+                                                            unique_labels(classes)):
+                raise ValueError(f"`classes={classes!r}` is not the same as on last call to "
+                                 f"partial_fit, was: {self.classes_!r}")
+            self._fit(X, y, sample_weight=sample_weight, incremental=True)
         return self
 
     def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
                         dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
-        X, y = validate_data(self, X, y, multi_output=True, dtype=dtype, order="C",
-                             reset=reset)
+        X, y = self._validate_data(self._where("partial_fit" if incremental else "fit"), X,
+                                   y, multi_output=True, dtype=dtype, order="C", reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         check_classification_targets(y)
@@ -1218,13 +1340,13 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     def predict(self, X: Any) -> np.ndarray:
         """Predicted classes: (n_samples,) labels, or (n_samples, n_labels) for
         multi-label targets."""
-        X = self._validate_predict_input(X)
+        X = self._validate_predict_input(X, "predict")
         return self._predict_with(self._net, X)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n_samples, n_classes), columns ordered as classes_
         (for multi-label targets, one independent probability per label)."""
-        X = self._validate_predict_input(X)
+        X = self._validate_predict_input(X, "predict_proba")
         proba = self._proba(self._net, X)
         if proba.shape[1] == 1 and not self._label_binarizer.y_type_.startswith("multilabel"):
             p = proba.ravel()
@@ -1258,7 +1380,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     scikit-learn) chooses half the squared error with an identity output
     (``out_activation_ == "identity"``) or half the Poisson deviance with a log
     link (``out_activation_ == "exp"``, y >= 0). y may have several columns
-    (multi-output regression); ``validation_scores_`` hold R^2.
+    (multi-output regression); ``validation_scores_`` hold R^2. X may be sparse,
+    as for :class:`MLPClassifier`.
     """
 
     _parameter_constraints: Dict[str, List[Any]] = {
@@ -1294,7 +1417,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         (n_samples, n_outputs).
 
         Args:
-            X: training inputs.
+            X: training inputs (n_samples, n_features): an array-like, or a
+                scipy.sparse matrix or array (see the module docstring).
             y: real targets.
             sample_weight: optional non-negative weights (n_samples,).
 
@@ -1302,7 +1426,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             self.
         """
         self._validate_params()
-        self._fit(X, y, sample_weight=sample_weight, incremental=False)
+        with self._unchanged_on_failure():
+            self._fit(X, y, sample_weight=sample_weight, incremental=False)
         return self
 
     @available_if(lambda est: est._check_solver())
@@ -1310,7 +1435,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         """One epoch over (X, y), continuing from the current weights.
 
         Args:
-            X: inputs (n_samples, n_features).
+            X: inputs (n_samples, n_features), dense or sparse.
             y: targets (n_samples,) or (n_samples, n_outputs).
             sample_weight: optional non-negative weights (n_samples,).
 
@@ -1318,19 +1443,20 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             self.
         """
         self._validate_params()
-        self._fit(X, y, sample_weight=sample_weight, incremental=True)
+        with self._unchanged_on_failure():
+            self._fit(X, y, sample_weight=sample_weight, incremental=True)
         return self
 
     def _validate_input(self, X: Any, y: Any, incremental: bool, reset: bool,
                         dtype: Any) -> Tuple[np.ndarray, np.ndarray]:
-        X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=dtype,
-                             order="C", reset=reset)
+        where = self._where("partial_fit" if incremental else "fit")
+        X, y = self._validate_data(where, X, y, multi_output=True, y_numeric=True,
+                                   dtype=dtype, order="C", reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         if self.loss == "poisson":
             # the checks of scikit-learn's Poisson regressors (forests, trees); a batch
             # of partial_fit may hold only zeros
-            where = self._where("partial_fit" if incremental else "fit")
             negative = y < 0
             if negative.any():
                 index = np.unravel_index(int(np.argmax(negative)), y.shape)
@@ -1373,7 +1499,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def predict(self, X: Any) -> np.ndarray:
         """Predictions (n_samples,) or (n_samples, n_outputs)."""
-        X = self._validate_predict_input(X)
+        X = self._validate_predict_input(X, "predict")
         return self._predict_with(self._net, X)
 
     def _score(self, net: Network, X: np.ndarray, y: Any,
