@@ -48,7 +48,7 @@ def make_data(rows: int, cols: int, per_row: int, classes: int, seed: int = 0):
     # each class favours 300 columns among the ranks 200..20000 (topic words)
     topics = rng.integers(200, 20000, size=(classes, 300))
     y = rng.integers(0, classes, size=rows)
-    n_topic = per_row // 5
+    n_topic = max(1, per_row // 33)  # 3 of 100 tokens carry the class
     ranks = rng.choice(cols, size=(rows, per_row - n_topic), p=p)
     topic_ranks = topics[y[:, None], rng.integers(0, 300, size=(rows, n_topic))]
     cols_drawn = column_of_rank[np.concatenate([ranks, topic_ranks], axis=1)]

@@ -353,7 +353,7 @@ def test_sgd_requires_lr(make_network):
 def test_defaults_are_torchs(make_network):
     net = make_network(SPECS)
     assert optim.Adam(net).hyperparameters == dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
-                                                   weight_decay=0.0)
+                                                   weight_decay=0.0, lazy=False)
     assert optim.AdamW(net).hyperparameters["weight_decay"] == 1e-2
     assert optim.RMSprop(net).hyperparameters == dict(lr=1e-2, alpha=0.99, eps=1e-8,
                                                       weight_decay=0.0, momentum=0.0,

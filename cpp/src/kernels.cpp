@@ -211,12 +211,36 @@ template <typename T>
 void apply_update_rows(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
                        const UpdateState<T>& state, const RowSet& rows, Index row_size) {
   const Index per = std::max<Index>(64, (kUpdateBlock / std::max<Index>(row_size, 1)) & ~Index(63));
+  // The rows are scattered: each row's arrays are asked for from memory one row
+  // ahead of its update, so that the waits overlap the previous row's arithmetic.
+  auto prefetch = [&](Index j) {
+    const Index i0 = j * row_size;
+    for (const T* a : {static_cast<const T*>(param), grad, static_cast<const T*>(state.exp_avg),
+                       static_cast<const T*>(state.exp_avg_sq),
+                       static_cast<const T*>(state.momentum_buffer),
+                       static_cast<const T*>(state.square_avg),
+                       static_cast<const T*>(state.grad_avg)}) {
+      if (a == nullptr) continue;
+      for (Index e = 0; e < row_size; e += 64 / static_cast<Index>(sizeof(T))) {
+        __builtin_prefetch(a + i0 + e, 1);
+      }
+    }
+  };
   auto block = [&](Index b) {
     const Index r0 = b * per;
+    Index pending = -1;
     rows.for_each(r0, std::min(rows.rows, r0 + per), [&](Index j) {
-      const Index i0 = j * row_size;
-      apply_update_serial<T>(s, t, param + i0, grad + i0, state.offset(i0), row_size);
+      prefetch(j);
+      if (pending >= 0) {
+        const Index i0 = pending * row_size;
+        apply_update_serial<T>(s, t, param + i0, grad + i0, state.offset(i0), row_size);
+      }
+      pending = j;
     });
+    if (pending >= 0) {
+      const Index i0 = pending * row_size;
+      apply_update_serial<T>(s, t, param + i0, grad + i0, state.offset(i0), row_size);
+    }
   };
   parallel_for((rows.rows + per - 1) / per, block);
 }

@@ -17,6 +17,24 @@ const I* as(const void* p) {
   return static_cast<const I*>(p);
 }
 
+// The rows of W (forward) and of dL/dW (backward) that a sparse batch visits are
+// scattered over a matrix far larger than the caches: each visit waits on memory.
+// Asking for the row kPrefetchAhead stored entries ahead overlaps those waits.
+constexpr Index kPrefetchAhead = 4;
+
+template <typename T>
+inline void prefetch_row(const T* row, Index n, int write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const char* end = reinterpret_cast<const char*>(row + n);
+  for (; p < end; p += 64) {
+    if (write) {
+      __builtin_prefetch(p, 1);
+    } else {
+      __builtin_prefetch(p, 0);
+    }
+  }
+}
+
 template <typename T, typename I>
 void check_typed(const CsrBatch<T>& X, const char* where) {
   const I* indptr = as<I>(X.indptr);
@@ -67,11 +85,18 @@ void matmul_typed(const CsrBatch<T>& X, const T* W, Index n, T* out) {
   const Index tasks = (X.rows + rows_per_task - 1) / rows_per_task;
   auto task = [&](Index t) {
     const Index r0 = t * rows_per_task, r1 = std::min(X.rows, r0 + rows_per_task);
+    const Index k_end = indptr[r1];
+    for (Index k = indptr[r0]; k < std::min(k_end, indptr[r0] + kPrefetchAhead); ++k) {
+      prefetch_row(W + static_cast<Index>(indices[k]) * n, n, 0);
+    }
     for (Index i = r0; i < r1; ++i) {
       VectorMap<T> z(out + i * n, n);
       z.setZero();
       // z_i = sum over stored (j, v) of v W[j, :]
       for (Index k = indptr[i]; k < static_cast<Index>(indptr[i + 1]); ++k) {
+        if (k + kPrefetchAhead < k_end) {
+          prefetch_row(W + static_cast<Index>(indices[k + kPrefetchAhead]) * n, n, 0);
+        }
         z.noalias() += X.values[k] * ConstVectorMap<T>(W + static_cast<Index>(indices[k]) * n, n);
       }
     }
@@ -117,6 +142,9 @@ void t_matmul_typed(const CsrBatch<T>& X, const T* D, Index n, T alpha, T beta, 
       const I* k = tasks > 1 ? std::lower_bound(first, last, static_cast<I>(j0)) : first;
       const ConstVectorMap<T> d(D + i * n, n);
       for (; k != last && static_cast<Index>(*k) < j1; ++k) {
+        if (last - k > kPrefetchAhead && static_cast<Index>(k[kPrefetchAhead]) < j1) {
+          prefetch_row(C + static_cast<Index>(k[kPrefetchAhead]) * n, n, 1);
+        }
         const T v = alpha * X.values[k - indices];
         // dL/dW[j, :] += v delta[i, :]
         VectorMap<T>(C + static_cast<Index>(*k) * n, n).noalias() += v * d;
