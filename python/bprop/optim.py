@@ -372,7 +372,10 @@ class Adam(Optimizer):
             correction uses the optimizer's step count, not a per-row one. Every
             other parameter, and every parameter after a dense batch, gets the
             plain Adam update. Needs weight_decay == 0 (as SparseAdam), and a
-            single process (not fit over MPI).
+            single process (not fit over MPI). A lazy ``train_step`` (or fit)
+            over a sparse batch forms the first layer's dL/dW in the batch's
+            rows only, so afterwards the network holds no complete gradient
+            (``step()`` refuses, as after plain SGD's fused step).
     """
 
     _decoupled = False

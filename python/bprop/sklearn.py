@@ -667,7 +667,7 @@ class _BaseMLP(BaseEstimator):
         saved = dict(self.__dict__)
         try:
             yield
-        except BaseException:
+        except Exception:  # not Ctrl-C: the network keeps the steps it made, and so do we
             self.__dict__.clear()
             self.__dict__.update(saved)
             raise
