@@ -157,6 +157,39 @@ void activation_forward(Activation act, T negative_slope, const T* z_ptr, T* a_p
       }
       return;
     }
+    case Activation::elu:
+      // z for z > 0, exp(z) - 1 otherwise (alpha = 1); expm1 keeps small |z| exact
+      // and saturates at -1 without an overflow.
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(0) ? x : std::expm1(x);
+      }
+      return;
+    case Activation::selu: {
+      // scale * (z for z > 0, alpha (exp(z) - 1) otherwise)
+      const T scale = T(kSeluScale), scale_alpha = T(kSeluScale * kSeluAlpha);
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(0) ? scale * x : scale_alpha * std::expm1(x);
+      }
+      return;
+    }
+    case Activation::silu:
+      // z sigma(z)
+      for (Index i = 0; i < n; ++i) {
+        T s, one_minus_s;
+        sigmoid_pair<T>(z_ptr[i], s, one_minus_s);
+        a_ptr[i] = z_ptr[i] * s;
+      }
+      return;
+    case Activation::softplus:
+      // log(1 + exp(z)), and z above the threshold as torch.nn.Softplus; exp(z)
+      // is at most exp(20) where it is formed, and underflows to 0 harmlessly.
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+      }
+      return;
   }
 }
 
