@@ -75,7 +75,9 @@ def _close(actual, desired, what, scale=None):
     # (scale), or 1e-300 for elementwise results, where exp(-745.2) may be a
     # subnormal on one side and 0 on the other
     atol = 1e-300 if scale is None else 1e-12 * scale
-    np.testing.assert_allclose(actual, desired, rtol=1e-12, atol=atol, err_msg=what)
+    bad = ~(np.abs(actual - desired) <= 1e-12 * np.abs(desired) + atol)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} differ, e.g. "
+                           f"{actual[bad][:3]} against {desired[bad][:3]}")
 
 
 @pytest.mark.parametrize("name", list(MODULES))
