@@ -180,7 +180,8 @@ def _fe_flags():
 FE_INVALID, FE_DIVBYZERO = 0x01, 0x04
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "gelu", "softmax"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "gelu", "softmax", "elu", "selu",
+                                        "silu", "softplus"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_saturated_activations_are_exact_finite_and_silent(activation, dtype):
     """+-1e4 (and the exp overflow thresholds of both dtypes) into each activation:
