@@ -157,11 +157,11 @@ def test_to_torch_and_back(name):
 
 
 @pytest.mark.parametrize("module, message", [
-    (lambda: nn.ELU(alpha=0.5), r"module 1 \(ELU\) has alpha=0\.5; bprop's elu is "
-                                r"ELU\(alpha=1\.0\)"),
-    (lambda: nn.Softplus(beta=2.0), r"module 1 \(Softplus\) has beta=2\.0, threshold=20\.0; "
-                                    r"bprop's softplus is Softplus\(beta=1\.0, "
-                                    r"threshold=20\.0\)"),
+    (lambda: nn.ELU(alpha=0.5), (r"module 1 \(ELU\) has alpha=0\.5; bprop's elu is "
+                                 r"ELU\(alpha=1\.0\)")),
+    (lambda: nn.Softplus(beta=2.0), (r"module 1 \(Softplus\) has beta=2\.0, threshold=20\.0; "
+                                     r"bprop's softplus is Softplus\(beta=1\.0, "
+                                     r"threshold=20\.0\)")),
     (lambda: nn.Softplus(threshold=10.0), r"has beta=1\.0, threshold=10\.0"),
 ])
 def test_from_torch_refuses_other_parameters(module, message):
