@@ -244,7 +244,8 @@ def test_dense_rejects_bad_sizes(args, error, message):
 def test_dense_rejects_unknown_activations(activation):
     with pytest.raises(ValueError, match=r"^\[Dense\] activation must be one of \('identity', "
                                          r"'sigmoid', 'tanh', 'relu', 'leaky_relu', 'gelu', "
-                                         rf"'softmax'\), but got '{activation}'"):
+                                         r"'softmax', 'elu', 'selu', 'silu', 'softplus'\), "
+                                         rf"but got '{activation}'"):
         bprop.Dense(3, 3, activation)
 
 

@@ -39,6 +39,7 @@ ARCHITECTURES = {
     "gelu-gelu-sigmoid": ([10, 32, 32, 1], ["gelu", "gelu", "sigmoid"], 0.01),
     "deep-mixed": ([20, 64, 64, 32, 32, 16, 10],
                    ["leaky_relu", "gelu", "tanh", "relu", "sigmoid", "softmax"], 0.05),
+    "elu-selu-silu-softplus": ([8, 24, 24, 16, 3], ["elu", "selu", "silu", "softplus"], 0.01),
 }
 
 
@@ -94,7 +95,8 @@ def test_onnx_matches_predict_float32(onnx, ort, tmp_path, name, opset):
 # onnxruntime's CPU provider has no float64 kernel for Erf or Gelu, so float64
 # networks with a gelu layer cannot run there; see test_onnx_float64_gelu_graph.
 @pytest.mark.parametrize("opset", [13, 17, 20])
-@pytest.mark.parametrize("name", ["linear", "relu-tanh-softmax", "sigmoid-leaky-identity"])
+@pytest.mark.parametrize("name", ["linear", "relu-tanh-softmax", "sigmoid-leaky-identity",
+                                  "elu-selu-silu-softplus"])
 def test_onnx_matches_predict_float64(onnx, ort, tmp_path, name, opset):
     net = make_net(name, "float64")
     path = tmp_path / "net.onnx"
@@ -118,6 +120,62 @@ def test_onnx_float64_leaky_relu_keeps_the_slope_in_float64(onnx, ort, tmp_path,
     assert "LeakyRelu" not in ops and ops.count("Where") == 2
     X = inputs(net, 40)
     np.testing.assert_allclose(run_ort(ort, path, X), net.predict(X), rtol=1e-14, atol=1e-15)
+
+
+# Both branches, softplus's threshold (ONNX's Softplus has none), the saturated tails
+# and tiny |z|, where exp(z) - 1 cancels.
+EXTREME_Z = [-1e4, -800.0, -100.0, -40.0, -20.1, -20.0, -19.9, -3.0, -1.0, -1e-3, -1e-10, 0.0,
+             1e-10, 1e-3, 1.0, 3.0, 19.9, 20.0, 20.1, 40.0, 100.0, 800.0, 1e4]
+
+
+def _identity_dense(activation, dtype):
+    n = len(EXTREME_Z)
+    net = bprop.Network([bprop.Dense(n, n, activation=activation)], dtype=dtype, seed=0)
+    net[0].weight = np.eye(n)
+    net[0].bias = np.zeros(n)
+    X = np.array([EXTREME_Z, EXTREME_Z[::-1]], dtype=dtype)
+    return net, X
+
+
+@pytest.mark.parametrize("activation", ["elu", "selu", "silu", "softplus"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_onnx_at_extreme_pre_activations(onnx, ort, tmp_path, activation, dtype):
+    net, X = _identity_dense(activation, dtype)
+    path = tmp_path / "net.onnx"
+    interop.to_onnx(net, path)
+    expected = net.predict(X)
+    got = run_ort(ort, path, X)
+    assert got.dtype == np.dtype(dtype) and np.isfinite(got).all()
+    big = np.abs(X) > 20
+    if activation in ("elu", "softplus"):
+        # the linear branch is z itself in any runtime, softplus above its threshold too
+        assert got[big & (X > 0)].tobytes() == X[big & (X > 0)].tobytes()
+    if dtype == "float64":
+        # the spelled-out expm1 and log1p keep the relative accuracy at tiny outputs
+        # (onnxruntime's Sigmoid does not, below z = -36: silu's absolute term)
+        np.testing.assert_allclose(got, expected, rtol=1e-14, atol=1e-300 if activation != "silu"
+                                   else 1e-14)
+    else:
+        # onnxruntime's float32 Elu and Selu form exp(z) - 1, off expm1 by up to 6e-8
+        # absolute where |z| is small
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+
+
+# not silu: the evaluator's own Sigmoid, 1 / (1 + exp(-x)), warns of overflow at -1e4
+@pytest.mark.parametrize("activation", ["elu", "selu", "softplus"])
+def test_onnx_float64_graph_in_the_reference_evaluator(onnx, tmp_path, activation):
+    # onnx's own evaluator (NumPy) runs the spelled-out float64 graphs silently
+    # (warnings are errors here): no exp overflows, no log of 0, no 0/0 in a branch
+    # that Where drops
+    from onnx.reference import ReferenceEvaluator
+
+    net, X = _identity_dense(activation, "float64")
+    path = tmp_path / "net.onnx"
+    interop.to_onnx(net, path)
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    got = ReferenceEvaluator(model).run(None, {"X": X})[0]
+    np.testing.assert_allclose(got, net.predict(X), rtol=1e-14, atol=1e-300)
 
 
 @pytest.mark.parametrize("opset", [17, 20])
@@ -180,7 +238,8 @@ def test_onnx_gelu_node_by_opset(onnx, tmp_path, opset, expected):
 def test_onnx_activation_nodes(onnx, tmp_path):
     expected = {"identity": [], "sigmoid": ["Sigmoid"], "tanh": ["Tanh"], "relu": ["Relu"],
                 "leaky_relu": ["LeakyRelu"], "softmax": ["Softmax"],
-                "gelu": ["Mul", "Erf", "Add", "Mul", "Mul"]}
+                "gelu": ["Mul", "Erf", "Add", "Mul", "Mul"], "elu": ["Elu"], "selu": ["Selu"],
+                "silu": ["Sigmoid", "Mul"], "softplus": ["Greater", "Softplus", "Where"]}
     assert set(expected) == set(ACTIVATIONS)
     for act, ops in expected.items():
         net = bprop.Network([bprop.Dense(3, 4, activation=act, negative_slope=0.125)], seed=0)
@@ -194,6 +253,11 @@ def test_onnx_activation_nodes(onnx, tmp_path):
             assert attrs == {"alpha": 0.125}
         if act == "softmax":
             assert attrs == {"axis": -1}
+        if act == "elu":
+            assert attrs == {"alpha": 1.0}
+        if act == "selu":  # 32-bit attributes, as the float32 core's constants
+            assert attrs == pytest.approx({"alpha": 1.6732632423543772,
+                                           "gamma": 1.0507009873554805}, rel=1e-7)
 
 
 def test_onnx_custom_names(onnx, ort, tmp_path):

@@ -81,7 +81,9 @@ def torch_activation(name, negative_slope):
     return {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
             "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
             "gelu": lambda: nn.GELU(approximate="none"),
-            "softmax": lambda: nn.Softmax(dim=1)}[name]()
+            "softmax": lambda: nn.Softmax(dim=1), "elu": lambda: nn.ELU(alpha=1.0),
+            "selu": nn.SELU, "silu": nn.SiLU,
+            "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0)}[name]()
 
 
 def twin(layers, params, prefix="layers", masked_dropout=True):

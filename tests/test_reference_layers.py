@@ -228,7 +228,9 @@ def torch():
 def _torch_activation(nn, name, slope):
     return {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
             "leaky_relu": lambda: nn.LeakyReLU(slope), "gelu": nn.GELU,
-            "softmax": lambda: nn.Softmax(dim=1)}[name]()
+            "softmax": lambda: nn.Softmax(dim=1), "elu": lambda: nn.ELU(alpha=1.0),
+            "selu": nn.SELU, "silu": nn.SiLU,
+            "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0)}[name]()
 
 
 def mirror(torch, net):

@@ -435,6 +435,22 @@ def test_feature_names_in():
         clf.predict(X)
 
 
+@pytest.mark.parametrize("activation", ["elu", "selu", "silu", "softplus"])
+def test_activations_scikit_learn_does_not_have(activation):
+    # bprop's own names are accepted as activation=, for both estimators
+    X, y = make_classification(60, 4, n_redundant=0, random_state=0)
+    for est in (MLPClassifier(hidden_layer_sizes=(6, 5), activation=activation, max_iter=3,
+                              random_state=0),
+                MLPRegressor(hidden_layer_sizes=(6,), activation=activation, max_iter=3,
+                             random_state=0)):
+        with pytest.warns(ConvergenceWarning):
+            est.fit(X, y)
+        hidden = [L.activation for L in est._net.layers][:-1]
+        assert hidden and all(a == activation for a in hidden), hidden
+        assert np.isfinite(est.predict(X).astype(float)).all()
+        assert clone(est).get_params()["activation"] == activation
+
+
 # ---- errors ---------------------------------------------------------------------------
 
 def test_parameter_errors():

@@ -180,7 +180,8 @@ def _fe_flags():
 FE_INVALID, FE_DIVBYZERO = 0x01, 0x04
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "gelu", "softmax"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "gelu", "softmax", "elu", "selu",
+                                        "silu", "softplus"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_saturated_activations_are_exact_finite_and_silent(activation, dtype):
     """+-1e4 (and the exp overflow thresholds of both dtypes) into each activation:
@@ -222,6 +223,45 @@ def test_saturated_activations_are_exact_finite_and_silent(activation, dtype):
         low = -1.0 if activation == "tanh" else 0.0
         np.testing.assert_array_equal(out[big], np.where(z[big] > 0, 1.0, low))
         np.testing.assert_array_equal(dX[big], 0.0)
+
+
+# float32's range end to end: its largest values (up to 3.2e38, so that selu's
+# 1.0507 * z stays finite), exp's overflow and underflow points (88.7, -87.3, -103.3)
+# and subnormals
+FLOAT32_EXTREMES = [-3.4e38, -1e30, -1e4, -104.0, -88.8, -87.4, -1e-38, -1e-45, 0.0, 1e-45,
+                    1e-38, 87.4, 88.8, 104.0, 1e4, 1e30, 3.2e38]
+
+
+@pytest.mark.parametrize("activation", ["elu", "selu", "silu", "softplus"])
+def test_float32_extremes_through_the_exp_based_activations(activation):
+    """Each pre-activation z on its own unit: z = 1 * W, W = diag(z), so that no
+    product of the layer overflows; forward and backward finite, silent, and within
+    float32 rounding of the float64 reference."""
+    n = len(FLOAT32_EXTREMES)
+    net = bprop.Network([bprop.Dense(n, n, activation)], dtype="float32", seed=0)
+    net[0].weight = np.diag(FLOAT32_EXTREMES)
+    net[0].bias = np.zeros(n)
+    z = np.array([FLOAT32_EXTREMES], dtype=np.float32)
+    g = np.linspace(-1, 1, n).reshape(1, n).astype(np.float32)
+    libm = _fe_flags()
+    if libm is not None:
+        libm.feclearexcept(0x3D)
+    with np.errstate(**STRICT):
+        out = net.forward(np.ones((1, n), dtype=np.float32))
+        net.backward(g)
+        pred = net.predict(np.ones((1, n), dtype=np.float32))
+    raised = libm.fetestexcept(FE_INVALID | FE_DIVBYZERO) if libm is not None else 0
+    assert raised == 0, f"the core raised floating-point exception flags {raised:#x}"
+    delta = net[0].delta
+    assert np.isfinite(out).all() and np.isfinite(delta).all()
+    assert pred.tobytes() == out.tobytes()
+    z64 = z.astype(np.float64)
+    with np.errstate(**REFERENCE):
+        ref_out = reference.activation_forward(activation, z64)
+        ref_delta = reference.activation_backward(activation, z64, ref_out, g.astype(np.float64))
+    # atol: below float32's smallest normal number, where a subnormal result rounds
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-37)
+    np.testing.assert_allclose(delta, ref_delta, rtol=1e-6, atol=1e-37)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -15,6 +15,26 @@ using ConstArrayMap = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
 
 constexpr double kInvSqrt2 = 0.70710678118654752440;
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+// SELU's constants (Klambauer et al. 2017), as torch.nn.SELU
+constexpr double kSeluAlpha = 1.6732632423543772848170429916717;
+constexpr double kSeluScale = 1.0507009873554804934193349852946;
+// torch.nn.Softplus's default: softplus(z) = z above it (log1p(exp(z)) - z < 2.1e-9)
+constexpr double kSoftplusThreshold = 20.0;
+
+// sigma(z) = 1 / (1 + exp(-z)) and 1 - sigma(z), both from exp(-|z|) <= 1, so that
+// neither overflows nor loses its relative accuracy to a cancellation.
+template <typename T>
+inline void sigmoid_pair(T x, T& s, T& one_minus_s) {
+  const T e = std::exp(-std::abs(x));
+  const T inv = T(1) / (T(1) + e);
+  if (x >= T(0)) {
+    s = inv;
+    one_minus_s = e * inv;
+  } else {
+    s = e * inv;
+    one_minus_s = inv;
+  }
+}
 
 // Applies a packet function to n values, every value through the packet path
 // (the tail in a zero-padded packet). Eigen's own array assignment would send
@@ -137,6 +157,39 @@ void activation_forward(Activation act, T negative_slope, const T* z_ptr, T* a_p
       }
       return;
     }
+    case Activation::elu:
+      // z for z > 0, exp(z) - 1 otherwise (alpha = 1); expm1 keeps small |z| exact
+      // and saturates at -1 without an overflow.
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(0) ? x : std::expm1(x);
+      }
+      return;
+    case Activation::selu: {
+      // scale * (z for z > 0, alpha (exp(z) - 1) otherwise)
+      const T scale = T(kSeluScale), scale_alpha = T(kSeluScale * kSeluAlpha);
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(0) ? scale * x : scale_alpha * std::expm1(x);
+      }
+      return;
+    }
+    case Activation::silu:
+      // z sigma(z)
+      for (Index i = 0; i < n; ++i) {
+        T s, one_minus_s;
+        sigmoid_pair<T>(z_ptr[i], s, one_minus_s);
+        a_ptr[i] = z_ptr[i] * s;
+      }
+      return;
+    case Activation::softplus:
+      // log(1 + exp(z)), and z above the threshold as torch.nn.Softplus; exp(z)
+      // is at most exp(20) where it is formed, and underflows to 0 harmlessly.
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        a_ptr[i] = x > T(kSoftplusThreshold) ? x : std::log1p(std::exp(x));
+      }
+      return;
   }
 }
 
@@ -185,6 +238,45 @@ void activation_backward(Activation act, T negative_slope, const T* z_ptr, const
       }
       return;
     }
+    case Activation::elu:
+      // elu'(z) = 1 for z > 0, exp(z) otherwise: from z rather than a + 1, which
+      // rounds to 0 long before exp(z) does
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        d_ptr[i] = x > T(0) ? g_ptr[i] : g_ptr[i] * std::exp(x);
+      }
+      return;
+    case Activation::selu: {
+      const T scale = T(kSeluScale), scale_alpha = T(kSeluScale * kSeluAlpha);
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        d_ptr[i] = x > T(0) ? scale * g_ptr[i] : scale_alpha * std::exp(x) * g_ptr[i];
+      }
+      return;
+    }
+    case Activation::silu:
+      // d/dz [z sigma(z)] = sigma(z) (1 + z (1 - sigma(z))), with 1 - sigma(z)
+      // formed directly (not by subtraction) so that it is exact for large z
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        T s, one_minus_s;
+        sigmoid_pair<T>(x, s, one_minus_s);
+        d_ptr[i] = g_ptr[i] * (s * (T(1) + x * one_minus_s));
+      }
+      return;
+    case Activation::softplus:
+      // softplus'(z) = sigma(z) = exp(z) / (1 + exp(z)) below the threshold, 1 above
+      // it (the derivative of the linear branch, as torch)
+      for (Index i = 0; i < n; ++i) {
+        const T x = z_ptr[i];
+        if (x > T(kSoftplusThreshold)) {
+          d_ptr[i] = g_ptr[i];
+        } else {
+          const T e = std::exp(x);
+          d_ptr[i] = g_ptr[i] * (e / (e + T(1)));
+        }
+      }
+      return;
   }
 }
 

@@ -12,8 +12,8 @@ def initial_parameters(specs, dtype, seed):
     """Draws (weight, bias) for each layer spec (in, out, activation, negative_slope).
 
     He-normal where the activation's registry row gives a gain (the relu family),
-    std = gain / sqrt(in) (gain^2 = 2 / (1 + slope^2) for leaky_relu, 2 for relu and
-    gelu); Glorot-uniform otherwise, limit sqrt(6 / (in + out)).
+    std = gain / sqrt(in) (gain^2 = 2 / (1 + slope^2) for leaky_relu, 2 for relu,
+    gelu, elu, silu and softplus, 1 for selu: LeCun-normal); Glorot-uniform otherwise, limit sqrt(6 / (in + out)).
     Biases start at zero. Draws are float64 from NumPy's PCG64, then cast, so the
     bits depend only on the seed and the architecture.
 

@@ -10,7 +10,8 @@ bprop              torch.nn                                     ONNX (eval mode)
 =================  ==========================================  ===========================
 Dense              Linear (+ the activation's module)           Gemm (+ the activation)
 Activation         ReLU, LeakyReLU, Sigmoid, Tanh, GELU,        Relu, LeakyRelu, ...
-                   Softmax, Identity
+                   Softmax, ELU, SELU, SiLU, Softplus,
+                   Identity
 Dropout            Dropout                                      nothing (eval: identity)
 BatchNorm          BatchNorm1d                                  BatchNormalization
 LayerNorm          LayerNorm(features)                          LayerNormalization
@@ -278,8 +279,12 @@ def to_onnx(net: Network, path: Union[str, "os.PathLike[str]"], *, opset: int = 
     * Dense: Gemm (z = a W + b; without bias, Gemm with no C input), then the
       activation: Sigmoid, Tanh, Relu, LeakyRelu(alpha=negative_slope) (for float64,
       Where(z > 0, z, slope * z) with a float64 slope, since the alpha attribute is
-      32-bit), Softmax(axis=-1), and exact GELU as the Gelu operator for opset >= 20 or
-      as 0.5 * z * (1 + Erf(z / sqrt(2))) below it.
+      32-bit), Softmax(axis=-1), exact GELU as the Gelu operator for opset >= 20 or
+      as 0.5 * z * (1 + Erf(z / sqrt(2))) below it, Elu(alpha=1), Selu, z * Sigmoid(z)
+      for silu, and Where(z > 20, z, Softplus(z)) for softplus (ONNX's Softplus has no
+      threshold). onnxruntime has no float64 Elu, Selu or Softplus kernel, so a float64
+      graph spells them out: expm1(z) for z <= 0 as 2t / (1 - t), t = Tanh(z / 2),
+      and log1p(u) as Log(1 + u) corrected for the rounding of 1 + u.
     * Activation: the same activation nodes; identity adds none.
     * Dropout: nothing (the identity in eval mode).
     * BatchNorm: BatchNormalization with the running statistics (ones and zeros as
@@ -442,7 +447,8 @@ def to_torch(net: Network) -> "torch.nn.Sequential":
     Per layer, with parameters and buffers copied exactly in the network's dtype:
     Dense becomes ``Linear(in_features, out_features, bias=...)`` (weight = W
     transposed) followed by its activation module (none for identity): ReLU,
-    LeakyReLU(negative_slope), Sigmoid, Tanh, GELU(), Softmax(dim=-1); Activation
+    LeakyReLU(negative_slope), Sigmoid, Tanh, GELU(), Softmax(dim=-1), ELU(alpha=1.0),
+    SELU(), SiLU(), Softplus(beta=1.0, threshold=20.0); Activation
     becomes that module alone (Identity for identity); Dropout(p); BatchNorm becomes
     ``BatchNorm1d(features, eps, momentum, affine)`` with its running statistics
     (``num_batches_tracked`` stays 0: bprop does not count batches, and a float
@@ -467,7 +473,8 @@ def to_torch(net: Network) -> "torch.nn.Sequential":
 
 
 _SUPPORTED = ("Linear, BatchNorm1d, LayerNorm, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, GELU, "
-              "Softmax, Identity, Sequential or bprop.interop.TorchResidual")
+              "Softmax, ELU, SELU, SiLU, Softplus, Identity, Sequential or "
+              "bprop.interop.TorchResidual")
 
 
 class _Entry:
@@ -631,7 +638,9 @@ def from_torch(module: Union["torch.nn.Sequential", Sequence["torch.nn.Module"]]
       (copied exactly) and whose bias is its bias (``bias=False`` gives
       ``Dense(bias=False)``).
     * An activation module (ReLU, LeakyReLU(negative_slope), Sigmoid, Tanh,
-      GELU(approximate='none'), Softmax(dim=-1 or 1)) right after a Linear becomes that
+      GELU(approximate='none'), Softmax(dim=-1 or 1), ELU(alpha=1.0), SELU, SiLU,
+      Softplus(beta=1.0, threshold=20.0); other alpha, beta or threshold values are
+      refused with a ValueError naming them) right after a Linear becomes that
       Dense layer's activation; anywhere else it becomes an Activation layer.
       ``Identity`` is a no-op anywhere.
     * ``Dropout(p)`` becomes Dropout(p) (``inplace`` makes no difference).

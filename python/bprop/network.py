@@ -59,8 +59,8 @@ class Network:
             Each layer object belongs to one network.
         dtype: "float32" (default) or "float64"; parameters, caches and the arrays
             forward/backward accept all have this dtype.
-        seed: seed of the initial weights (He-normal for relu, leaky_relu and gelu;
-            Glorot-uniform otherwise; norm layers start at weight 1, bias 0) and the
+        seed: seed of the initial weights (He-normal for relu, leaky_relu, gelu, elu,
+            silu and softplus, LeCun-normal for selu; Glorot-uniform otherwise; norm layers start at weight 1, bias 0) and the
             key of the dropout masks. The same seed gives the same bits.
 
     A new network is in training mode (Dropout drops, BatchNorm normalises with the

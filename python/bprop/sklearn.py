@@ -91,7 +91,8 @@ Differences from scikit-learn, all by design:
   ``bprop.optim.SGD`` with momentum in torch's form, equal to scikit-learn's
   velocity form for a constant learning rate. ``solver="rmsprop"`` (extra)
   uses ``bprop.optim.RMSprop`` with ``learning_rate_init`` and ``epsilon``.
-* ``activation`` also accepts bprop's names ("sigmoid", "leaky_relu", "gelu").
+* ``activation`` also accepts bprop's names ("sigmoid", "leaky_relu", "gelu",
+  "elu", "selu", "silu", "softplus"), which scikit-learn does not have.
 * ``sample_weight`` must be non-negative; a minibatch whose weights are all 0
   is skipped.
 * A fit whose loss becomes NaN or inf (or that leaves NaN or inf in the
@@ -1122,7 +1123,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     Args:
         hidden_layer_sizes: widths of the hidden layers, e.g. (100,) or (64, 32).
         activation: hidden activation, "identity", "logistic", "tanh" or "relu"
-            (or bprop's "sigmoid", "leaky_relu", "gelu").
+            (or bprop's "sigmoid", "leaky_relu", "gelu", "elu", "selu", "silu",
+            "softplus").
         solver: "adam", "sgd", "rmsprop" (minibatch) or "lbfgs" (full batch).
         alpha: L2 strength on the weights (see the module docstring).
         batch_size: minibatch size, or "auto" = min(200, n_samples).

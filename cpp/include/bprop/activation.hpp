@@ -7,7 +7,19 @@
 
 namespace bprop {
 
-enum class Activation { identity, sigmoid, tanh, relu, leaky_relu, gelu, softmax };
+enum class Activation {
+  identity,
+  sigmoid,
+  tanh,
+  relu,
+  leaky_relu,
+  gelu,
+  softmax,
+  elu,
+  selu,
+  silu,
+  softplus,
+};
 
 /// The registry's C++ half: each activation's name, as Python knows it. The rest of
 /// its row (initialisation gain, the NumPy oracle, ONNX and PyTorch mappings) is in
@@ -20,7 +32,9 @@ inline constexpr ActivationEntry kActivations[] = {
     {Activation::identity, "identity"}, {Activation::sigmoid, "sigmoid"},
     {Activation::tanh, "tanh"},         {Activation::relu, "relu"},
     {Activation::leaky_relu, "leaky_relu"}, {Activation::gelu, "gelu"},
-    {Activation::softmax, "softmax"},
+    {Activation::softmax, "softmax"},   {Activation::elu, "elu"},
+    {Activation::selu, "selu"},         {Activation::silu, "silu"},
+    {Activation::softplus, "softplus"},
 };
 
 /// The activation of a name in kActivations; throws std::invalid_argument naming
