@@ -394,6 +394,28 @@ def test_fit_balanced_class_weight_is_scikit_learns(name, rng):
         np.testing.assert_allclose(pa, pb, rtol=1e-12, atol=1e-14)
 
 
+def test_fit_class_weight_multiplies_a_partial_with_options(rng):
+    X, y = _problem("softmax_cross_entropy", rng)
+    loss = functools.partial(losses.softmax_cross_entropy, label_smoothing=0.1)
+    a = _fit(loss, X, y, class_weight={0: 2.0, 1: 0.5})
+    b = _fit(loss, X, y, sample_weight=np.array([{0: 2.0, 1: 0.5}.get(int(k), 1.0) for k in y]))
+    for pa, pb in zip(a, b):
+        np.testing.assert_allclose(pa, pb, rtol=1e-12, atol=1e-14)
+
+
+def test_fit_class_weight_leaves_the_validation_loss_unweighted(rng):
+    X, y = _problem("softmax_cross_entropy", rng)
+    net = _net()
+    snapshot = [p.copy() for _, p, _ in net.parameters()]
+    # validation_split takes the last half (no shuffle) out of the class-weighted data
+    history = bprop.fit(net, X, y, optimizer=bprop.optim.SGD(net, lr=0.0), epochs=1,
+                        shuffle=False, validation_split=0.5, class_weight={0: 3.0})
+    for (_, p, _), q in zip(net.parameters(), snapshot):
+        np.testing.assert_array_equal(p, q)  # lr 0: the network is the initial one
+    expected = losses.softmax_cross_entropy(net.predict(X[40:]), y[40:])[0]
+    assert history.val_loss[0] == pytest.approx(expected, rel=1e-12)
+
+
 def test_fit_class_weight_errors(rng):
     X, y = _problem("softmax_cross_entropy", rng)
     y = np.where(y == 2, 1, y)  # class 2 never occurs

@@ -594,6 +594,10 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             data in the network's dtype).
         loss: a name from ``bprop.losses.LOSSES`` or a callable
             ``loss(output, target, sample_weight=None) -> (value, grad_output)``.
+            A ``functools.partial`` of a built-in loss sets its options
+            (``partial(bprop.losses.huber, delta=2.0)``); with every option at its
+            default it runs the fused core step as the name does, otherwise as a
+            user loss (the loss and its gradient computed in Python per minibatch).
         optimizer: a ``bprop.optim`` optimizer bound to ``net``. None reuses the
             optimizer of this network's previous fit (so a second call continues
             where the first stopped: warm start), or makes ``Adam(net, lr=1e-3)``
