@@ -28,7 +28,8 @@ from bprop import losses, optim
 
 SPECS = [(4, 6, "tanh"), (6, 3)]
 LOSS_NAMES = r"\['bce_with_logits', 'binary_cross_entropy_with_logits', 'cross_entropy', " \
-             r"'mean_squared_error', 'mse', 'softmax_cross_entropy'\]"
+             r"'huber', 'mae', 'mean_absolute_error', 'mean_squared_error', 'mse', " \
+             r"'poisson_nll', 'softmax_cross_entropy'\]"
 
 
 class World:
@@ -152,7 +153,8 @@ ERRORS = [
      ValueError, r"^\[Network\.train_step\] labels must lie in \[0, 3\), but y\[0\] = \d"),
     ("train_step-loss-unknown", lambda w: w.net.train_step(w.X, w.y, "hinge", w.opt),
      ValueError, r"^\[Network\.train_step\] loss must be one of 'softmax_cross_entropy', "
-                 r"'binary_cross_entropy_with_logits', 'mean_squared_error', but got 'hinge'"),
+                 r"'binary_cross_entropy_with_logits', 'mean_squared_error', 'huber', "
+                 r"'mean_absolute_error', 'poisson_nll', but got 'hinge'"),
     ("train_step-loss-int", lambda w: w.net.train_step(w.X, w.y, 3, w.opt),
      TypeError, r"^\[Network\.train_step\] loss must be a loss name or a callable, but got int"),
     ("train_step-optimizer-None", lambda w: w.net.train_step(w.X, w.y),

@@ -229,7 +229,9 @@ def test_get_loss_names_aliases_and_callables():
     assert losses.get_loss("bce_with_logits") is losses.binary_cross_entropy_with_logits
     assert set(losses.LOSSES.values()) == {losses.softmax_cross_entropy,
                                            losses.mean_squared_error,
-                                           losses.binary_cross_entropy_with_logits}
+                                           losses.binary_cross_entropy_with_logits,
+                                           losses.huber, losses.mean_absolute_error,
+                                           losses.poisson_nll}
 
     def mine(output, target, sample_weight=None):
         return 0.0, np.zeros_like(output)

@@ -1,6 +1,7 @@
 // Losses and optimizer updates. The Python layer (bprop.losses, bprop.optim)
 // validates and converts user input; these bindings still check every array so
 // that a wrong call is an exception, never a crash.
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -128,6 +129,56 @@ void bind_kernels(py::module_& m) {
                    : elementwise_loss<float>(o, y, w, where, "output", mean_squared_error<float>);
       },
       py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "huber",
+      [](py::handle o, py::handle y, py::handle w, double delta) {
+        const char* where = "huber";
+        if (!(delta > 0) || !std::isfinite(delta)) {
+          throw py::value_error("[huber] delta must be a finite number > 0, but got " +
+                                std::to_string(delta));
+        }
+        if (is_float64(o)) {
+          return elementwise_loss<double>(
+              o, y, w, where, "output",
+              [delta](const double* a, const double* b, Index B, Index K, const double* sw,
+                      double* g) { return huber<double>(a, b, B, K, sw, g, delta); });
+        }
+        const float d = static_cast<float>(delta);
+        return elementwise_loss<float>(
+            o, y, w, where, "output",
+            [d](const float* a, const float* b, Index B, Index K, const float* sw, float* g) {
+              return huber<float>(a, b, B, K, sw, g, d);
+            });
+      },
+      py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none(),
+      py::arg("delta") = 1.0);
+  m.def(
+      "mean_absolute_error",
+      [](py::handle o, py::handle y, py::handle w) {
+        const char* where = "mean_absolute_error";
+        return is_float64(o) ? elementwise_loss<double>(o, y, w, where, "output",
+                                                        mean_absolute_error<double>)
+                             : elementwise_loss<float>(o, y, w, where, "output",
+                                                       mean_absolute_error<float>);
+      },
+      py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "poisson_nll",
+      [](py::handle o, py::handle y, py::handle w) {
+        const char* where = "poisson_nll";
+        return is_float64(o)
+                   ? elementwise_loss<double>(o, y, w, where, "output", poisson_nll<double>)
+                   : elementwise_loss<float>(o, y, w, where, "output", poisson_nll<float>);
+      },
+      py::arg("output"), py::arg("target"), py::arg("sample_weight") = py::none());
+  m.def(
+      "loss_names",
+      [] {
+        py::list names;
+        for (const LossEntry& entry : kLosses) names.append(entry.name);
+        return names;
+      },
+      "The losses the core's train_step fuses (its half of the registry, kernels.hpp).");
   m.def(
       "all_finite",
       [](py::handle a) {

@@ -633,16 +633,10 @@ void bind_network_type(py::module_& m, const char* name) {
             const Index rows = csr ? csr->batch.rows : X.shape(0);
             const Index cols = csr ? csr->batch.cols : X.shape(1);
             Loss loss;
-            if (loss_name == "softmax_cross_entropy") {
-              loss = Loss::softmax_cross_entropy;
-            } else if (loss_name == "binary_cross_entropy_with_logits") {
-              loss = Loss::binary_cross_entropy_with_logits;
-            } else if (loss_name == "mean_squared_error") {
-              loss = Loss::mean_squared_error;
-            } else {
-              throw py::value_error(std::string("[") + where + "] loss must be one of "
-                                    "'softmax_cross_entropy', 'binary_cross_entropy_with_logits', "
-                                    "'mean_squared_error', but got '" + loss_name + "'");
+            try {
+              loss = parse_loss(loss_name, where);
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(e.what());
             }
             const std::int64_t* labels = nullptr;
             const T* target = nullptr;

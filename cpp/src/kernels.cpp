@@ -117,6 +117,80 @@ double mean_squared_error(const T* output, const T* target, Index batch, Index k
 }
 
 template <typename T>
+double huber(const T* output, const T* target, Index batch, Index k, const T* sample_weight,
+             T* grad, T delta) {
+  const double denom = weight_sum(sample_weight, batch) * static_cast<double>(k);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(w / denom);
+    double row = 0;
+    for (Index j = 0; j < k; ++j) {
+      const T r = output[i * k + j] - target[i * k + j];
+      const T a = std::abs(r);
+      // quadratic inside |r| < delta, linear outside (torch's branch order)
+      row += a < delta ? 0.5 * static_cast<double>(r) * static_cast<double>(r)
+                       : static_cast<double>(delta) * (static_cast<double>(a) -
+                                                      0.5 * static_cast<double>(delta));
+      grad[i * k + j] = scale * (r < -delta ? -delta : (r > delta ? delta : r));
+    }
+    total += w * row;
+  }
+  return total / denom;
+}
+
+template <typename T>
+double mean_absolute_error(const T* output, const T* target, Index batch, Index k,
+                           const T* sample_weight, T* grad) {
+  const double denom = weight_sum(sample_weight, batch) * static_cast<double>(k);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(w / denom);
+    double row = 0;
+    for (Index j = 0; j < k; ++j) {
+      const T r = output[i * k + j] - target[i * k + j];
+      row += static_cast<double>(std::abs(r));
+      // sign(r), 0 at r == 0 as torch's sgn
+      grad[i * k + j] = r > T(0) ? scale : (r < T(0) ? -scale : T(0));
+    }
+    total += w * row;
+  }
+  return total / denom;
+}
+
+template <typename T>
+double poisson_nll(const T* output, const T* target, Index batch, Index k,
+                   const T* sample_weight, T* grad) {
+  const double denom = weight_sum(sample_weight, batch) * static_cast<double>(k);
+  double total = 0;
+  for (Index i = 0; i < batch; ++i) {
+    const double w = sample_weight == nullptr ? 1.0 : static_cast<double>(sample_weight[i]);
+    const T scale = static_cast<T>(w / denom);
+    double row = 0;
+    for (Index j = 0; j < k; ++j) {
+      const T z = output[i * k + j];
+      const T y = target[i * k + j];
+      const T mu = std::exp(z);  // the rate: the network's output is its log
+      row += static_cast<double>(mu) - static_cast<double>(y) * static_cast<double>(z);
+      grad[i * k + j] = scale * (mu - y);
+    }
+    total += w * row;
+  }
+  return total / denom;
+}
+
+Loss parse_loss(const std::string& name, const char* where) {
+  std::string names;
+  for (const LossEntry& entry : kLosses) {
+    if (name == entry.name) return entry.loss;
+    names += std::string(names.empty() ? "" : ", ") + "'" + entry.name + "'";
+  }
+  throw std::invalid_argument(std::string("[") + where + "] loss must be one of " + names +
+                              ", but got '" + name + "'");
+}
+
+template <typename T>
 void sgd_update(T* param, const T* grad, T* buf, Index n, T lr, T momentum, T dampening,
                 bool nesterov, T weight_decay, bool first) {
   for (Index i = 0; i < n; ++i) {
@@ -273,6 +347,9 @@ bool all_finite(const T* x, Index n) {
   template double binary_cross_entropy_with_logits<T>(const T*, const T*, Index, Index,      \
                                                       const T*, T*);                         \
   template double mean_squared_error<T>(const T*, const T*, Index, Index, const T*, T*);     \
+  template double huber<T>(const T*, const T*, Index, Index, const T*, T*, T);               \
+  template double mean_absolute_error<T>(const T*, const T*, Index, Index, const T*, T*);    \
+  template double poisson_nll<T>(const T*, const T*, Index, Index, const T*, T*);            \
   template void sgd_update<T>(T*, const T*, T*, Index, T, T, T, bool, T, bool);              \
   template void adam_update<T>(T*, const T*, T*, T*, Index, T, T, T, T, T, std::int64_t,     \
                                bool);                                                        \

@@ -359,6 +359,15 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
       case Loss::mean_squared_error:
         value = mean_squared_error<T>(output, target, B, K, sample_weight, grad);
         break;
+      case Loss::huber:
+        value = huber<T>(output, target, B, K, sample_weight, grad, T(1));
+        break;
+      case Loss::mean_absolute_error:
+        value = mean_absolute_error<T>(output, target, B, K, sample_weight, grad);
+        break;
+      case Loss::poisson_nll:
+        value = poisson_nll<T>(output, target, B, K, sample_weight, grad);
+        break;
     }
     T l2 = T(0);
     if (objective != nullptr) {

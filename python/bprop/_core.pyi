@@ -133,7 +133,8 @@ class Network32:
         X: Union[_F32, _Csr32],
         y: Union[_Labels, _F32],
         loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
-                      "mean_squared_error"],
+                      "mean_squared_error", "huber",
+                      "mean_absolute_error", "poisson_nll"],
         sample_weight: Optional[_F32] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan32] = None,
@@ -205,7 +206,8 @@ class Network64:
         X: Union[_F64, _Csr64],
         y: Union[_Labels, _F64],
         loss: Literal["softmax_cross_entropy", "binary_cross_entropy_with_logits",
-                      "mean_squared_error"],
+                      "mean_squared_error", "huber",
+                      "mean_absolute_error", "poisson_nll"],
         sample_weight: Optional[_F64] = None,
         sgd_lr: float = -1.0,
         plan: Optional[UpdatePlan64] = None,
@@ -234,6 +236,13 @@ def binary_cross_entropy_with_logits(logits: _Floats, target: _Floats,
                                      ) -> Tuple[float, _Floats]: ...
 def mean_squared_error(output: _Floats, target: _Floats,
                        sample_weight: Optional[_Floats] = None) -> Tuple[float, _Floats]: ...
+def huber(output: _Floats, target: _Floats, sample_weight: Optional[_Floats] = None,
+          delta: float = 1.0) -> Tuple[float, _Floats]: ...
+def mean_absolute_error(output: _Floats, target: _Floats,
+                        sample_weight: Optional[_Floats] = None) -> Tuple[float, _Floats]: ...
+def poisson_nll(output: _Floats, target: _Floats,
+                sample_weight: Optional[_Floats] = None) -> Tuple[float, _Floats]: ...
+def loss_names() -> List[str]: ...
 
 # ---- optimizer updates, in place on param and the state arrays ------------------------
 

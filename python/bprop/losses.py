@@ -9,12 +9,12 @@ scaled to match, so multiplying all weights by a constant changes nothing.
 A loss of your own works wherever a built-in one does if it has the same
 signature and returns a float and a (batch, out_features) array::
 
-    def huber(output, target, sample_weight=None):
+    def my_loss(output, target, sample_weight=None):
         r = output - target
         ...
         return value, grad_output
 
-    bprop.fit(net, X, y, loss=huber)
+    bprop.fit(net, X, y, loss=my_loss)
 
 ``get_loss`` turns a built-in name (see ``LOSSES``) or such a callable into the
 loss function.
@@ -22,6 +22,7 @@ loss function.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -31,7 +32,8 @@ from . import _core
 from ._validation import type_name
 
 __all__ = ["LOSSES", "softmax_cross_entropy", "binary_cross_entropy_with_logits",
-           "mean_squared_error", "poisson_deviance_log_link", "get_loss"]
+           "mean_squared_error", "huber", "mean_absolute_error", "poisson_nll",
+           "poisson_deviance_log_link", "get_loss"]
 
 LossFn = Callable[..., Tuple[float, np.ndarray]]
 
@@ -202,26 +204,98 @@ def check_sample_weight(where: str, sample_weight: object, rows: int, dtype: np.
 
 # ---- the built-in losses ---------------------------------------------------------
 
-def softmax_cross_entropy(logits, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+def softmax_cross_entropy(logits, target, sample_weight=None, *, label_smoothing=0.0,
+                          class_weight=None) -> Tuple[float, np.ndarray]:
     """Cross-entropy of softmax(logits), fused through log-sum-exp.
 
     l_i = logsumexp(z_i) - z_i[y_i] for labels, or sum_j y_ij (logsumexp(z_i) - z_ij)
     for probability rows; finite and exact for logits as large as +-1e4.
+
+    The options follow torch.nn.CrossEntropyLoss(weight=class_weight,
+    label_smoothing=label_smoothing). With eps = label_smoothing and c the class
+    weights (ones if None), row i's target becomes
+    t_ij = c_j ((1 - eps) [j == y_i] + eps / classes) for a label y_i, or
+    t_ij = c_j ((1 - eps) y_ij + eps / classes) for a probability row, and
+    l_i = sum_j t_ij (logsumexp(z_i) - z_ij). The mean divides by
+    sum_i w_i c[y_i] for labels (torch's weighted mean; w the sample weights,
+    ones if None: the two weights multiply per row) and by sum_i w_i for
+    probability rows (torch divides those by the batch size).
 
     Args:
         logits: (batch, classes) raw scores z (no softmax applied).
         target: integer labels (batch,) in [0, classes), or probability rows
             (batch, classes).
         sample_weight: optional non-negative weights (batch,).
+        label_smoothing: eps in [0, 1].
+        class_weight: optional non-negative finite weights (classes,).
 
     Returns:
-        (mean loss, dL/dz (batch, classes) = w_i (softmax(z_i) - y_i) / sum(w)).
+        (mean loss, dL/dz (batch, classes) = w_i (s_i softmax(z_i) - t_i) / D),
+        s_i = sum_j t_ij and D the denominator above; without options
+        w_i (softmax(z_i) - y_i) / sum(w).
     """
     where = "softmax_cross_entropy"
     z = _as_output(where, "logits", logits)
     y = _prepare_softmax(where, "target", target, z.shape, z.dtype, "logits")
     w = check_sample_weight(where, sample_weight, z.shape[0], z.dtype, "logits")
-    return _core.softmax_cross_entropy(z, y, w)
+    eps = _check_label_smoothing(where, label_smoothing)
+    cw = _check_class_weight(where, class_weight, z.shape[1])
+    if eps == 0.0 and cw is None:
+        return _core.softmax_cross_entropy(z, y, w)
+    return _softmax_cross_entropy_options(where, z, y, w, eps, cw)
+
+
+def _check_label_smoothing(where: str, label_smoothing: object) -> float:
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(
+            label_smoothing, (int, float, np.integer, np.floating)):
+        raise TypeError(f"[{where}] label_smoothing must be a number in [0, 1], but got "
+                        f"{type_name(label_smoothing)}")
+    eps = float(label_smoothing)
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"[{where}] label_smoothing must lie in [0, 1], but got {eps}")
+    return eps
+
+
+def _check_class_weight(where: str, class_weight: object, classes: int) -> Optional[np.ndarray]:
+    if class_weight is None:
+        return None
+    arr = _as_real_array(where, "class_weight", class_weight)
+    if arr.shape != (classes,):
+        raise ValueError(f"[{where}] class_weight must have one weight per class ({classes},), "
+                         f"but has shape {arr.shape}")
+    arr = arr.astype(np.float64)
+    bad = ~np.isfinite(arr) | (arr < 0)
+    if bad.any():
+        raise ValueError(f"[{where}] class_weight must be finite and >= 0, but "
+                         f"class_weight{_first_bad(bad)} = {arr[bad][0]}")
+    return arr
+
+
+def _softmax_cross_entropy_options(where, z, y, w, eps, cw):
+    """softmax_cross_entropy with label smoothing and/or class weights, in NumPy
+    (float64 inside): see softmax_cross_entropy for the formulas."""
+    rows, classes = z.shape
+    c = np.ones(classes) if cw is None else cw
+    z64 = z.astype(np.float64)
+    shifted = z64 - z64.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    neg_log_p = lse - shifted  # logsumexp(z_i) - z_ij
+    sw = np.ones(rows) if w is None else w.astype(np.float64)
+    if y.ndim == 1:
+        onehot = np.zeros((rows, classes))
+        onehot[np.arange(rows), y] = 1.0
+        denom = float(np.dot(sw, c[y]))
+    else:
+        onehot = y.astype(np.float64)
+        denom = float(sw.sum())
+    if not denom > 0:
+        raise ValueError(f"[{where}] the weighted mean's denominator sum_i w_i class_weight"
+                         "[y_i] is 0: at least one sample needs a positive combined weight")
+    t = c * ((1.0 - eps) * onehot + eps / classes)
+    value = float(np.dot(sw, (t * neg_log_p).sum(axis=1))) / denom
+    p = np.exp(-neg_log_p)
+    grad = (sw / denom)[:, None] * (t.sum(axis=1, keepdims=True) * p - t)
+    return value, np.ascontiguousarray(grad, dtype=z.dtype)
 
 
 def binary_cross_entropy_with_logits(logits, target, sample_weight=None
@@ -261,6 +335,77 @@ def mean_squared_error(output, target, sample_weight=None) -> Tuple[float, np.nd
     y = check_float_target(where, "target", target, o.shape, o.dtype, "output")
     w = check_sample_weight(where, sample_weight, o.shape[0], o.dtype, "output")
     return _core.mean_squared_error(o, y, w)
+
+
+def huber(output, target, sample_weight=None, *, delta=1.0) -> Tuple[float, np.ndarray]:
+    """Huber loss over all elements, as torch.nn.HuberLoss(delta=delta):
+    with r = output - target, l = r^2 / 2 where |r| < delta, else
+    delta (|r| - delta / 2). By name (``loss="huber"``) delta is 1.
+
+    Args:
+        output: (batch, k).
+        target: (batch, k); (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+        delta: the finite threshold > 0 between the quadratic and linear parts.
+
+    Returns:
+        (mean loss, dL/d(output) (batch, k) = w_i clamp(r, -delta, delta) / (k sum(w))).
+    """
+    where = "huber"
+    if isinstance(delta, (bool, np.bool_)) or not isinstance(
+            delta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"[{where}] delta must be a number > 0, but got {type_name(delta)}")
+    delta = float(delta)
+    if not (np.isfinite(delta) and delta > 0):
+        raise ValueError(f"[{where}] delta must be a finite number > 0, but got {delta}")
+    o = _as_output(where, "output", output)
+    y = check_float_target(where, "target", target, o.shape, o.dtype, "output")
+    w = check_sample_weight(where, sample_weight, o.shape[0], o.dtype, "output")
+    return _core.huber(o, y, w, delta)
+
+
+def mean_absolute_error(output, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Mean absolute error over all elements, as torch.nn.L1Loss:
+    l = |output - target|; the gradient at output == target is 0 (torch's sign).
+
+    Args:
+        output: (batch, k).
+        target: (batch, k); (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean loss, dL/d(output) (batch, k) = w_i sign(output - target) / (k sum(w))).
+    """
+    where = "mean_absolute_error"
+    o = _as_output(where, "output", output)
+    y = check_float_target(where, "target", target, o.shape, o.dtype, "output")
+    w = check_sample_weight(where, sample_weight, o.shape[0], o.dtype, "output")
+    return _core.mean_absolute_error(o, y, w)
+
+
+def poisson_nll(output, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Poisson negative log-likelihood of log-rates, as
+    torch.nn.PoissonNLLLoss(log_input=True, full=False): l = exp(z) - y z over all
+    elements (the log(y!) term, constant in z, is left out).
+
+    Like torch, any finite target is accepted, negative ones included (they are
+    not counts, but the formula is defined); NaN and inf are refused, as by
+    every bprop loss (torch would return NaN). ``poisson_deviance_log_link``
+    differs from this loss by a term in y alone, so both give the same gradient.
+
+    Args:
+        output: (batch, k) log-rates z.
+        target: (batch, k) counts y; (batch,) when k == 1.
+        sample_weight: optional non-negative weights (batch,).
+
+    Returns:
+        (mean loss, dL/dz (batch, k) = w_i (exp(z) - y) / (k sum(w))).
+    """
+    where = "poisson_nll"
+    z = _as_output(where, "output", output)
+    y = check_float_target(where, "target", target, z.shape, z.dtype, "output")
+    w = check_sample_weight(where, sample_weight, z.shape[0], z.dtype, "output")
+    return _core.poisson_nll(z, y, w)
 
 
 def poisson_deviance_log_link(output, target, sample_weight=None) -> Tuple[float, np.ndarray]:
@@ -336,6 +481,17 @@ _BUILTINS = {
                                                _core.binary_cross_entropy_with_logits,
                                                _prepare_bce),
     mean_squared_error: _Builtin("mean_squared_error", _core.mean_squared_error, _prepare_mse),
+    huber: _Builtin("huber", _core.huber, _prepare_mse),
+    mean_absolute_error: _Builtin("mean_absolute_error", _core.mean_absolute_error,
+                                  _prepare_mse),
+    poisson_nll: _Builtin("poisson_nll", _core.poisson_nll, _prepare_mse),
+}
+
+#: Each built-in's keyword options and their defaults: a functools.partial of a
+#: built-in that sets only these, to these values, runs through the fused core.
+_DEFAULT_OPTIONS = {
+    softmax_cross_entropy: {"label_smoothing": 0.0, "class_weight": None},
+    huber: {"delta": 1.0},
 }
 
 #: Built-in losses by name (aliases included), read-only.
@@ -346,6 +502,10 @@ LOSSES = types.MappingProxyType({
     "bce_with_logits": binary_cross_entropy_with_logits,
     "mean_squared_error": mean_squared_error,
     "mse": mean_squared_error,
+    "huber": huber,
+    "mean_absolute_error": mean_absolute_error,
+    "mae": mean_absolute_error,
+    "poisson_nll": poisson_nll,
 })
 
 
@@ -369,4 +529,24 @@ def get_loss(loss, where: str = "get_loss") -> LossFn:
 
 
 def _builtin(loss_fn: LossFn) -> Optional[_Builtin]:
-    return _BUILTINS.get(loss_fn)
+    """The fused form of a built-in loss, or of a ``functools.partial`` of one
+    whose keywords are all at their defaults; None for anything else (a partial
+    with options, such as label_smoothing=0.1 or delta=2.0, runs as a user
+    loss: the Python function is called on each minibatch's output)."""
+    if isinstance(loss_fn, functools.partial):
+        defaults = _DEFAULT_OPTIONS.get(loss_fn.func, {})
+        if loss_fn.args or any(k not in defaults or not _is_default(v, defaults[k])
+                               for k, v in loss_fn.keywords.items()):
+            return None
+        loss_fn = loss_fn.func
+    try:
+        return _BUILTINS.get(loss_fn)
+    except TypeError:  # an unhashable callable
+        return None
+
+
+def _is_default(value, default) -> bool:
+    if default is None:
+        return value is None
+    return (not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, float))
+            and float(value) == default)

@@ -49,7 +49,8 @@ from ._validation import as_float_matrix, check_dtype, check_float, check_int, t
 __all__ = ["ACTIVATIONS", "Layer", "Dense", "Activation", "Dropout", "BatchNorm", "LayerNorm",
            "Residual", "Network", "activation_forward", "activation_backward", "splitmix64",
            "dropout_key", "dropout_mask", "softmax_cross_entropy",
-           "binary_cross_entropy_with_logits", "mean_squared_error"]
+           "binary_cross_entropy_with_logits", "mean_squared_error", "huber",
+           "mean_absolute_error", "poisson_nll"]
 
 def activation_forward(activation: str, z: np.ndarray, negative_slope: float = 0.01) -> np.ndarray:
     """a = sigma(z) for z of shape (batch, features); softmax is row-wise. The
@@ -1086,22 +1087,38 @@ def _same_shape_target(where: str, output: np.ndarray, target) -> np.ndarray:
     return y.astype(np.float64)
 
 
-def softmax_cross_entropy(output: np.ndarray, target, sample_weight=None
+def softmax_cross_entropy(output: np.ndarray, target, sample_weight=None, *,
+                          label_smoothing: float = 0.0, class_weight=None
                           ) -> Tuple[float, np.ndarray]:
-    """Cross-entropy of softmax(output) against the target, averaged over the batch.
+    """Cross-entropy of softmax(output) against the target, averaged over the batch,
+    with torch.nn.CrossEntropyLoss's label_smoothing and weight (class_weight).
+
+    The target row y_i (one-hot for a label) becomes t_i = c * ((1 - eps) y_i + eps / C),
+    l_i = sum_j t_ij (logsumexp(z_i) - z_ij). The mean divides by sum_i w_i c[label_i]
+    for labels (torch's weighted mean), by sum(w) for probability rows.
 
     Args:
         output: logits (batch, classes).
         target: integer labels (batch,) in [0, classes), or probability rows
             (batch, classes).
         sample_weight: optional (batch,); the mean is then sum(w_i l_i) / sum(w).
+        label_smoothing: eps in [0, 1].
+        class_weight: optional (classes,) non-negative weights c.
 
     Returns:
-        (loss, grad) with grad = w_i (softmax(z_i) - y_i) / sum(w), (batch, classes).
+        (loss, grad) with grad = w_i (sum_j t_ij softmax(z_i) - t_i) / denominator.
     """
     batch, wsum, w = _loss_inputs("softmax_cross_entropy", output, target, sample_weight)
     classes = output.shape[1]
     z = output.astype(np.float64)
+    c = np.ones(classes) if class_weight is None else np.asarray(class_weight, np.float64)
+    if c.shape != (classes,) or not np.isfinite(c).all() or (c < 0).any():
+        raise ValueError(f"[reference.softmax_cross_entropy] class_weight must be {classes} "
+                         f"finite non-negative numbers, but got shape {c.shape}")
+    eps = float(label_smoothing)
+    if not 0 <= eps <= 1:
+        raise ValueError("[reference.softmax_cross_entropy] label_smoothing must lie in "
+                         f"[0, 1], but got {eps}")
     labels = np.asarray(target)
     if labels.ndim == 1:
         if labels.dtype.kind not in "iu" or labels.shape != (batch,):
@@ -1113,13 +1130,16 @@ def softmax_cross_entropy(output: np.ndarray, target, sample_weight=None
                              f"[0, {classes}), but range over [{labels.min()}, {labels.max()}]")
         y = np.zeros_like(z)
         y[np.arange(batch), labels] = 1.0
+        denom = float((w * c[labels]).sum())
     else:
         y = _same_shape_target("softmax_cross_entropy", output, target)
+        denom = wsum
+    t = c * ((1 - eps) * y + eps / classes)                       # the smoothed, weighted target
     m = z.max(axis=1, keepdims=True)
     lse = m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))   # log-sum-exp per row
-    per_sample = (y * (lse - z)).sum(axis=1)                      # -sum_j y_j log softmax_j
-    grad = (w / wsum)[:, None] * (np.exp(z - lse) - y)
-    return float((w * per_sample).sum() / wsum), grad.astype(output.dtype)
+    per_sample = (t * (lse - z)).sum(axis=1)                      # -sum_j t_j log softmax_j
+    grad = (w / denom)[:, None] * (t.sum(axis=1, keepdims=True) * np.exp(z - lse) - t)
+    return float((w * per_sample).sum() / denom), grad.astype(output.dtype)
 
 
 def binary_cross_entropy_with_logits(output: np.ndarray, target, sample_weight=None
@@ -1153,3 +1173,50 @@ def mean_squared_error(output: np.ndarray, target, sample_weight=None
     denom = wsum * output.shape[1]
     grad = (2 * w / denom)[:, None] * r
     return float((w[:, None] * r * r).sum() / denom), grad.astype(output.dtype)
+
+
+def huber(output: np.ndarray, target, sample_weight=None, *, delta: float = 1.0
+          ) -> Tuple[float, np.ndarray]:
+    """Mean over all elements of r^2 / 2 (|r| < delta) or delta (|r| - delta / 2),
+    r = output - target (torch.nn.HuberLoss).
+
+    Returns:
+        (loss, grad) with grad = w_i clamp(r, -delta, delta) / (sum(w) k).
+    """
+    _, wsum, w = _loss_inputs("huber", output, target, sample_weight)
+    r = output.astype(np.float64) - _same_shape_target("huber", output, target)
+    a = np.abs(r)
+    elementwise = np.where(a < delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+    denom = wsum * output.shape[1]
+    grad = (w / denom)[:, None] * np.clip(r, -delta, delta)
+    return float((w[:, None] * elementwise).sum() / denom), grad.astype(output.dtype)
+
+
+def mean_absolute_error(output: np.ndarray, target, sample_weight=None
+                        ) -> Tuple[float, np.ndarray]:
+    """Mean over all elements of |output - target| (torch.nn.L1Loss).
+
+    Returns:
+        (loss, grad) with grad = w_i sign(output - target) / (sum(w) k), 0 where equal.
+    """
+    _, wsum, w = _loss_inputs("mean_absolute_error", output, target, sample_weight)
+    r = output.astype(np.float64) - _same_shape_target("mean_absolute_error", output, target)
+    denom = wsum * output.shape[1]
+    grad = (w / denom)[:, None] * np.sign(r)
+    return float((w[:, None] * np.abs(r)).sum() / denom), grad.astype(output.dtype)
+
+
+def poisson_nll(output: np.ndarray, target, sample_weight=None) -> Tuple[float, np.ndarray]:
+    """Mean over all elements of exp(z) - y z, z = output the log-rate
+    (torch.nn.PoissonNLLLoss(log_input=True, full=False)).
+
+    Returns:
+        (loss, grad) with grad = w_i (exp(z) - y) / (sum(w) k).
+    """
+    _, wsum, w = _loss_inputs("poisson_nll", output, target, sample_weight)
+    z = output.astype(np.float64)
+    y = _same_shape_target("poisson_nll", output, target)
+    mu = np.exp(z)
+    denom = wsum * output.shape[1]
+    grad = (w / denom)[:, None] * (mu - y)
+    return float((w[:, None] * (mu - y * z)).sum() / denom), grad.astype(output.dtype)

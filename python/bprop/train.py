@@ -10,6 +10,8 @@ callbacks) is fit's own.
 
 from __future__ import annotations
 
+import functools
+
 import math
 import sys
 import time
@@ -21,8 +23,9 @@ from . import _core, _loop
 from ._validation import (as_csr, as_float_matrix, check_float, check_int, csr_nbytes_per_row,
                           is_sparse, type_name)
 from .distributed import DataParallel
-from .losses import _builtin, check_sample_weight, get_loss
+from .losses import _builtin, check_labels, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
+from .losses import softmax_cross_entropy as _softmax_ce
 from .layers import BatchNorm, Dense, walk
 from .network import Network, _step_function
 from .optim import Adam, Optimizer
@@ -498,6 +501,73 @@ def _format_logs(logs: Dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k not in ("time", "lr"))
 
 
+# ---- class weights -------------------------------------------------------------------
+
+def _class_labels(y: np.ndarray) -> np.ndarray:
+    """Integer labels (samples,) of a checked classification target: softmax labels,
+    or a 0/1 column for binary cross-entropy."""
+    return np.asarray(y).reshape(-1).astype(np.int64)
+
+
+def _class_weights(where: str, class_weight, loss_fn, y, out_features: int
+                   ) -> Optional[np.ndarray]:
+    """fit's class_weight as one float64 weight per class (indexed by label), or None."""
+    if class_weight is None:
+        return None
+    base = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
+    arr = np.asarray(y)
+    if base is _softmax_ce:
+        if arr.ndim != 1 and not (arr.ndim == 2 and arr.shape[1] == 1):
+            raise ValueError(f"[{where}] class_weight needs integer class labels (samples,) "
+                             f"for softmax_cross_entropy, but y has shape {arr.shape} "
+                             "(probability rows); fold the weights into the rows instead")
+        classes = out_features
+        y = check_labels(where, "y", arr, arr.shape[0], classes, "X")
+    elif base is _bce:
+        if out_features != 1 or arr.ndim == 2 and arr.shape[1] != 1:
+            raise ValueError(f"[{where}] class_weight with binary_cross_entropy_with_logits "
+                             f"needs one output column of 0/1 targets, but the network has "
+                             f"{out_features} outputs")
+        bad = (arr != 0) & (arr != 1)
+        if bad.any():
+            raise ValueError(f"[{where}] class_weight with binary_cross_entropy_with_logits "
+                             f"needs 0/1 targets, but y holds {arr[bad].reshape(-1)[0]}")
+        classes = 2
+    else:
+        raise ValueError(f"[{where}] class_weight is for classification losses "
+                         "(softmax_cross_entropy with labels, binary_cross_entropy_with_logits "
+                         f"with 0/1 targets), but loss is {getattr(base, '__name__', base)!r}")
+    labels = _class_labels(y)
+    counts = np.bincount(labels, minlength=classes)
+    present = np.flatnonzero(counts)
+    weights = np.ones(classes)
+    if isinstance(class_weight, str):
+        if class_weight != "balanced":
+            raise ValueError(f"[{where}] class_weight must be None, 'balanced' or a dict "
+                             f"{{label: weight}}, but got {class_weight!r}")
+        # scikit-learn's compute_class_weight("balanced"): n_samples / (n_classes * bincount)
+        weights[present] = labels.shape[0] / (present.size * counts[present])
+        return weights
+    if not isinstance(class_weight, dict):
+        raise TypeError(f"[{where}] class_weight must be None, 'balanced' or a dict "
+                        f"{{label: weight}}, but got {type_name(class_weight)}")
+    for label, weight in class_weight.items():
+        if (isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer))
+                or not 0 <= label < classes):
+            raise ValueError(f"[{where}] class_weight has label {label!r}, which is not a class "
+                             f"(expected integer labels in [0, {classes}))")
+        if counts[label] == 0:
+            raise ValueError(f"[{where}] class_weight has label {label}, which does not occur "
+                             "in y")
+        if (isinstance(weight, (bool, np.bool_))
+                or not isinstance(weight, (int, float, np.integer, np.floating))
+                or not (np.isfinite(weight) and weight > 0)):
+            raise ValueError(f"[{where}] class_weight[{label}] must be a finite number > 0, "
+                             f"but got {weight!r}")
+        weights[int(label)] = float(weight)
+    return weights
+
+
 # ---- fit -------------------------------------------------------------------------
 
 def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Optimizer] = None,
@@ -505,7 +575,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         validation_split: float = 0.0, validation_data=None,
         early_stopping: Optional[int] = None, metrics=None, callbacks=None,
         sample_weight=None, verbose: bool = False, check_finite: bool = False,
-        comm=None) -> History:
+        comm=None, class_weight=None) -> History:
     """Trains the network by minibatch gradient descent.
 
     Args:
@@ -524,6 +594,10 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             data in the network's dtype).
         loss: a name from ``bprop.losses.LOSSES`` or a callable
             ``loss(output, target, sample_weight=None) -> (value, grad_output)``.
+            A ``functools.partial`` of a built-in loss sets its options
+            (``partial(bprop.losses.huber, delta=2.0)``); with every option at its
+            default it runs the fused core step as the name does, otherwise as a
+            user loss (the loss and its gradient computed in Python per minibatch).
         optimizer: a ``bprop.optim`` optimizer bound to ``net``. None reuses the
             optimizer of this network's previous fit (so a second call continues
             where the first stopped: warm start), or makes ``Adam(net, lr=1e-3)``
@@ -570,6 +644,17 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             validation data) is taken as without comm: each rank's rows of a
             minibatch are a slice of its CSR arrays, never densified. See
             bprop.distributed.
+        class_weight: None, "balanced" or {label: weight}, for classification:
+            softmax cross-entropy with integer labels, or binary cross-entropy
+            with one output column of 0/1 targets (a ``functools.partial`` of
+            either counts). Each training sample's weight is multiplied by its
+            class's (sample_weight times class weight, per row; the minibatch
+            mean divides by the sum of these products, torch's weighted mean).
+            "balanced" is scikit-learn's n_samples / (n_classes * bincount(y)),
+            over the classes occurring in y; a dict's labels must be classes that
+            occur in y, its weights finite and > 0, and absent classes weigh 1.
+            The weights apply to the training samples only; the validation loss
+            (validation_split or validation_data) is not class-weighted.
 
     Returns:
         History of the epochs run (the same on every rank under comm).
@@ -601,7 +686,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     try:
         return _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
                     validation_split, validation_data, early_stopping, metrics, callbacks,
-                    sample_weight, verbose, check_finite)
+                    sample_weight, verbose, check_finite, class_weight)
     except BaseException as exc:
         strategy.failed(exc)  # over MPI: one failing rank must not leave the others waiting
         raise
@@ -609,12 +694,13 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
 def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
          validation_split, validation_data, early_stopping, metrics, callbacks, sample_weight,
-         verbose, check_finite) -> History:
+         verbose, check_finite, class_weight=None) -> History:
     """fit, inside its strategy's failure handling."""
     where = "fit"
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
     train = _Dataset(where, net, X, y, sample_weight, builtin)
+    class_weights = _class_weights(where, class_weight, loss_fn, train.y, net.out_features)
     epochs = check_int(where, "epochs", epochs, minimum=1)
     batch_size = check_int(where, "batch_size", batch_size, minimum=1)
     shuffle = _as_bool(where, "shuffle", shuffle)
@@ -684,6 +770,10 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
                                  " has only zero sample weights")
+
+    if class_weights is not None:  # the training rows only, after any validation split
+        factor = class_weights[_class_labels(train.y)].astype(net.dtype)
+        train.w = factor if train.w is None else train.w * factor
 
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "bprop/sparse.hpp"
@@ -13,7 +14,34 @@
 namespace bprop {
 
 /// The losses the one-call training step knows.
-enum class Loss { softmax_cross_entropy, binary_cross_entropy_with_logits, mean_squared_error };
+enum class Loss {
+  softmax_cross_entropy,
+  binary_cross_entropy_with_logits,
+  mean_squared_error,
+  huber,
+  mean_absolute_error,
+  poisson_nll,
+};
+
+/// The core's half of the loss registry: each fused loss by the name Python
+/// gives it (python/bprop/losses.py's LOSSES, checked against this table by a
+/// test). The binding parses train_step's loss name here and nowhere else.
+struct LossEntry {
+  Loss loss;
+  const char* name;
+};
+inline constexpr LossEntry kLosses[] = {
+    {Loss::softmax_cross_entropy, "softmax_cross_entropy"},
+    {Loss::binary_cross_entropy_with_logits, "binary_cross_entropy_with_logits"},
+    {Loss::mean_squared_error, "mean_squared_error"},
+    {Loss::huber, "huber"},
+    {Loss::mean_absolute_error, "mean_absolute_error"},
+    {Loss::poisson_nll, "poisson_nll"},
+};
+
+/// The loss of a name in kLosses; throws std::invalid_argument naming `where`
+/// and the accepted names otherwise.
+Loss parse_loss(const std::string& name, const char* where);
 
 // ---- losses: mean reduction, return the loss and write dL/d(output) ------
 
@@ -37,6 +65,26 @@ double binary_cross_entropy_with_logits(const T* logits, const T* target, Index 
 template <typename T>
 double mean_squared_error(const T* output, const T* target, Index batch, Index k,
                           const T* sample_weight, T* grad);
+
+/// Huber loss over all elements of (batch, k), as torch.nn.HuberLoss: with
+/// r = output - target, l = r^2 / 2 where |r| < delta, else delta (|r| - delta / 2);
+/// dl/dr = clamp(r, -delta, delta). Mean reduction (weighted as above).
+template <typename T>
+double huber(const T* output, const T* target, Index batch, Index k, const T* sample_weight,
+             T* grad, T delta);
+
+/// Mean absolute error over all elements of (batch, k), as torch.nn.L1Loss:
+/// l = |output - target|, dl/d(output) = sign(output - target) (0 at 0).
+template <typename T>
+double mean_absolute_error(const T* output, const T* target, Index batch, Index k,
+                           const T* sample_weight, T* grad);
+
+/// Poisson negative log-likelihood of log-rates z over (batch, k), as
+/// torch.nn.PoissonNLLLoss(log_input=True, full=False): l = exp(z) - y z,
+/// dl/dz = exp(z) - y.
+template <typename T>
+double poisson_nll(const T* output, const T* target, Index batch, Index k,
+                   const T* sample_weight, T* grad);
 
 // ---- optimizer updates: one fused pass over n parameters --------------------
 
