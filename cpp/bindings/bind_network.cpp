@@ -615,10 +615,11 @@ void bind_network_type(py::module_& m, const char* name) {
           "train_step",
           [](Self& s, py::handle X_obj, py::handle y_obj, const std::string& loss_name,
              py::handle w_obj, double sgd_lr, py::handle plan_obj, double loss_scale,
-             double grad_scale, double l2) {
+             double grad_scale, double l2, double max_grad_norm) {
             const char* where = "Network.train_step";
-            const Objective objective{loss_scale, grad_scale, l2};
-            const bool plain = loss_scale == 1 && grad_scale == 1 && l2 == 0;
+            const Objective objective{loss_scale, grad_scale, l2, max_grad_norm};
+            const bool plain = loss_scale == 1 && grad_scale == 1 && l2 == 0 &&
+                               max_grad_norm < 0;
             Update<T>* update = nullptr;
             if (!plan_obj.is_none()) {
               if (sgd_lr >= 0) {
@@ -698,13 +699,33 @@ void bind_network_type(py::module_& m, const char* name) {
           py::arg("X"), py::arg("y"), py::arg("loss"), py::arg("sample_weight") = py::none(),
           py::arg("sgd_lr") = -1.0, py::arg("plan") = py::none(),
           py::arg("loss_scale") = 1.0, py::arg("grad_scale") = 1.0, py::arg("l2") = 0.0,
-          "forward + loss + backward (+ update) in one call: with an UpdatePlan the optimizer "
+          py::arg("max_grad_norm") = -1.0,
+          "forward + loss + backward (+ update) in one call (max_grad_norm >= 0: every "
+          "gradient formed, clipped to that global 2-norm, then the update): with an UpdatePlan the optimizer "
           "steps each layer inside the sweep (plain SGD fused into one product) and the plan "
           "counts the step; else with sgd_lr >= 0 plain SGD is fused into the sweep. "
           "Returns the loss, or scikit-learn's objective loss_scale * loss + 0.5 * l2 * "
           "sum ||W||^2, stepped along grad_scale * dL/d(output) and l2 * W on each weight "
           "(see Objective in network.hpp). Interrupted (Ctrl-C), the step did not happen: parameters and "
           "plan are unchanged, the cache and gradients are dropped.")
+      .def(
+          "clip_grad_norm",
+          [](Self& s, double max_norm) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, "clip_grad_norm");
+            return s.net.clip_grad_norm(max_norm);
+          },
+          py::arg("max_norm"),
+          "Scales the stored gradients to a global 2-norm of at most max_norm; returns the "
+          "norm before (torch.nn.utils.clip_grad_norm_).")
+      .def(
+          "clip_grad_value",
+          [](Self& s, double clip) {
+            py::gil_scoped_release nogil;
+            Exclusive<T> lock(s, "clip_grad_value");
+            s.net.clip_grad_value(clip);
+          },
+          py::arg("clip_value"), "Clamps the stored gradients to [-clip_value, clip_value].")
       .def(
           "apply_plan",
           [](Self& s, py::handle plan_obj) {

@@ -301,7 +301,8 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
                                    const Poll& poll, const Objective* objective) {
   if (objective != nullptr &&
       !(std::isfinite(objective->loss_scale) && std::isfinite(objective->grad_scale) &&
-        std::isfinite(objective->l2) && objective->l2 >= 0)) {
+        std::isfinite(objective->l2) && objective->l2 >= 0 &&
+        std::isfinite(objective->max_grad_norm))) {
     throw std::invalid_argument(
         "[Network.train_step] the objective's loss_scale and grad_scale must be finite and "
         "its l2 finite and >= 0, but got loss_scale=" + std::to_string(objective->loss_scale) +
@@ -370,6 +371,7 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
         break;
     }
     T l2 = T(0);
+    const double clip = objective != nullptr ? objective->max_grad_norm : -1;
     if (objective != nullptr) {
       if (objective->grad_scale != 1) {
         MatrixMap<T>(grad, B, K) *= static_cast<T>(objective->grad_scale);
@@ -379,7 +381,7 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
       if (l2 != T(0)) value += 0.5 * objective->l2 * weight_squares();
     }
     if (std::isfinite(value)) {
-      sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll, l2);
+      sweep(false, nullptr, sgd_lr, sgd_lr >= T(0) ? nullptr : update, poll, l2, clip);
     } else {
       sweep(false, nullptr, T(-1), nullptr, poll, l2);  // gradients for inspection, no update
     }
@@ -394,8 +396,10 @@ double Network<T>::train_step_impl(const T* X, const CsrBatch<T>* csr, Index row
   const bool finite = std::isfinite(value);
   // fused SGD stores no gradient; a lazy update over a sparse batch stores dL/dW of
   // the first layer in the batch's rows only
-  const bool lazy_rows = update != nullptr && update->spec.lazy && csr != nullptr;
-  has_grad_ = !finite || (sgd_lr < T(0) && !lazy_rows);
+  // (clipping needs every gradient whole: neither is used then)
+  const bool clipped = objective != nullptr && objective->max_grad_norm >= 0;
+  const bool lazy_rows = update != nullptr && update->spec.lazy && csr != nullptr && !clipped;
+  has_grad_ = !finite || ((sgd_lr < T(0) || clipped) && !lazy_rows);
   if (finite && update != nullptr) ++update->steps;
   return value;
 }
@@ -421,11 +425,12 @@ void Network<T>::update_layer(Layer<T>& layer) {
   const auto first = static_cast<std::size_t>(layer.first_parameter);
   const auto end = first + static_cast<std::size_t>(layer.parameter_count);
   if (sweep_.sgd_lr >= T(0)) {
-    if (layer.apply_fused_sgd(sweep_.sgd_lr, sweep_.l2, batch_)) return;
+    const bool clipping = sweep_.clip >= 0;  // then every gradient is stored, l2 included
+    if (!clipping && layer.apply_fused_sgd(sweep_.sgd_lr, sweep_.l2, batch_)) return;
     // p -= lr (dL/dp + l2 p for a parameter that decays), from the stored gradient
     for (std::size_t i = first; i < end; ++i) {
       const Parameter<T>& p = *params_[i].parameter;
-      const T decay = p.decays ? sweep_.l2 : T(0);
+      const T decay = p.decays && !clipping ? sweep_.l2 : T(0);
       T* v = p.value->data();
       const T* g = p.grad->data();
       for (Index j = 0; j < p.size(); ++j) v[j] -= sweep_.sgd_lr * (g[j] + decay * v[j]);
@@ -452,23 +457,27 @@ void Network<T>::update_parameter(const Update<T>& update, std::int64_t t, std::
 
 template <typename T>
 void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
-                       const Update<T>* update, const Poll& poll, T l2) {
+                       const Update<T>* update, const Poll& poll, T l2, double max_grad_norm) {
   const bool updating = sgd_lr >= T(0) || update != nullptr;
+  const bool clipping = max_grad_norm >= 0 && updating;
   sweep_.sgd_lr = sgd_lr;
   sweep_.l2 = l2;
+  sweep_.clip = clipping ? max_grad_norm : -1;
   sweep_.update = update;
   sweep_.poll = poll ? &poll : nullptr;
   // With a poll, the sweep may be abandoned between any two products, so no
   // parameter may change before the last product that reads the old ones: the
   // updates are held back to the end. Each is the same arithmetic on the same
   // operands as in the interleaved order, so the result is bitwise the same.
-  sweep_.hold_back = static_cast<bool>(poll) && updating;
+  // Clipping needs every gradient before any update, so it holds them back too,
+  // and the plain SGD step is made from the stored (clipped) gradient.
+  sweep_.hold_back = (static_cast<bool>(poll) || clipping) && updating;
   sweep_.held.clear();
   BackwardContext<T> ctx;
   ctx.accumulate = accumulate;
-  ctx.sgd_lr = sgd_lr;
+  ctx.sgd_lr = clipping ? T(-1) : sgd_lr;
   ctx.l2 = l2;
-  ctx.lazy = update != nullptr && update->spec.lazy;
+  ctx.lazy = update != nullptr && update->spec.lazy && !clipping;
   ctx.network = this;
   ctx.on_ready = updating ? &Network<T>::on_ready : nullptr;
   ctx.poll = poll ? &Network<T>::on_poll : nullptr;
@@ -480,6 +489,7 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
   }
   if (sweep_.hold_back) {
     // Every gradient is formed from the old parameters: now the updates, no more polls.
+    if (clipping) scale_grads(max_grad_norm, grad_norm());
     for (Layer<T>* L : sweep_.held) update_layer(*L);
   }
   sweep_.held.clear();
@@ -499,6 +509,68 @@ void Network<T>::step(T lr) {
     const Parameter<T>& p = *np.parameter;
     VectorMap<T>(p.value->data(), p.size()).noalias() -=
         lr * ConstVectorMap<T>(p.grad->data(), p.size());
+  }
+}
+
+template <typename T>
+double Network<T>::grad_norm() const {
+  double sum = 0;
+  for (const NamedParameter<T>& np : params_) {
+    const Parameter<T>& p = *np.parameter;
+    sum += ConstVectorMap<T>(p.grad->data(), p.size()).template cast<double>().squaredNorm();
+  }
+  return std::sqrt(sum);
+}
+
+template <typename T>
+void Network<T>::scale_grads(double max_norm, double norm) {
+  // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), at most 1
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef >= 1.0) return;  // torch multiplies by 1: the same values (a NaN norm scales by NaN)
+  const T c = static_cast<T>(coef);
+  for (const NamedParameter<T>& np : params_) {
+    const Parameter<T>& p = *np.parameter;
+    VectorMap<T>(p.grad->data(), p.size()) *= c;
+  }
+}
+
+template <typename T>
+double Network<T>::clip_grad_norm(double max_norm) {
+  if (!has_grad_) {
+    throw std::logic_error("[clip_grad_norm] the network has no gradients yet: call "
+                           "net.forward and net.backward first");
+  }
+  if (!std::isfinite(max_norm) || max_norm < 0) {
+    throw std::invalid_argument("[clip_grad_norm] max_norm must be a finite number >= 0, but "
+                                "got " + std::to_string(max_norm));
+  }
+  const double norm = grad_norm();
+  scale_grads(max_norm, norm);
+  return norm;
+}
+
+template <typename T>
+void Network<T>::clip_grad_value(double clip) {
+  if (!has_grad_) {
+    throw std::logic_error("[clip_grad_value] the network has no gradients yet: call "
+                           "net.forward and net.backward first");
+  }
+  if (!std::isfinite(clip) || clip < 0) {
+    throw std::invalid_argument("[clip_grad_value] clip_value must be a finite number >= 0, "
+                                "but got " + std::to_string(clip));
+  }
+  const T c = static_cast<T>(clip);
+  for (const NamedParameter<T>& np : params_) {
+    const Parameter<T>& p = *np.parameter;
+    T* g = p.grad->data();
+    for (Index j = 0; j < p.size(); ++j) {
+      // clamp as torch's clamp_: NaN stays NaN
+      if (g[j] > c) {
+        g[j] = c;
+      } else if (g[j] < -c) {
+        g[j] = -c;
+      }
+    }
   }
 }
 

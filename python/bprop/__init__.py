@@ -10,7 +10,7 @@ load_core()  # registers the best build of the core as bprop._core
 from . import _core  # noqa: E402
 
 from .layers import ACTIVATIONS, Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
-from .network import Network
+from .network import Network, clip_grad_norm, clip_grad_value
 from . import losses, optim  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
 from . import interop  # noqa: E402,F401 - provides Network.to_onnx, from_torch, to_torch
@@ -21,7 +21,7 @@ from ._config import config, get_num_threads, set_num_threads, show_config  # no
 __version__ = _core.build_info()["version"]
 
 __all__ = ["ACTIVATIONS", "Dense", "Activation", "Dropout", "BatchNorm", "LayerNorm", "Residual",
-           "Network", "__version__",
+           "Network", "clip_grad_norm", "clip_grad_value", "__version__",
            "losses", "optim", "fit", "evaluate", "gradcheck", "History",
            "save", "load", "CheckpointError",
            "config", "show_config", "set_num_threads", "get_num_threads"]

@@ -141,9 +141,12 @@ class Network32:
         loss_scale: float = 1.0,
         grad_scale: float = 1.0,
         l2: float = 0.0,
+        max_grad_norm: float = -1.0,
     ) -> float:
         """Forward, loss and backward (and the update, counted in the plan) in one
         call; returns the loss."""
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+    def clip_grad_value(self, clip_value: float) -> None: ...
     def apply_plan(self, plan: UpdatePlan32) -> None:
         """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...
@@ -214,9 +217,12 @@ class Network64:
         loss_scale: float = 1.0,
         grad_scale: float = 1.0,
         l2: float = 0.0,
+        max_grad_norm: float = -1.0,
     ) -> float:
         """Forward, loss and backward (and the update, counted in the plan) in one
         call; returns the loss."""
+    def clip_grad_norm(self, max_norm: float) -> float: ...
+    def clip_grad_value(self, clip_value: float) -> None: ...
     def apply_plan(self, plan: UpdatePlan64) -> None:
         """The optimizer's update from the stored gradients, counted in the plan."""
     def step(self, lr: float) -> None: ...

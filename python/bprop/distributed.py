@@ -346,7 +346,8 @@ class DataParallel:
         self.comm.allgather(("error", f"{type(exc).__name__}: {exc}"))
 
     # ---- per step --------------------------------------------------------------------
-    def step_function(self, net, optimizer, kernel: Callable, name: Optional[str]) -> Callable:
+    def step_function(self, net, optimizer, kernel: Callable, name: Optional[str],
+                      clip_grad_norm: Optional[float] = None) -> Callable:
         """The loop's step: one global minibatch (batch, in_features), or a sparse
         one as the core's CSR arrays (data, indices, indptr, n_features); this
         rank's share of the gradient, the allreduce, the optimizer step. Returns
@@ -407,6 +408,8 @@ class DataParallel:
                 self._average_buffers(buffers, packed, n, wb)
             value = float(loss_sum[0])
             if math.isfinite(value):
+                if clip_grad_norm is not None:  # the summed gradient, the same on every rank
+                    core.clip_grad_norm(clip_grad_norm)
                 optimizer.step()
             return value
         return step

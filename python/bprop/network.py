@@ -266,7 +266,8 @@ class Network:
         self._core.step(lr)
 
     def train_step(self, X: np.ndarray, y: np.ndarray, loss="softmax_cross_entropy",
-                   optimizer=None, *, sample_weight: Optional[np.ndarray] = None) -> float:
+                   optimizer=None, *, sample_weight: Optional[np.ndarray] = None,
+                   clip_grad_norm: Optional[float] = None) -> float:
         """One training step: forward, loss, backward and the optimizer's update.
 
         With a built-in loss name the forward pass, the loss and the backward sweep
@@ -283,6 +284,11 @@ class Network:
                 ``loss(output, target, sample_weight) -> (value, grad_output)``.
             optimizer: an optimizer from :mod:`bprop.optim` built on this network.
             sample_weight: (batch,) of the network's dtype, or None.
+            clip_grad_norm: a max_norm >= 0 to clip the step's gradients to that
+                global 2-norm before the update (as ``bprop.clip_grad_norm``
+                between backward and ``optimizer.step()``; the update is then made
+                after the whole sweep, from the stored gradients, plain SGD too),
+                or None.
 
         Returns:
             The loss of the batch before the update.
@@ -300,16 +306,19 @@ class Network:
         net_ref = getattr(optimizer, "_net_ref", None)
         if net_ref is None or net_ref() is not self:
             raise ValueError("[Network.train_step] optimizer was built for another network")
+        clip = _check_max_norm("Network.train_step", "clip_grad_norm", clip_grad_norm)
         if is_sparse(X):
             X = csr_batch("Network.train_step", "X", X, self._dtype)
         if isinstance(loss, str):
             plan = getattr(optimizer, "_plan", None)
             if plan is not None:  # _step_function's step, without making one per call
-                return self._core.train_step(X, y, loss, sample_weight, -1.0, plan)
+                return self._core.train_step(X, y, loss, sample_weight, -1.0, plan, 1.0, 1.0,
+                                             0.0, -1.0 if clip is None else clip)
         elif not callable(loss):
             raise TypeError("[Network.train_step] loss must be a loss name or a callable, "
                             f"but got {type_name(loss)}")
-        return _step_function(self, loss, optimizer)(X, y, sample_weight, None)
+        return _step_function(self, loss, optimizer, clip_grad_norm=clip)(X, y, sample_weight,
+                                                                          None)
 
     def predict(self, X, batch_size: Optional[int] = None) -> np.ndarray:
         """Forward pass that leaves the training caches untouched.
@@ -467,7 +476,7 @@ class Network:
 
 
 def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[float, float, float]]
-                   = None) -> Callable[..., float]:
+                   = None, clip_grad_norm: Optional[float] = None) -> Callable[..., float]:
     """The one training step (Network.train_step, the loops of fit and of the
     scikit-learn estimators): ``step(X, y, sample_weight, weight) -> loss`` runs
     forward, loss, backward and the optimizer's update on one minibatch; a
@@ -482,8 +491,12 @@ def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[floa
         objective: (loss_scale, grad_scale, alpha): scikit-learn's objective, the
             L2 term 0.5 * alpha / weight * sum ||W||^2 (weight: the minibatch's row
             count or sum of sample weights). Built-in losses only.
+        clip_grad_norm: a max_norm >= 0: every gradient of the step is formed, then
+            all are scaled to that global 2-norm at most (clip_grad_norm), then
+            the update; None for no clipping.
     """
     core = net._core
+    clip = -1.0 if clip_grad_norm is None else float(clip_grad_norm)
     if callable(loss):
         dtype = net.dtype
 
@@ -491,6 +504,8 @@ def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[floa
             value, grad = loss(core.forward(X), y, sample_weight)
             core.backward(np.ascontiguousarray(grad, dtype=dtype), False, False)
             if math.isfinite(value):
+                if clip >= 0:
+                    core.clip_grad_norm(clip)
                 optimizer.step()
             return float(value)
         return user_loss_step
@@ -501,15 +516,63 @@ def _step_function(net: Network, loss, optimizer, objective: Optional[Tuple[floa
         loss_scale, grad_scale, alpha = objective
         return lambda X, y, sample_weight, weight: train_step(
             X, y, loss, sample_weight, -1.0, optimizer._plan, loss_scale, grad_scale,
-            alpha / weight)
+            alpha / weight, clip)
     if getattr(optimizer, "_plan", None) is not None:
         return lambda X, y, sample_weight, weight=None: train_step(
-            X, y, loss, sample_weight, -1.0, optimizer._plan)
+            X, y, loss, sample_weight, -1.0, optimizer._plan, 1.0, 1.0, 0.0, clip)
 
     def unplanned_step(X, y, sample_weight, weight=None) -> float:
         # an optimizer without an UpdatePlan: its own step() after the sweep
         value = train_step(X, y, loss, sample_weight, -1.0)
         if math.isfinite(value):
+            if clip >= 0:
+                core.clip_grad_norm(clip)
             optimizer.step()
         return value
     return unplanned_step
+
+
+def _check_max_norm(where: str, name: str, value) -> Optional[float]:
+    if value is None:
+        return None
+    return check_float(where, name, value, minimum=0.0)
+
+
+def clip_grad_norm(net: Network, max_norm: float) -> float:
+    """Scales every stored gradient of ``net`` (those of the last backward) by
+    ``min(1, max_norm / (norm + 1e-6))``, where norm is the 2-norm of all of them
+    together, as ``torch.nn.utils.clip_grad_norm_``; returns that norm (before
+    clipping). One C++ call; the norm is summed in float64, parameter by parameter
+    in the network's order, so it does not depend on the thread count.
+
+    Raises:
+        RuntimeError: no backward pass has stored gradients (or a fused SGD step
+            stored none).
+        ValueError: max_norm is negative or not finite.
+    """
+    where = "clip_grad_norm"
+    if not isinstance(net, Network):
+        raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
+    max_norm = check_float(where, "max_norm", max_norm, minimum=0.0)
+    if not net._core.has_backward:
+        raise RuntimeError(f"[{where}] the network holds no gradients: call net.forward and "
+                           "net.backward first")
+    return float(net._core.clip_grad_norm(max_norm))
+
+
+def clip_grad_value(net: Network, clip_value: float) -> None:
+    """Clamps every stored gradient of ``net`` to [-clip_value, clip_value], as
+    ``torch.nn.utils.clip_grad_value_``.
+
+    Raises:
+        RuntimeError: no backward pass has stored gradients.
+        ValueError: clip_value is negative or not finite.
+    """
+    where = "clip_grad_value"
+    if not isinstance(net, Network):
+        raise TypeError(f"[{where}] net must be a bprop.Network, but got {type_name(net)}")
+    clip_value = check_float(where, "clip_value", clip_value, minimum=0.0)
+    if not net._core.has_backward:
+        raise RuntimeError(f"[{where}] the network holds no gradients: call net.forward and "
+                           "net.backward first")
+    net._core.clip_grad_value(clip_value)

@@ -422,9 +422,10 @@ class Local:
                              "variance of one row is 0); choose another batch_size")
 
     def step_function(self, net: Network, optimizer: Optimizer, kernel: Callable,
-                      name: Optional[str]) -> Callable:
+                      name: Optional[str], clip_grad_norm: Optional[float] = None) -> Callable:
         """The loop's step: the built-in loss `name`, or `kernel` (a user's loss)."""
-        return _step_function(net, kernel if name is None else name, optimizer)
+        return _step_function(net, kernel if name is None else name, optimizer,
+                              clip_grad_norm=clip_grad_norm)
 
     def outputs(self, net: Network, data: _Dataset, batch_size: int = 0) -> np.ndarray:
         """The network's output on a whole dataset (the training caches untouched)."""
@@ -575,7 +576,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         validation_split: float = 0.0, validation_data=None,
         early_stopping: Optional[int] = None, metrics=None, callbacks=None,
         sample_weight=None, verbose: bool = False, check_finite: bool = False,
-        comm=None, class_weight=None) -> History:
+        comm=None, class_weight=None, clip_grad_norm: Optional[float] = None) -> History:
     """Trains the network by minibatch gradient descent.
 
     Args:
@@ -655,6 +656,11 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             occur in y, its weights finite and > 0, and absent classes weigh 1.
             The weights apply to the training samples only; the validation loss
             (validation_split or validation_data) is not class-weighted.
+        clip_grad_norm: a max_norm >= 0 to clip each step's gradients to that
+            global 2-norm before the update, as ``torch.nn.utils.clip_grad_norm_``
+            between ``backward()`` and ``optimizer.step()`` (over MPI: the summed
+            gradient); None (the default) for no clipping. See
+            ``bprop.clip_grad_norm``.
 
     Returns:
         History of the epochs run (the same on every rank under comm).
@@ -686,7 +692,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     try:
         return _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
                     validation_split, validation_data, early_stopping, metrics, callbacks,
-                    sample_weight, verbose, check_finite, class_weight)
+                    sample_weight, verbose, check_finite, class_weight, clip_grad_norm)
     except BaseException as exc:
         strategy.failed(exc)  # over MPI: one failing rank must not leave the others waiting
         raise
@@ -694,7 +700,7 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
 def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
          validation_split, validation_data, early_stopping, metrics, callbacks, sample_weight,
-         verbose, check_finite, class_weight=None) -> History:
+         verbose, check_finite, class_weight=None, clip_grad_norm=None) -> History:
     """fit, inside its strategy's failure handling."""
     where = "fit"
     _check_network(where, net)
@@ -706,6 +712,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     shuffle = _as_bool(where, "shuffle", shuffle)
     verbose = _as_bool(where, "verbose", verbose)
     check_finite = _as_bool(where, "check_finite", check_finite)
+    if clip_grad_norm is not None:
+        clip_grad_norm = check_float(where, "clip_grad_norm", clip_grad_norm, minimum=0.0)
     if isinstance(seed, np.random.Generator):
         rng = seed
     else:
@@ -782,7 +790,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                    shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
                    metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
                    check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
-    step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name)
+    step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name,
+                                  clip_grad_norm)
     history = History()
     # what a divergence or early stopping restores: parameters and buffers
     params = [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]

@@ -33,10 +33,14 @@ using Poll = std::function<void()>;
 /// l2 * W added to dL/dW. (scikit-learn's regressor steps along a gradient that is
 /// not its reported loss's, hence two scales.) The L2 term is measured on the
 /// weights before the step, summed in float64 layer by layer in a fixed order.
+/// With max_grad_norm >= 0 the step is clipped as torch.nn.utils.clip_grad_norm_
+/// clips it: once every gradient is formed, all of them are scaled by
+/// min(1, max_grad_norm / (norm + 1e-6)), norm their global 2-norm, before any update.
 struct Objective {
   double loss_scale = 1;
   double grad_scale = 1;
   double l2 = 0;
+  double max_grad_norm = -1;  // < 0: no clipping
 };
 
 /// A parameter or buffer of the network with its dotted name ("layers.2.weight",
@@ -164,6 +168,15 @@ class Network {
                     Update<T>* update = nullptr, const Poll& poll = {},
                     const Objective* objective = nullptr);
 
+  /// Scales every stored gradient by min(1, max_norm / (norm + 1e-6)), norm the
+  /// global 2-norm of all of them (summed in float64, parameter by parameter in a
+  /// fixed order), as torch.nn.utils.clip_grad_norm_. Returns norm (before
+  /// clipping). Throws std::logic_error before any backward pass,
+  /// std::invalid_argument for a max_norm that is negative or not finite.
+  double clip_grad_norm(double max_norm);
+  /// Clamps every stored gradient to [-clip, clip] (torch.nn.utils.clip_grad_value_).
+  void clip_grad_value(double clip);
+
   /// Applies an optimizer's update to every parameter from the stored gradients
   /// (the path of Optimizer.step()) and counts the step (++update.steps). Throws
   /// std::logic_error before any backward pass, std::invalid_argument if `update`
@@ -215,7 +228,10 @@ class Network {
   // old parameters is done. l2: add l2 * W to the gradient of each weight that
   // decays (fused SGD: W *= 1 - lr l2 before its product).
   void sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr, const Update<T>* update,
-             const Poll& poll, T l2 = T(0));
+             const Poll& poll, T l2 = T(0), double max_grad_norm = -1);
+  // the global 2-norm of the stored gradients, and their scaling (clip_grad_norm)
+  double grad_norm() const;
+  void scale_grads(double max_norm, double norm);
   // What the sweep does once a layer's gradients are ready: its update, now or
   // held back to the end of the sweep.
   static void on_ready(void* self, Layer<T>& layer);
@@ -244,6 +260,7 @@ class Network {
   struct SweepState {
     T sgd_lr = T(-1);
     T l2 = T(0);
+    double clip = -1;  // >= 0: every gradient formed, then clipped, then the updates
     const Update<T>* update = nullptr;
     const Poll* poll = nullptr;
     bool hold_back = false;
