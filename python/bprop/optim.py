@@ -785,13 +785,10 @@ class OneCycleLR(_Schedule):
         for name in ("div_factor", "final_div_factor"):
             out[name] = check_float(where, name, s[name], minimum=0.0, exclusive_minimum=True)
         out["three_phase"] = _check_bool(where, "three_phase", s["three_phase"])
-        start = 0.0
-        for end, *_ in OneCycleLR._phases(out):
-            if end == start:  # torch divides by zero here
-                raise ValueError(f"[{where}] pct_start={out['pct_start']} of total_steps="
-                                 f"{out['total_steps']} makes a phase of no steps; choose "
-                                 "another pct_start")
-            start = end
+        if OneCycleLR._phases(out)[0][0] == 0.0:  # torch divides 0 by 0 at step 0
+            raise ValueError(f"[{where}] pct_start={out['pct_start']} of total_steps="
+                             f"{out['total_steps']} makes a first phase of no steps; choose "
+                             "another pct_start")
         return out
 
     @staticmethod
@@ -822,7 +819,9 @@ class OneCycleLR(_Schedule):
         start = 0.0
         for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
             if step <= end or i == len(phases) - 1:
-                pct = (step - start) / (end - start)
+                # a last phase of no steps (pct_start=1) is over: torch divides by
+                # zero at that step (total_steps, after the cycle's last minibatch)
+                pct = (step - start) / (end - start) if end != start else 1.0
                 return (_anneal(self.anneal_strategy, lr0, lr1, pct),
                         _anneal(self.anneal_strategy, m0, m1, pct))
             start = end
