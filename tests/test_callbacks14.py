@@ -151,7 +151,7 @@ def test_early_stopping_follows_keras_rule(make_network):
     assert (s.best, s.best_epoch, s.stopped_epoch) == (1.9, 3, 5)
     assert net.layers[0].weight[0, 0] == 5  # restore_best_weights=False
     # min_delta: 1.95 is not better than 2.0 by more than 0.1
-    s = EarlyStopping(patience=1, min_delta=0.1, restore_best_weights=True)
+    s = EarlyStopping(patience=2, min_delta=0.1, restore_best_weights=True)
     assert _drive(s, [2.0, 1.95, 1.91, 1.5], net) == [2]
     assert s.best_epoch == 0 and net.layers[0].weight[0, 0] == 0  # restored
     # "acc" in the monitor: maximised (Keras's auto mode)
@@ -160,7 +160,7 @@ def test_early_stopping_follows_keras_rule(make_network):
     assert _drive(s, [0.5, 0.6, 0.6], net, "val_accuracy") == [2]
     # patience 0 never stops at the first epoch
     s = EarlyStopping(monitor="loss", patience=0, mode="max")
-    assert _drive(s, [math.nan, 1.0], net, "loss") == [1]
+    assert _drive(s, [math.nan, math.nan, 1.0], net, "loss") == [1]
 
 
 def test_early_stopping_callback_is_fits_early_stopping(make_network, data):
