@@ -5,7 +5,6 @@ loop and a torch loop do, and the arguments' checks."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np

@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from ._validation import check_float, check_int, type_name
 from .network import Network
 
 __all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "CSVLogger"]
+
+#: a file path as the callbacks take it
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 class Callback:
@@ -198,7 +201,7 @@ class ModelCheckpoint(Callback):
         best: the best monitored value saved; last_path: the last file written.
     """
 
-    def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = True,
+    def __init__(self, path: PathLike, monitor: str = "val_loss", save_best_only: bool = True,
                  mode: str = "auto") -> None:
         where = "ModelCheckpoint"
         if not isinstance(path, (str, os.PathLike)):
@@ -247,7 +250,7 @@ class CSVLogger(Callback):
             empty) instead of overwriting it.
     """
 
-    def __init__(self, path, separator: str = ",", append: bool = False) -> None:
+    def __init__(self, path: PathLike, separator: str = ",", append: bool = False) -> None:
         where = "CSVLogger"
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"[{where}] path must be a str or os.PathLike, but got "
@@ -259,7 +262,7 @@ class CSVLogger(Callback):
         self.separator = separator
         self.append = _check_bool(where, "append", append)
         self._file: Optional[IO[str]] = None
-        self._writer: Optional[Any] = None
+        self._writer: Optional["csv.DictWriter[str]"] = None
         self._keys: Optional[List[str]] = None
         self._header = True
 
@@ -283,6 +286,7 @@ class CSVLogger(Callback):
                 self._writer.writeheader()
         row: Dict[str, Any] = {"epoch": epoch}
         row.update({k: repr(float(logs[k])) if k in logs else "NA" for k in self._keys})
+        assert self._writer is not None  # made with the keys
         self._writer.writerow(row)
         self._file.flush()
 
