@@ -499,6 +499,9 @@ class _Schedule:
 
     _fields: Tuple[str, ...] = ()
 
+    #: the interval of a schedule pickled before schedules had one
+    interval = "epoch"
+
     def __init__(self, optimizer: Optimizer, interval: str = "epoch") -> None:
         where = type(self).__name__
         if not isinstance(optimizer, Optimizer):

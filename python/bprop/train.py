@@ -50,7 +50,8 @@ class History:
         val_loss: loss on the validation data after each epoch (empty without).
         metrics: {name: [per epoch]} for the training data ("accuracy", ...) and
             the validation data ("val_accuracy", ...), computed after each epoch.
-        lr: learning rate used in each epoch.
+        lr: learning rate each epoch started with (a schedule stepped per
+            minibatch step changes it within the epoch).
         time: wall time of each epoch in seconds (validation included).
         best_epoch: 0-based index of the epoch whose weights early stopping
             restored (None without early stopping).
