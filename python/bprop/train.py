@@ -740,9 +740,10 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         net._core.training = True  # fit trains in training mode, then restores the mode
         if verbose:
             progress = _Progress(epochs, n_batches)
-        batch_hooks = hooks["on_batch_end"]
-        if batch_hooks or progress is not None:
-            loop.on_step = _StepHooks(batch_hooks, progress, optimizer, strategy)
+        step_hooks = None
+        if hooks["on_batch_end"] or progress is not None:
+            step_hooks = _StepHooks(hooks["on_batch_end"], progress, optimizer, strategy)
+            loop.on_step = step_hooks
         for cb in callbacks:
             set_network = getattr(cb, "set_network", None)
             if set_network is not None:
@@ -760,11 +761,11 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             lr = optimizer.lr
             for hook in hooks["on_epoch_begin"]:
                 hook(epoch, {"lr": lr})
-            if loop.on_step is not None:
-                loop.on_step.batch = -1
+            if step_hooks is not None:
+                step_hooks.batch = -1
             total, total_weight = loop.epoch(epoch, perm)
 
-            logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
+            logs = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
                 logs.update(scores(train, None))
             if valid is not None:
