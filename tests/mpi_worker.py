@@ -76,6 +76,10 @@ CASES = [
     ("adam-3-epochs", lambda net: optim.Adam(net, lr=0.05),
      dict(n=20, loss="mean_squared_error", batch_size=7, epochs=3, early_stopping=1,
           val=9)),
+    # a schedule stepped after every minibatch step (lr and momentum), 3 epochs of 3 steps
+    ("sgd-one-cycle", lambda net: optim.SGD(net, lr=0.1, momentum=0.9),
+     dict(n=20, loss="softmax_cross_entropy", batch_size=7, epochs=3,
+          callbacks=lambda opt: [optim.OneCycleLR(opt, 0.5, epochs=3, steps_per_epoch=3)])),
 ]
 
 
@@ -95,9 +99,11 @@ def fit_case(spec, make_opt, net, comm_arg, seed=0):
     val = spec.pop("val", 0)
     if val:
         kwargs["validation_data"] = data(val, loss_name, 3)
+    make_callbacks = spec.pop("callbacks", lambda opt: None)
     assert not spec, spec
     opt = make_opt(net)
-    history = bprop.fit(net, X, y, optimizer=opt, comm=comm_arg, **kwargs)
+    history = bprop.fit(net, X, y, optimizer=opt, comm=comm_arg,
+                        callbacks=make_callbacks(opt), **kwargs)
     return history, opt
 
 
