@@ -148,6 +148,22 @@ def correctness():
     bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=0.05), batch_size=6, epochs=2, comm=comm)
     prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
     results["seed-none"] = {"identical_on_all_ranks": len(set(prints)) == 1}
+    # an on_batch_end of the last rank only stops the fourth step: every rank stops there
+    net = network(seed=100 + rank)
+    seen = []
+
+    def stop_on_last_rank(batch, logs):
+        seen.append(batch)
+        return rank == size - 1 and len(seen) == 4
+
+    stopper = type("Stopper", (), {"on_batch_end": staticmethod(stop_on_last_rank)})()
+    X, y = data(20, "softmax_cross_entropy", 6)  # batches of 7: 3 steps per epoch
+    history = bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), batch_size=7, epochs=5,
+                        seed=0, comm=comm, callbacks=[stopper])
+    prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
+    results["batch-stop"] = {"identical_on_all_ranks": len(set(prints)) == 1,
+                             "steps": comm.allgather(net._fit_optimizer.step_count),
+                             "epochs": history.epochs, "stopped_early": history.stopped_early}
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
 

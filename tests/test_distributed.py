@@ -65,6 +65,9 @@ def test_matches_single_process_training(ranks, record_error):
         assert r["identical_on_all_ranks"], name
         if name == "seed-none":
             continue
+        if name == "batch-stop":  # one rank's on_batch_end stopped every rank after step 4
+            assert r["steps"] == [4] * ranks and r["epochs"] == 2 and r["stopped_early"], r
+            continue
         assert r["steps"] == (9 if name in ("adam-3-epochs", "sgd-one-cycle") else 5), name
         assert r["history_keys_match"], name
         assert r["max_abs_diff"] < TOL, (name, r)
