@@ -193,7 +193,8 @@ class ModelCheckpoint(Callback):
         path: the file (str or os.PathLike). It may hold format fields, filled
             per save as Keras does: ``{epoch}`` (1-based) and the epoch's logs,
             e.g. ``"ckpt-{epoch:03d}-{val_loss:.3f}.safetensors"``.
-        monitor: the fit log compared with save_best_only.
+        monitor: the fit log compared with save_best_only (a missing one
+            raises KeyError at the first epoch's end, where Keras warns).
         save_best_only: save only improvements (True), or every epoch.
         mode: "min", "max" or "auto" ("max" if the monitor contains "acc").
 

@@ -147,7 +147,7 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
-        """The learning rate; settable (a schedule sets it once per epoch)."""
+        """The learning rate; settable (a schedule sets it once per epoch or step)."""
         return self._hyper["lr"]
 
     @lr.setter
