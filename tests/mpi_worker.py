@@ -76,6 +76,10 @@ CASES = [
     ("adam-3-epochs", lambda net: optim.Adam(net, lr=0.05),
      dict(n=20, loss="mean_squared_error", batch_size=7, epochs=3, early_stopping=1,
           val=9)),
+    # a schedule stepped after every minibatch step (lr and momentum), 3 epochs of 3 steps
+    ("sgd-one-cycle", lambda net: optim.SGD(net, lr=0.1, momentum=0.9),
+     dict(n=20, loss="softmax_cross_entropy", batch_size=7, epochs=3,
+          callbacks=lambda opt: [optim.OneCycleLR(opt, 0.5, epochs=3, steps_per_epoch=3)])),
 ]
 
 
@@ -95,9 +99,11 @@ def fit_case(spec, make_opt, net, comm_arg, seed=0):
     val = spec.pop("val", 0)
     if val:
         kwargs["validation_data"] = data(val, loss_name, 3)
+    make_callbacks = spec.pop("callbacks", lambda opt: None)
     assert not spec, spec
     opt = make_opt(net)
-    history = bprop.fit(net, X, y, optimizer=opt, comm=comm_arg, **kwargs)
+    history = bprop.fit(net, X, y, optimizer=opt, comm=comm_arg,
+                        callbacks=make_callbacks(opt), **kwargs)
     return history, opt
 
 
@@ -142,6 +148,22 @@ def correctness():
     bprop.fit(net, X, y, optimizer=optim.Adam(net, lr=0.05), batch_size=6, epochs=2, comm=comm)
     prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
     results["seed-none"] = {"identical_on_all_ranks": len(set(prints)) == 1}
+    # an on_batch_end of the last rank only stops the fourth step: every rank stops there
+    net = network(seed=100 + rank)
+    seen = []
+
+    def stop_on_last_rank(batch, logs):
+        seen.append(batch)
+        return rank == size - 1 and len(seen) == 4
+
+    stopper = type("Stopper", (), {"on_batch_end": staticmethod(stop_on_last_rank)})()
+    X, y = data(20, "softmax_cross_entropy", 6)  # batches of 7: 3 steps per epoch
+    history = bprop.fit(net, X, y, optimizer=optim.SGD(net, lr=0.1), batch_size=7, epochs=5,
+                        seed=0, comm=comm, callbacks=[stopper])
+    prints = comm.allgather(zlib.crc32(b"".join(p.tobytes() for p in weights(net))))
+    results["batch-stop"] = {"identical_on_all_ranks": len(set(prints)) == 1,
+                             "steps": comm.allgather(net._fit_optimizer.step_count),
+                             "epochs": history.epochs, "stopped_early": history.stopped_early}
     if rank == 0:
         print("RESULT " + json.dumps(results), flush=True)
 

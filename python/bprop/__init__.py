@@ -11,7 +11,7 @@ from . import _core  # noqa: E402
 
 from .layers import ACTIVATIONS, Activation, BatchNorm, Dense, Dropout, LayerNorm, Residual
 from .network import Network, clip_grad_norm, clip_grad_value
-from . import losses, optim  # noqa: E402
+from . import callbacks, losses, optim  # noqa: E402
 from .io import CheckpointError, load, save  # noqa: E402
 from . import interop  # noqa: E402,F401 - provides Network.to_onnx, from_torch, to_torch
 from .train import History, evaluate, fit, gradcheck  # noqa: E402
@@ -22,6 +22,6 @@ __version__ = _core.build_info()["version"]
 
 __all__ = ["ACTIVATIONS", "Dense", "Activation", "Dropout", "BatchNorm", "LayerNorm", "Residual",
            "Network", "clip_grad_norm", "clip_grad_value", "__version__",
-           "losses", "optim", "fit", "evaluate", "gradcheck", "History",
+           "callbacks", "losses", "optim", "fit", "evaluate", "gradcheck", "History",
            "save", "load", "CheckpointError",
            "config", "show_config", "set_num_threads", "get_num_threads"]

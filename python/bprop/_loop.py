@@ -59,7 +59,9 @@ class Loop:
 
     Attributes:
         batches: minibatches per epoch.
-        on_step: None, or called with the epoch's running mean loss after each step.
+        on_step: None, or called with the epoch's running mean loss after each step;
+            a true return value ends the epoch after that step (and sets ``stopped``).
+        stopped: True if on_step ended the last epoch early.
     """
 
     def __init__(self, X: np.ndarray, y: np.ndarray, w: Optional[np.ndarray], batch_size: int,
@@ -71,7 +73,8 @@ class Loop:
         self.step, self.diverged = step, diverged
         self.params, self.check_finite = params, check_finite
         self.mean_over_rows = mean_over_rows
-        self.on_step: Optional[Callable[[float], None]] = None
+        self.on_step: Optional[Callable[[float], Optional[bool]]] = None
+        self.stopped = False
         self.n = n = y.shape[0]
         self.batch_size = bs = min(batch_size, n)
         self.batches = -(-n // bs)
@@ -129,7 +132,10 @@ class Loop:
         total = total_weight = 0.0
         b = -1
         value = math.nan
+        self.stopped = False
         for c_lo in range(0, n, self.chunk_rows):
+            if self.stopped:
+                break
             c_hi = min(c_lo + self.chunk_rows, n)
             Xc, yc, wc = self._chunk(order, c_lo, c_hi)
             for lo in range(0, c_hi - c_lo, bs):
@@ -154,8 +160,9 @@ class Loop:
                     weight = m
                 total += value * weight
                 total_weight += weight
-                if on_step is not None:
-                    on_step(total / total_weight)
+                if on_step is not None and on_step(total / total_weight):
+                    self.stopped = True
+                    break
         if params and not every_step and not _all_finite(params):
             # A finite loss (a float32 loss is summed in float64) can leave non-finite
             # weights behind; caught here, while the caller's snapshot is still finite.

@@ -411,6 +411,37 @@ class Network:
         self._core.dropout_step = check_int("Network.dropout_step", "dropout_step", step,
                                             minimum=0, maximum=2**63 - 1)
 
+    def summary(self) -> str:
+        """A table of the layers, as Keras's ``model.summary()``: each layer's
+        dotted name and type, output width and parameter count (a Residual's
+        layers indented under it, its count theirs), then the totals. As in
+        Keras, BatchNorm's running statistics count as non-trainable parameters::
+
+            print(net.summary())
+
+        Returns:
+            The table, one line per layer.
+        """
+        sizes = [(name, p.size, True) for name, p, _ in self._params]
+        sizes += [(name, b.size, False) for name, b in self._buffer_views]
+        rows = []
+        for name, path, layer in walk(self._layers):
+            count = sum(n for key, n, _ in sizes if key.startswith(name + "."))
+            rows.append(("  " * (len(path) - 1) + f"{name} ({layer.kind})",
+                         f"{layer.out_features:,}", f"{count:,}"))
+        head = ("Layer (type)", "Output width", "Param #")
+        w = [max(len(r[k]) for r in rows + [head]) for k in range(3)]
+        line = lambda r: f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}"  # noqa: E731
+        rule = "=" * (w[0] + w[1] + w[2] + 4)
+        trainable = sum(n for _, n, t in sizes if t)
+        fixed = sum(n for _, n, t in sizes if not t)
+        out = [f"Network ({self._dtype.name}, {self.in_features:,} input features, "
+               f"{'training' if self.training else 'eval'} mode)", rule, line(head), rule]
+        out += [line(r) for r in rows]
+        out += [rule, f"Total params: {trainable + fixed:,}",
+                f"Trainable params: {trainable:,}", f"Non-trainable params: {fixed:,}"]
+        return "\n".join(out)
+
     def __len__(self) -> int:
         return len(self._layers)
 

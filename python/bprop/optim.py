@@ -16,10 +16,14 @@ through ``Network.train_step`` or ``fit``. The update rules follow the papers as
 ``state_dict()`` returns plain data (copies of the state arrays);
 ``load_state_dict()`` checks a whole dict before changing anything.
 
-Schedules change ``optimizer.lr``: ``StepLR`` and ``CosineAnnealingLR`` once per
-``step()``, ``ReduceLROnPlateau`` from a monitored value. Each one is also a fit
-callback (``on_epoch_end``), so ``bprop.fit(..., callbacks=[StepLR(opt, 10)])``
-steps it once per epoch.
+Schedules change ``optimizer.lr``: ``StepLR``, ``CosineAnnealingLR``,
+``LinearLR`` and ``OneCycleLR`` once per ``step()``, ``ReduceLROnPlateau`` from a
+monitored value. Each one is also a fit callback: a schedule's ``interval`` says
+whether fit steps it after each epoch (``"epoch"``: ``on_epoch_end``) or after each
+minibatch step (``"step"``: ``on_batch_end``). OneCycleLR is per step by default,
+as torch's is meant to be called; the others per epoch. So
+``bprop.fit(..., callbacks=[StepLR(opt, 10)])`` steps StepLR once per epoch, and
+``OneCycleLR(opt, max_lr=0.1, epochs=E, steps_per_epoch=B)`` once per minibatch.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ._validation import check_float, check_int, type_name
 from .network import _DELEGATES, Network
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "OPTIMIZERS",
-           "StepLR", "CosineAnnealingLR", "ReduceLROnPlateau"]
+           "StepLR", "CosineAnnealingLR", "LinearLR", "OneCycleLR", "ReduceLROnPlateau"]
 
 
 def _check_bool(where: str, name: str, value: object) -> bool:
@@ -143,7 +147,7 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
-        """The learning rate; settable (a schedule sets it once per epoch)."""
+        """The learning rate; settable (a schedule sets it once per epoch or step)."""
         return self._hyper["lr"]
 
     @lr.setter
@@ -152,6 +156,18 @@ class Optimizer:
         lr = check_float(where, "lr", value, minimum=0.0)
         _check_fits_dtype(where, {"lr": lr}, self._dtype)
         self._hyper["lr"] = lr
+        self._bind()
+
+    def _set_hyperparameters(self, where: str, **values: Any) -> None:
+        """Sets hyperparameters (checked as the constructor checks them) and rebinds
+        the core's plan once; the state each parameter keeps must stay the same."""
+        hyper = self._checked(where, {**self._hyper, **values})
+        saved, names = self._hyper, self._state_names()
+        self._hyper = hyper
+        if self._state_names() != names:
+            self._hyper = saved
+            raise ValueError(f"[{where}] {values} would change the state the optimizer "
+                             "keeps; set it in the optimizer's constructor")
         self._bind()
 
     @property
@@ -483,14 +499,36 @@ class _Schedule:
 
     _fields: Tuple[str, ...] = ()
 
-    def __init__(self, optimizer: Optimizer) -> None:
+    #: the interval of a schedule pickled before schedules had one
+    interval = "epoch"
+
+    def __init__(self, optimizer: Optimizer, interval: str = "epoch") -> None:
         where = type(self).__name__
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer, but got "
                             f"{type_name(optimizer)}")
+        if not isinstance(interval, str) or interval not in ("epoch", "step"):
+            raise ValueError(f"[{where}] interval must be 'epoch' or 'step', but got "
+                             f"{interval!r}")
         self.optimizer = optimizer
         self.base_lr = optimizer.lr
         self.last_epoch = 0
+        #: when fit steps the schedule: "epoch" (after each epoch) or "step" (after
+        #: each minibatch step); a setting, not part of state_dict()
+        self.interval = interval
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
+        """fit's hook: steps the schedule if its interval is "epoch"."""
+        if self.interval == "epoch":
+            self.step()
+
+    def on_batch_end(self, batch: int, logs: Dict[str, float]) -> None:
+        """fit's hook: steps the schedule if its interval is "step"."""
+        if self.interval == "step":
+            self.step()
 
     @property
     def lr(self) -> float:
@@ -541,12 +579,14 @@ class StepLR(_Schedule):
         optimizer: whose ``lr`` is set; its current lr is base_lr.
         step_size: epochs between decays (>= 1).
         gamma: decay factor, > 0.
+        interval: when fit steps it: "epoch" (default) or "step" (each minibatch).
     """
 
     _fields = ("step_size", "gamma")
 
-    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1) -> None:
-        super().__init__(optimizer)
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
+                 interval: str = "epoch") -> None:
+        super().__init__(optimizer, interval)
         self.step_size = check_int("StepLR", "step_size", step_size, minimum=1)
         self.gamma = check_float("StepLR", "gamma", gamma, minimum=0.0, exclusive_minimum=True)
 
@@ -562,9 +602,6 @@ class StepLR(_Schedule):
         self.last_epoch += 1
         self.optimizer.lr = self.base_lr * self.gamma ** (self.last_epoch // self.step_size)
 
-    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
-        self.step()
-
 
 class CosineAnnealingLR(_Schedule):
     """Cosine annealing (Loshchilov & Hutter, SGDR without restarts):
@@ -575,12 +612,14 @@ class CosineAnnealingLR(_Schedule):
         optimizer: whose ``lr`` is set; its current lr is base_lr.
         T_max: epochs from base_lr down to eta_min (>= 1).
         eta_min: the smallest learning rate, >= 0.
+        interval: when fit steps it: "epoch" (default) or "step" (each minibatch).
     """
 
     _fields = ("T_max", "eta_min")
 
-    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0) -> None:
-        super().__init__(optimizer)
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
+                 interval: str = "epoch") -> None:
+        super().__init__(optimizer, interval)
         self.T_max = check_int("CosineAnnealingLR", "T_max", T_max, minimum=1)
         self.eta_min = check_float("CosineAnnealingLR", "eta_min", eta_min, minimum=0.0)
 
@@ -596,8 +635,235 @@ class CosineAnnealingLR(_Schedule):
         cos = math.cos(math.pi * self.last_epoch / self.T_max)
         self.optimizer.lr = self.eta_min + (self.base_lr - self.eta_min) * (1 + cos) / 2
 
-    def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
-        self.step()
+
+class LinearLR(_Schedule):
+    """Linear warm-up (or decay) of the lr by a factor, as
+    torch.optim.lr_scheduler.LinearLR: the factor goes from ``start_factor`` to
+    ``end_factor`` in ``total_iters`` steps, then stays. Constructing it sets
+    lr = base_lr * start_factor; step k (1 <= k <= total_iters) multiplies the
+    current lr by 1 + (end - start) / (total_iters start + (k - 1) (end - start)),
+    torch's chainable form (so another schedule's change of the lr carries over,
+    and the values are torch's to the last bit).
+
+    Args:
+        optimizer: whose ``lr`` is set; its current lr is base_lr.
+        start_factor: in (0, 1].
+        end_factor: in [0, 1].
+        total_iters: steps until the factor reaches end_factor (>= 1).
+        interval: when fit steps it: "epoch" (default, as in torch's examples)
+            or "step" (each minibatch: a warm-up over the first total_iters steps).
+    """
+
+    _fields = ("start_factor", "end_factor", "total_iters")
+
+    def __init__(self, optimizer: Optimizer, start_factor: float = 1.0 / 3,
+                 end_factor: float = 1.0, total_iters: int = 5,
+                 interval: str = "epoch") -> None:
+        where = "LinearLR"
+        start_factor = check_float(where, "start_factor", start_factor, minimum=0.0,
+                                   exclusive_minimum=True, maximum=1.0)
+        end_factor = check_float(where, "end_factor", end_factor, minimum=0.0, maximum=1.0)
+        total_iters = check_int(where, "total_iters", total_iters, minimum=1)
+        super().__init__(optimizer, interval)
+        self.start_factor, self.end_factor, self.total_iters = \
+            start_factor, end_factor, total_iters
+        optimizer.lr = optimizer.lr * start_factor
+
+    def _check_state(self, where, sd):
+        out = super()._check_state(where, sd)
+        out["start_factor"] = check_float(where, "start_factor", sd["start_factor"],
+                                          minimum=0.0, exclusive_minimum=True, maximum=1.0)
+        out["end_factor"] = check_float(where, "end_factor", sd["end_factor"], minimum=0.0,
+                                        maximum=1.0)
+        out["total_iters"] = check_int(where, "total_iters", sd["total_iters"], minimum=1)
+        return out
+
+    def step(self) -> None:
+        """Advances one step (or epoch) and sets the optimizer's lr."""
+        self.last_epoch += 1
+        k = self.last_epoch
+        if k > self.total_iters:
+            return
+        change = self.end_factor - self.start_factor
+        self.optimizer.lr = self.optimizer.lr * (
+            1.0 + change / (self.total_iters * self.start_factor + (k - 1) * change))
+
+
+def _anneal(strategy: str, start: float, end: float, pct: float) -> float:
+    """torch's OneCycleLR annealing from start (pct 0) to end (pct 1)."""
+    if strategy == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
+
+
+class OneCycleLR(_Schedule):
+    """The 1cycle policy (Smith & Topin, 2019), torch.optim.lr_scheduler.OneCycleLR's
+    formulas and defaults: the lr rises from max_lr / div_factor to max_lr over
+    the first pct_start of total_steps, then anneals to
+    max_lr / (div_factor final_div_factor) (three_phase: back to the initial lr
+    first, then down to the minimum). Constructing it sets the initial lr (the
+    optimizer's own lr is not used); each ``step()`` advances one step. Stepping
+    more than total_steps times raises ValueError, as torch does. The lr set by
+    the last allowed step (step total_steps, after the cycle's last minibatch)
+    is torch's extrapolation, except that a negative one (linear strategy) is 0.
+
+    Momentum cycling (cycle_momentum=True, the default, as torch): the momentum
+    moves inversely to the lr between max_momentum and base_momentum; it is
+    Adam's and AdamW's beta1 (``betas[0]``), or the ``momentum`` of SGD and
+    RMSprop, which must then have been built with momentum > 0 (momentum 0 keeps
+    no momentum state to cycle: build the optimizer with momentum > 0, or pass
+    cycle_momentum=False). The optimizer's hyperparameters are set (and its core
+    plan rebound) at each step.
+
+    Args:
+        optimizer: whose ``lr`` (and momentum) is set.
+        max_lr: the peak learning rate, > 0.
+        total_steps: steps in the cycle (>= 1); or None, with epochs and
+            steps_per_epoch (total_steps = epochs * steps_per_epoch; with fit,
+            steps_per_epoch is ceil(training samples / batch_size)).
+        epochs: see total_steps.
+        steps_per_epoch: see total_steps.
+        pct_start: fraction of the cycle spent raising the lr, in [0, 1].
+        anneal_strategy: "cos" or "linear".
+        cycle_momentum: cycle the momentum (see above).
+        base_momentum: the momentum at the peak lr, in [0, 1).
+        max_momentum: the momentum at the start and end of the cycle, in [0, 1).
+        div_factor: initial lr = max_lr / div_factor, > 0.
+        final_div_factor: minimum lr = initial lr / final_div_factor, > 0.
+        three_phase: torch's three-phase variant.
+        interval: when fit steps it: "step" (default: after each minibatch, as
+            torch's OneCycleLR is meant to be called) or "epoch".
+    """
+
+    _fields = ("max_lr", "total_steps", "pct_start", "anneal_strategy", "cycle_momentum",
+               "base_momentum", "max_momentum", "div_factor", "final_div_factor",
+               "three_phase")
+
+    def __init__(self, optimizer: Optimizer, max_lr: float, total_steps: Optional[int] = None,
+                 epochs: Optional[int] = None, steps_per_epoch: Optional[int] = None,
+                 pct_start: float = 0.3, anneal_strategy: str = "cos",
+                 cycle_momentum: bool = True, base_momentum: float = 0.85,
+                 max_momentum: float = 0.95, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4, three_phase: bool = False,
+                 interval: str = "step") -> None:
+        where = "OneCycleLR"
+        if total_steps is not None:
+            total_steps = check_int(where, "total_steps", total_steps, minimum=1)
+        elif epochs is not None and steps_per_epoch is not None:
+            epochs = check_int(where, "epochs", epochs, minimum=1)
+            steps_per_epoch = check_int(where, "steps_per_epoch", steps_per_epoch, minimum=1)
+            total_steps = epochs * steps_per_epoch
+        else:
+            raise ValueError(f"[{where}] give total_steps, or epochs and steps_per_epoch, but "
+                             f"got total_steps={total_steps!r}, epochs={epochs!r}, "
+                             f"steps_per_epoch={steps_per_epoch!r}")
+        settings = self._check_settings(where, dict(
+            max_lr=max_lr, total_steps=total_steps, pct_start=pct_start,
+            anneal_strategy=anneal_strategy, cycle_momentum=cycle_momentum,
+            base_momentum=base_momentum, max_momentum=max_momentum, div_factor=div_factor,
+            final_div_factor=final_div_factor, three_phase=three_phase))
+        super().__init__(optimizer, interval)
+        if settings["cycle_momentum"]:
+            self._check_momentum(where, optimizer)
+        for k, v in settings.items():
+            setattr(self, k, v)
+        self.base_lr = self.max_lr / self.div_factor
+        self._apply(where)
+
+    @staticmethod
+    def _check_settings(where: str, s: Dict[str, Any]) -> Dict[str, Any]:
+        out = dict(max_lr=check_float(where, "max_lr", s["max_lr"], minimum=0.0,
+                                      exclusive_minimum=True),
+                   total_steps=check_int(where, "total_steps", s["total_steps"], minimum=1),
+                   pct_start=check_float(where, "pct_start", s["pct_start"], minimum=0.0,
+                                         maximum=1.0))
+        if s["anneal_strategy"] not in ("cos", "linear"):
+            raise ValueError(f"[{where}] anneal_strategy must be 'cos' or 'linear', but got "
+                             f"{s['anneal_strategy']!r}")
+        out["anneal_strategy"] = s["anneal_strategy"]
+        out["cycle_momentum"] = _check_bool(where, "cycle_momentum", s["cycle_momentum"])
+        for name in ("base_momentum", "max_momentum"):
+            out[name] = check_float(where, name, s[name], minimum=0.0, maximum=1.0,
+                                    exclusive_maximum=True)
+        for name in ("div_factor", "final_div_factor"):
+            out[name] = check_float(where, name, s[name], minimum=0.0, exclusive_minimum=True)
+        out["three_phase"] = _check_bool(where, "three_phase", s["three_phase"])
+        if OneCycleLR._phases(out)[0][0] == 0.0:  # torch divides 0 by 0 at step 0
+            raise ValueError(f"[{where}] pct_start={out['pct_start']} of total_steps="
+                             f"{out['total_steps']} makes a first phase of no steps; choose "
+                             "another pct_start")
+        return out
+
+    @staticmethod
+    def _phases(s: Dict[str, Any]):
+        """(end_step, start lr, end lr, start momentum, end momentum) per phase, torch's."""
+        T, pct = s["total_steps"], s["pct_start"]
+        initial = s["max_lr"] / s["div_factor"]
+        low = initial / s["final_div_factor"]
+        top, bottom = s["max_momentum"], s["base_momentum"]
+        if s["three_phase"]:
+            return [(float(pct * T) - 1, initial, s["max_lr"], top, bottom),
+                    (float(2 * pct * T) - 2, s["max_lr"], initial, bottom, top),
+                    (T - 1, initial, low, top, top)]
+        return [(float(pct * T) - 1, initial, s["max_lr"], top, bottom),
+                (T - 1, s["max_lr"], low, bottom, top)]
+
+    @staticmethod
+    def _check_momentum(where: str, optimizer: Optimizer) -> None:
+        hyper = optimizer.hyperparameters
+        if "betas" not in hyper and hyper.get("momentum", 0.0) == 0.0:
+            raise ValueError(f"[{where}] cycle_momentum=True cycles the optimizer's beta1 or "
+                             f"momentum, but {optimizer!r} has momentum 0; build it with "
+                             "momentum > 0 or pass cycle_momentum=False")
+
+    def _values(self, step: int) -> Tuple[float, float]:
+        """(lr, momentum) at `step`, torch's get_lr."""
+        phases = self._phases({k: getattr(self, k) for k in self._fields})
+        start = 0.0
+        for i, (end, lr0, lr1, m0, m1) in enumerate(phases):
+            if step <= end or i == len(phases) - 1:
+                # a last phase of no steps (pct_start=1) is over: torch divides by
+                # zero at that step (total_steps, after the cycle's last minibatch)
+                pct = (step - start) / (end - start) if end != start else 1.0
+                return (_anneal(self.anneal_strategy, lr0, lr1, pct),
+                        _anneal(self.anneal_strategy, m0, m1, pct))
+            start = end
+        raise AssertionError("unreachable")
+
+    def _apply(self, where: str) -> None:
+        lr, momentum = self._values(self.last_epoch)
+        # torch lets the final step (step total_steps, after the last minibatch of
+        # the cycle) extrapolate, which the linear strategy takes below 0
+        lr = max(lr, 0.0)
+        if not self.cycle_momentum:
+            self.optimizer.lr = lr
+        elif "betas" in self.optimizer.hyperparameters:
+            beta2 = self.optimizer.hyperparameters["betas"][1]
+            self.optimizer._set_hyperparameters(where, lr=lr, betas=(momentum, beta2))
+        else:
+            self.optimizer._set_hyperparameters(where, lr=lr, momentum=momentum)
+
+    def _check_state(self, where, sd):
+        out = super()._check_state(where, sd)
+        out.update(self._check_settings(where, {k: sd[k] for k in self._fields}))
+        if out["last_epoch"] > out["total_steps"]:
+            raise ValueError(f"[{where}] last_epoch must be <= total_steps="
+                             f"{out['total_steps']}, but got {out['last_epoch']}")
+        return out
+
+    def step(self) -> None:
+        """Advances one step and sets the optimizer's lr (and momentum).
+
+        Raises:
+            ValueError: the schedule has already made total_steps steps.
+        """
+        where = "OneCycleLR.step"
+        if self.last_epoch + 1 > self.total_steps:
+            raise ValueError(f"[{where}] tried to step {self.last_epoch + 1} times, but "
+                             f"total_steps is {self.total_steps}; with fit, give "
+                             "epochs and steps_per_epoch (ceil(samples / batch_size)) of the fit")
+        self.last_epoch += 1
+        self._apply(where)
 
 
 class ReduceLROnPlateau(_Schedule):

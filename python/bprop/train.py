@@ -5,7 +5,7 @@ through the one training loop (``bprop._loop.Loop``: minibatch passes, one step
 each) with a strategy that says how a step is taken and how the ranks agree:
 :class:`Local` in one process, ``bprop.distributed.DataParallel`` over MPI.
 What happens between epochs (History, metrics, validation, early stopping,
-callbacks) is fit's own.
+callbacks) is fit's own; the callbacks' hooks are those of ``bprop.callbacks``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ from .losses import binary_cross_entropy_with_logits as _bce
 from .losses import softmax_cross_entropy as _softmax_ce
 from .layers import BatchNorm, Dense, walk
 from .network import Network, _step_function
-from .optim import Adam, Optimizer
+from .optim import Adam, Optimizer, _Schedule
+from .callbacks import Callback, EarlyStopping
 
 __all__ = ["History", "fit", "evaluate", "gradcheck", "METRICS"]
+
+#: The hooks fit calls on a callback, with their arguments.
+_HOOKS = ("on_train_begin", "on_epoch_begin", "on_batch_end", "on_epoch_end", "on_train_end")
 
 #: Built-in metric names. "accuracy" compares argmax(output) with the labels
 #: (a threshold for one-wide and multi-label outputs); "mse" is the mean
@@ -49,7 +53,8 @@ class History:
         val_loss: loss on the validation data after each epoch (empty without).
         metrics: {name: [per epoch]} for the training data ("accuracy", ...) and
             the validation data ("val_accuracy", ...), computed after each epoch.
-        lr: learning rate used in each epoch.
+        lr: learning rate each epoch started with (a schedule stepped per
+            minibatch step changes it within the epoch).
         time: wall time of each epoch in seconds (validation included).
         best_epoch: 0-based index of the epoch whose weights early stopping
             restored (None without early stopping).
@@ -621,15 +626,24 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             ``patience`` epochs in a row without a strict improvement (Keras'
             rule) and restores the
             weights of the best epoch (also when the epochs run out). The
-            optimizer state is that of the last epoch.
+            optimizer state is that of the last epoch. The short form of
+            ``callbacks=[bprop.callbacks.EarlyStopping(monitor, patience,
+            restore_best_weights=True)]``, run before the other callbacks; it
+            also sets the History's ``best_epoch``.
         metrics: names from ``METRICS`` or callables
             ``metric(output, target, sample_weight) -> float``, computed after
             each epoch on the training data and on the validation data
             ("val_" + name).
-        callbacks: objects with an optional ``on_epoch_end(epoch, logs)``
-            (epoch 0-based, logs a dict of this epoch's loss, val_loss,
-            metrics, lr and time); returning a true value stops training. The
-            ``bprop.optim`` schedules are such objects.
+        callbacks: objects with any of the hooks ``on_train_begin(logs)``,
+            ``on_epoch_begin(epoch, logs)``, ``on_batch_end(batch, logs)``,
+            ``on_epoch_end(epoch, logs)`` (logs: this epoch's loss, val_loss,
+            metrics, lr and time), ``on_train_end(logs)`` and
+            ``set_network(net)``, called in list order (see ``bprop.callbacks``:
+            ``EarlyStopping``, ``ModelCheckpoint``, ``CSVLogger``). A true value
+            returned by ``on_batch_end`` or ``on_epoch_end`` stops training
+            (after that step, or that epoch). The ``bprop.optim`` schedules are
+            callbacks: stepped per epoch or per minibatch step (their
+            ``interval``).
         sample_weight: non-negative weights (samples,). Each minibatch's loss is
             the weighted mean over its samples; a minibatch whose weights are
             all zero is skipped.
@@ -731,13 +745,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         callbacks = []
     if not isinstance(callbacks, (list, tuple)):
         raise TypeError(f"[{where}] callbacks must be a list, but got {type_name(callbacks)}")
-    epoch_hooks = []
-    for i, cb in enumerate(callbacks):
-        hook = getattr(cb, "on_epoch_end", None)
-        if hook is not None:
-            if not callable(hook):
-                raise TypeError(f"[{where}] callbacks[{i}].on_epoch_end must be callable")
-            epoch_hooks.append(hook)
+    callbacks = list(callbacks)
+    hooks = _hooks_of(where, callbacks)
     if optimizer is None:
         optimizer = getattr(net, "_fit_optimizer", None)
         if optimizer is None:
@@ -782,6 +791,13 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     if class_weights is not None:  # the training rows only, after any validation split
         factor = class_weights[_class_labels(train.y)].astype(net.dtype)
         train.w = factor if train.w is None else train.w * factor
+    monitor = "val_loss" if valid is not None else "loss"
+    stopper = None
+    if early_stopping is not None:  # the short form of the EarlyStopping callback, run first
+        stopper = EarlyStopping(monitor, patience=early_stopping, restore_best_weights=True)
+        for name, fns in _hooks_of(where, [stopper]).items():
+            hooks[name][:0] = fns
+        callbacks.insert(0, stopper)
 
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).
@@ -809,12 +825,9 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     def scores(data: _Dataset, loss_fn, prefix: str = "") -> Dict[str, float]:
         return _scores(strategy.outputs(net, data), data, loss_fn, metric_fns, prefix)
 
-    best_value = math.inf
-    best_weights = None
-    stalled = 0
-    monitor = "val_loss" if valid is not None else "loss"
     progress = None
     was_training = None
+    logs: Dict[str, float] = {}
     try:
         # The claim: until fit returns, the network's forward, backward, step and
         # train_step (and fit) from other threads raise RuntimeError; predict works.
@@ -825,7 +838,16 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         net._core.training = True  # fit trains in training mode, then restores the mode
         if verbose:
             progress = _Progress(epochs, n_batches)
-            loop.on_step = progress.update
+        step_hooks = None
+        if hooks["on_batch_end"] or progress is not None:
+            step_hooks = _StepHooks(hooks["on_batch_end"], progress, optimizer, strategy)
+            loop.on_step = step_hooks
+        for cb in callbacks:
+            set_network = getattr(cb, "set_network", None)
+            if set_network is not None:
+                set_network(net)
+        for hook in hooks["on_train_begin"]:
+            hook({})
         for epoch in range(epochs):
             start = time.perf_counter()
             # The last finite weights, should this epoch diverge.
@@ -835,9 +857,13 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if progress is not None:
                 progress.start_epoch(epoch)
             lr = optimizer.lr
+            for hook in hooks["on_epoch_begin"]:
+                hook(epoch, {"lr": lr})
+            if step_hooks is not None:
+                step_hooks.batch = -1
             total, total_weight = loop.epoch(epoch, perm)
 
-            logs: Dict[str, float] = {"loss": total / total_weight if total_weight else math.nan}
+            logs = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
                 logs.update(scores(train, None))
             if valid is not None:
@@ -850,27 +876,17 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if progress is not None:
                 progress.end_epoch(logs)
 
-            stop = False
-            if early_stopping is not None:
-                if logs[monitor] < best_value:
-                    best_value = logs[monitor]
-                    history.best_epoch = epoch
-                    stalled = 0
-                    if best_weights is None:
-                        best_weights = [p.copy() for p in params]
-                    else:
-                        for dst, p in zip(best_weights, params):
-                            np.copyto(dst, p)
-                else:
-                    stalled += 1
-                    if stalled >= early_stopping:
-                        stop = True
-            for hook in epoch_hooks:
+            stop = loop.stopped  # an on_batch_end stopped the epoch (on every rank)
+            for hook in hooks["on_epoch_end"]:
                 if hook(epoch, dict(logs)):
                     stop = True
+            if stopper is not None:
+                history.best_epoch = stopper.best_epoch
             if strategy.any(stop):  # a callback that stops one rank stops them all
-                history.stopped_early = epoch < epochs - 1
+                history.stopped_early = epoch < epochs - 1 or loop.stopped
                 break
+        for hook in hooks["on_train_end"]:  # early stopping restores the best weights
+            hook(dict(logs))
     except KeyboardInterrupt as exc:
         # Ctrl-C: the interrupted step was made and counted, or not made (the core
         # counts steps in the call that makes them), so the network and optimizer
@@ -887,12 +903,58 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         if progress is not None:
             progress.close()
 
-    if best_weights is not None:
-        for src, p in zip(best_weights, params):
-            np.copyto(p, src)
     if verbose:
         _summary(history, epochs, monitor)
     return history
+
+
+def _hooks_of(where: str, callbacks: list) -> Dict[str, List[Callable]]:
+    """The callbacks' hooks by name, in list order; a hook a callback inherits
+    unchanged from bprop.callbacks.Callback (which does nothing) is left out, and
+    so is the on_batch_end of a schedule stepped per epoch."""
+    hooks: Dict[str, List[Callable]] = {name: [] for name in _HOOKS}
+    for i, cb in enumerate(callbacks):
+        for name in _HOOKS + ("set_network",):
+            hook = getattr(cb, name, None)
+            if hook is None:
+                continue
+            if not callable(hook):
+                raise TypeError(f"[{where}] callbacks[{i}].{name} must be callable")
+            if name == "set_network":
+                continue
+            if isinstance(cb, Callback) and getattr(type(cb), name, None) is getattr(Callback,
+                                                                                     name):
+                continue
+            if name == "on_batch_end" and isinstance(cb, _Schedule) and cb.interval != "step":
+                continue
+            hooks[name].append(hook)
+    return hooks
+
+
+class _StepHooks:
+    """The loop's on_step: the progress bar and the callbacks' on_batch_end after
+    each step; true if a callback stops training (on any rank: over MPI the ranks
+    agree after every step, which costs an allreduce of one number per step only
+    when a callback has on_batch_end)."""
+
+    def __init__(self, hooks: List[Callable], progress, optimizer: Optimizer,
+                 strategy) -> None:
+        self.hooks, self.progress, self.optimizer = hooks, progress, optimizer
+        self.strategy = strategy
+        self.batch = -1
+
+    def __call__(self, running_loss: float) -> bool:
+        self.batch += 1
+        if self.progress is not None:
+            self.progress.update(running_loss)
+        if not self.hooks:
+            return False
+        logs = {"loss": running_loss, "lr": self.optimizer.lr}
+        stop = False
+        for hook in self.hooks:
+            if hook(self.batch, dict(logs)):
+                stop = True
+        return self.strategy.any(stop)
 
 
 def _summary(history: History, epochs: int, monitor: str) -> None:
