@@ -61,6 +61,9 @@ class Loop:
         batches: minibatches per epoch.
         on_step: None, or called with the epoch's running mean loss after each step;
             a true return value ends the epoch after that step (and sets ``stopped``).
+        on_position: None, or ``on_position(batches_done, total, total_weight)``,
+            called after every ``position_every``-th minibatch of an epoch (counted
+            from its first, the epoch's last excluded): fit's checkpoint.
         stopped: True if on_step ended the last epoch early.
     """
 
@@ -74,6 +77,8 @@ class Loop:
         self.params, self.check_finite = params, check_finite
         self.mean_over_rows = mean_over_rows
         self.on_step: Optional[Callable[[float], Optional[bool]]] = None
+        self.on_position: Optional[Callable[[int, float, float], None]] = None
+        self.position_every = 0
         self.stopped = False
         self.n = n = y.shape[0]
         self.batch_size = bs = min(batch_size, n)
@@ -114,12 +119,17 @@ class Loop:
         wc = None if w is None else np.take(w, idx, axis=0, out=wbuf[:m], mode="clip")
         return Xc, yc, wc
 
-    def epoch(self, epoch: int, order: Optional[np.ndarray] = None) -> Tuple[float, float]:
+    def epoch(self, epoch: int, order: Optional[np.ndarray] = None, start: int = 0,
+              totals: Tuple[float, float] = (0.0, 0.0)) -> Tuple[float, float]:
         """One pass over the dataset, a step per minibatch.
 
         Args:
             epoch: the epoch's index, passed on to ``diverged``.
             order: a permutation of the samples, or None for the stored order.
+            start: the first minibatch to step (a resumed epoch: the ones before
+                were made); its chunk is gathered whole, as in an epoch from the
+                start, so every minibatch lies where it would have.
+            totals: the running sums of the minibatches before ``start``.
 
         Returns:
             (sum of weight * loss, sum of weights) over the minibatches stepped;
@@ -129,17 +139,19 @@ class Loop:
         params, by_rows = self.params or [], self.mean_over_rows
         every_step = self.check_finite and bool(params)
         isfinite = math.isfinite
-        total = total_weight = 0.0
-        b = -1
+        total, total_weight = totals
+        on_position, every, last = self.on_position, self.position_every, self.batches - 1
         value = math.nan
         self.stopped = False
-        for c_lo in range(0, n, self.chunk_rows):
+        b = start - 1
+        first = start * bs
+        for c_lo in range(first - first % self.chunk_rows, n, self.chunk_rows):
             if self.stopped:
                 break
             c_hi = min(c_lo + self.chunk_rows, n)
             Xc, yc, wc = self._chunk(order, c_lo, c_hi)
-            for lo in range(0, c_hi - c_lo, bs):
-                b += 1
+            for lo in range(max(0, first - c_lo), c_hi - c_lo, bs):
+                b = (c_lo + lo) // bs
                 hi = lo + bs
                 Xb = Xc[lo:hi]
                 m = Xb.shape[0]
@@ -163,6 +175,8 @@ class Loop:
                 if on_step is not None and on_step(total / total_weight):
                     self.stopped = True
                     break
+                if on_position is not None and (b + 1) % every == 0 and b < last:
+                    on_position(b + 1, total, total_weight)
         if params and not every_step and not _all_finite(params):
             # A finite loss (a float32 loss is summed in float64) can leave non-finite
             # weights behind; caught here, while the caller's snapshot is still finite.

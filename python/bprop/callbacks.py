@@ -180,6 +180,36 @@ class EarlyStopping(Callback):
             for src, a in zip(self._best_weights, self._arrays()):
                 np.copyto(a, src)
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The position of the watch (fit's checkpoint): best, best_epoch, wait,
+        stopped_epoch and copies of the best weights (None if none kept)."""
+        return {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait,
+                "stopped_epoch": self.stopped_epoch,
+                "best_weights": None if self._best_weights is None
+                else [a.copy() for a in self._best_weights]}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a state_dict(); the network must have been set (set_network)."""
+        where = "EarlyStopping.load_state_dict"
+        if not isinstance(state, dict) or set(state) != {"best", "best_epoch", "wait",
+                                                         "stopped_epoch", "best_weights"}:
+            raise ValueError(f"[{where}] expected a dict from state_dict(), but got "
+                             f"{type_name(state)}")
+        weights = state["best_weights"]
+        if weights is not None:
+            arrays = self._arrays()
+            if len(weights) != len(arrays) or any(
+                    np.shape(w) != a.shape for w, a in zip(weights, arrays)):
+                raise ValueError(f"[{where}] the best weights do not fit the network's "
+                                 "parameters and buffers")
+            weights = [np.array(w, dtype=a.dtype) for w, a in zip(weights, arrays)]
+        self.best = float(state["best"])
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.wait = int(state["wait"])
+        self.stopped_epoch = (None if state["stopped_epoch"] is None
+                              else int(state["stopped_epoch"]))
+        self._best_weights = weights
+
 
 class ModelCheckpoint(Callback):
     """Saves the network after an epoch, as Keras's ModelCheckpoint: with
@@ -235,6 +265,16 @@ class ModelCheckpoint(Callback):
         self._network().save(path)
         self.last_path = path
 
+    def state_dict(self) -> Dict[str, Any]:
+        """{"best", "last_path"} (fit's checkpoint)."""
+        return {"best": self.best, "last_path": self.last_path}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) != {"best", "last_path"}:
+            raise ValueError("[ModelCheckpoint.load_state_dict] expected a dict from "
+                             f"state_dict(), but got {type_name(state)}")
+        self.best, self.last_path = float(state["best"]), state["last_path"]
+
 
 class CSVLogger(Callback):
     """Writes each epoch's logs as a row of a CSV file, as Keras's CSVLogger:
@@ -273,6 +313,7 @@ class CSVLogger(Callback):
                             and os.path.getsize(self.path) > 0)
         self._file = open(self.path, "a" if self.append else "w", newline="",
                           encoding="utf-8")
+        self._offset = self._file.tell()
         self._writer, self._keys = None, None
 
     def on_epoch_end(self, epoch: int, logs: Dict[str, float]) -> None:
@@ -290,6 +331,38 @@ class CSVLogger(Callback):
         assert self._writer is not None  # made with the keys
         self._writer.writerow(row)
         self._file.flush()
+        self._offset = self._file.tell()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Where the file stands (fit's checkpoint): its length after the last row
+        written and the columns."""
+        return {"offset": getattr(self, "_offset", 0), "keys": self._keys,
+                "header": self._header}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Reopens the file as a state_dict() left it, for fit resuming from a
+        checkpoint (instead of on_train_begin): rows written after that point (by a
+        run killed before its next checkpoint) are cut off, so that the resumed run
+        writes each epoch's row once."""
+        where = "CSVLogger.load_state_dict"
+        if not isinstance(state, dict) or set(state) != {"offset", "keys", "header"}:
+            raise ValueError(f"[{where}] expected a dict from state_dict(), but got "
+                             f"{type_name(state)}")
+        offset = int(state["offset"])
+        size = os.path.getsize(self.path) if os.path.isfile(self.path) else -1
+        if size < offset:
+            raise ValueError(f"[{where}] {self.path!r} holds {max(size, 0)} bytes, fewer than "
+                             f"the {offset} the checkpoint's rows took: it was changed since")
+        self._close()
+        os.truncate(self.path, offset)
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._offset = offset
+        self._header = bool(state["header"])
+        self._keys = None if state["keys"] is None else list(state["keys"])
+        self._writer = None
+        if self._keys is not None:
+            self._writer = csv.DictWriter(self._file, fieldnames=["epoch"] + self._keys,
+                                          delimiter=self.separator)
 
     def on_train_end(self, logs: Dict[str, float]) -> None:
         self._close()

@@ -19,9 +19,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _core, _loop
-from ._validation import (as_csr, as_float_matrix, check_float, check_int, csr_nbytes_per_row,
-                          is_sparse, type_name)
+from . import _core, _loop, _resume
+from ._validation import (as_csr, as_float_matrix, check_float, check_int, check_path,
+                          csr_nbytes_per_row, is_sparse, type_name)
 from .distributed import DataParallel
 from .losses import _builtin, check_labels, check_sample_weight, get_loss
 from .losses import binary_cross_entropy_with_logits as _bce
@@ -30,6 +30,7 @@ from .layers import BatchNorm, Dense, walk
 from .network import Network, _step_function
 from .optim import Adam, Optimizer, _Schedule
 from .callbacks import Callback, EarlyStopping
+from .io import _architecture
 
 __all__ = ["History", "fit", "evaluate", "gradcheck", "METRICS"]
 
@@ -292,6 +293,18 @@ def _mse_metric(output, target, weight) -> float:
                          f"shape {output.shape}")
     diff = output.astype(np.float64) - target
     return _weighted_mean((diff * diff).mean(axis=1), weight)
+
+
+def _describe(fn: object) -> str:
+    """A loss (name, function or functools.partial) as text that is the same in
+    every process (no addresses)."""
+    if isinstance(fn, functools.partial):
+        args = [_describe(fn.func)] + [repr(a) for a in fn.args] + [
+            f"{k}={v!r}" for k, v in sorted(fn.keywords.items())]
+        return f"partial({', '.join(args)})"
+    if isinstance(fn, str):
+        return repr(fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type_name(fn))}"
 
 
 def _as_bool(where: str, name: str, value: object) -> bool:
@@ -581,7 +594,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
         validation_split: float = 0.0, validation_data=None,
         early_stopping: Optional[int] = None, metrics=None, callbacks=None,
         sample_weight=None, verbose: bool = False, check_finite: bool = False,
-        comm=None, class_weight=None, clip_grad_norm: Optional[float] = None) -> History:
+        comm=None, class_weight=None, clip_grad_norm: Optional[float] = None,
+        checkpoint=None, checkpoint_every: Optional[int] = None) -> History:
     """Trains the network by minibatch gradient descent.
 
     Args:
@@ -675,6 +689,26 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
             between ``backward()`` and ``optimizer.step()`` (over MPI: the summed
             gradient); None (the default) for no clipping. See
             ``bprop.clip_grad_norm``.
+        checkpoint: None, or a file (str or os.PathLike) that makes the fit
+            crash-safe: written atomically (temporary file, fsync, rename) every
+            ``checkpoint_every`` minibatch steps and at the end of each epoch
+            (and once more when fit returns), it holds everything the rest of the
+            run depends on: weights, buffers and dropout clock, optimizer state,
+            the shuffling generator, the position (epoch, minibatch, the epoch's
+            running loss), the History and the state of every callback with
+            ``state_dict``/``load_state_dict`` (schedules, EarlyStopping,
+            ModelCheckpoint, CSVLogger). If the file exists when fit is called,
+            fit resumes from it, and ends bit for bit where the uninterrupted
+            run would have (History's ``time`` aside); a file left by a finished
+            run makes fit restore its final state and return its History without
+            training. A file written with another network, data (shapes and a
+            CRC-32 of every byte), arguments, optimizer settings, callbacks or
+            number of MPI ranks is refused (ValueError naming what differs).
+            Over MPI rank 0 writes and every rank reads (give every rank the
+            same path on a shared file system). Not with ``verbose`` progress
+            bars' positions, which restart at the resumed step.
+        checkpoint_every: minibatch steps between checkpoints within an epoch
+            (>= 1), or None (the default) for the ends of epochs only.
 
     Returns:
         History of the epochs run (the same on every rank under comm).
@@ -706,7 +740,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
     try:
         return _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
                     validation_split, validation_data, early_stopping, metrics, callbacks,
-                    sample_weight, verbose, check_finite, class_weight, clip_grad_norm)
+                    sample_weight, verbose, check_finite, class_weight, clip_grad_norm,
+                    checkpoint, checkpoint_every)
     except BaseException as exc:
         strategy.failed(exc)  # over MPI: one failing rank must not leave the others waiting
         raise
@@ -714,7 +749,8 @@ def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Op
 
 def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed,
          validation_split, validation_data, early_stopping, metrics, callbacks, sample_weight,
-         verbose, check_finite, class_weight=None, clip_grad_norm=None) -> History:
+         verbose, check_finite, class_weight=None, clip_grad_norm=None, checkpoint=None,
+         checkpoint_every=None) -> History:
     """fit, inside its strategy's failure handling."""
     where = "fit"
     _check_network(where, net)
@@ -740,6 +776,13 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         raise ValueError(f"[{where}] give validation_split or validation_data, not both")
     if early_stopping is not None:
         early_stopping = check_int(where, "early_stopping", early_stopping, minimum=0)
+    if checkpoint is not None:
+        checkpoint = check_path(where, checkpoint)
+    if checkpoint_every is not None:
+        checkpoint_every = check_int(where, "checkpoint_every", checkpoint_every, minimum=1)
+        if checkpoint is None:
+            raise ValueError(f"[{where}] checkpoint_every={checkpoint_every} needs a "
+                             "checkpoint file (checkpoint=path)")
     metric_fns = _metric_fns(where, metrics, loss_fn)
     if callbacks is None:
         callbacks = []
@@ -771,6 +814,34 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         vw = validation_data[2] if len(validation_data) == 3 else None
         valid = _Dataset(where, net, validation_data[0], validation_data[1], vw, builtin,
                          ("validation_data[0]", "validation_data[1]", "validation_data[2]"))
+
+    ckpt, resumed = None, None
+    if checkpoint is not None:
+        settings = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle,
+                        seed=seed if not isinstance(seed, np.random.Generator) else "Generator",
+                        validation_split=validation_split, early_stopping=early_stopping,
+                        loss=_describe(loss), metrics=[name for name, _ in metric_fns],
+                        class_weight=class_weight, clip_grad_norm=clip_grad_norm,
+                        check_finite=check_finite, checkpoint_every=checkpoint_every)
+        fingerprint = {
+            "network": f"{net.dtype.name} {_architecture(net.layers)}",
+            "data": _resume.data_fingerprint(
+                [("training", train.X, train.y, train.w)]
+                + ([] if valid is None else [("validation", valid.X, valid.y, valid.w)])),
+            "arguments": ", ".join(f"{k}={v!r}" for k, v in settings.items()),
+            "optimizer": repr(optimizer),
+            "callbacks": repr([type_name(c) for c in callbacks]),
+            "ranks": str(getattr(strategy, "size", 1)),
+        }
+        ckpt = _resume.Checkpoint(checkpoint, checkpoint_every, fingerprint,
+                                  writer=strategy.rank == 0)
+        resumed = ckpt.read(net, optimizer)  # checked: raises before anything changes
+        if resumed is not None:
+            rng.bit_generator.state = resumed["rng_initial"]
+        ckpt.rng_initial = rng.bit_generator.state
+
+    if valid is not None:
+        pass
     elif validation_split > 0:
         n = len(train)
         split_at = int(n * (1.0 - validation_split))
@@ -846,22 +917,53 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             set_network = getattr(cb, "set_network", None)
             if set_network is not None:
                 set_network(net)
-        for hook in hooks["on_train_begin"]:
-            hook({})
-        for epoch in range(epochs):
+        first_epoch, first_batch, totals = 0, 0, (0.0, 0.0)
+        if resumed is not None:
+            # the run that wrote the checkpoint began the training; its callbacks'
+            # state is restored instead of calling their on_train_begin
+            restored = {id(cb) for _, cb in _resume.stateful(callbacks)}
+            ckpt.restore(resumed, net, optimizer, callbacks, history)
+            for cb in callbacks:
+                hook = getattr(cb, "on_train_begin", None)
+                if id(cb) not in restored and hook in hooks["on_train_begin"]:
+                    hook({})
+            if resumed["finished"]:  # nothing to train: the run's end, as it ended
+                last = {k: v[-1] for k, v in history.history.items() if v}
+                for hook in hooks["on_train_end"]:
+                    hook(last)
+                return history
+            first_epoch, first_batch = resumed["epoch"], resumed["batch"]
+            totals = tuple(resumed["totals"])
+            rng.bit_generator.state = resumed["rng_epoch"]
+        else:
+            for hook in hooks["on_train_begin"]:
+                hook({})
+        for epoch in range(first_epoch, epochs):
             start = time.perf_counter()
             # The last finite weights, should this epoch diverge.
             snapshot = [p.copy() for p in params]
             opt_snapshot = optimizer.state_dict()
+            rng_epoch = rng.bit_generator.state if ckpt is not None else None
             perm = rng.permutation(len(train)) if shuffle else None
             if progress is not None:
                 progress.start_epoch(epoch)
-            lr = optimizer.lr
-            for hook in hooks["on_epoch_begin"]:
-                hook(epoch, {"lr": lr})
+            if epoch == first_epoch and first_batch > 0:  # resumed inside this epoch
+                lr = resumed["epoch_lr"]
+            else:
+                lr = optimizer.lr
+                for hook in hooks["on_epoch_begin"]:
+                    hook(epoch, {"lr": lr})
             if step_hooks is not None:
-                step_hooks.batch = -1
-            total, total_weight = loop.epoch(epoch, perm)
+                step_hooks.batch = (first_batch if epoch == first_epoch else 0) - 1
+            if ckpt is not None and checkpoint_every is not None:
+                loop.on_position = functools.partial(
+                    _write_position, ckpt, net, optimizer, callbacks, history, epoch, lr,
+                    rng_epoch)
+                loop.position_every = checkpoint_every
+            if epoch == first_epoch:
+                total, total_weight = loop.epoch(epoch, perm, first_batch, totals)
+            else:
+                total, total_weight = loop.epoch(epoch, perm)
 
             logs = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
@@ -885,8 +987,16 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if strategy.any(stop):  # a callback that stops one rank stops them all
                 history.stopped_early = epoch < epochs - 1 or loop.stopped
                 break
+            if ckpt is not None and epoch < epochs - 1:
+                ckpt.write(net, optimizer, callbacks, history, epoch=epoch + 1, batch=0,
+                           totals=(0.0, 0.0), epoch_lr=optimizer.lr,
+                           rng_epoch=rng.bit_generator.state)
         for hook in hooks["on_train_end"]:  # early stopping restores the best weights
             hook(dict(logs))
+        if ckpt is not None:  # the final state: a rerun returns it without training
+            ckpt.write(net, optimizer, callbacks, history, epoch=epochs, batch=0,
+                       totals=(0.0, 0.0), epoch_lr=optimizer.lr,
+                       rng_epoch=rng.bit_generator.state, finished=True)
     except KeyboardInterrupt as exc:
         # Ctrl-C: the interrupted step was made and counted, or not made (the core
         # counts steps in the call that makes them), so the network and optimizer
@@ -906,6 +1016,13 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     if verbose:
         _summary(history, epochs, monitor)
     return history
+
+
+def _write_position(ckpt, net, optimizer, callbacks, history, epoch, epoch_lr, rng_epoch,
+                    batch, total, total_weight) -> None:
+    """The loop's on_position: a checkpoint inside an epoch."""
+    ckpt.write(net, optimizer, callbacks, history, epoch=epoch, batch=batch,
+               totals=(total, total_weight), epoch_lr=epoch_lr, rng_epoch=rng_epoch)
 
 
 def _hooks_of(where: str, callbacks: list) -> Dict[str, List[Callable]]:
