@@ -9,8 +9,9 @@ CSVLogger. CHECKPOINT "-" trains without a checkpoint (the uninterrupted run).
 With "mpi" it runs under mpiexec (comm=MPI.COMM_WORLD; rank 0 writes the results).
 
 Rank 0 prints "start" once the data are ready and "W" as each checkpoint write
-begins; each write then pauses 20 ms between writing the temporary file and
-renaming it, so that the test can kill the process inside a write. When fit
+begins; with BPROP_TEST_PAUSE=1 in the environment each write then pauses 20 ms
+between writing the temporary file and renaming it, so that the test can kill
+the process inside a write. When fit
 returns, the final weights, optimizer state and History go to RESULT_DIR/result.npz
 (atomically), and the worker prints "done".
 """
@@ -51,13 +52,15 @@ callbacks = [schedule, bprop.callbacks.EarlyStopping("val_loss", patience=100,
              bprop.callbacks.CSVLogger(os.path.join(out, f"log{rank}.csv"))]
 
 original = _resume._atomic_write
+pause = os.environ.get("BPROP_TEST_PAUSE") == "1"
 
 
 def slow_write(path, write):
     def paused(f):
         write(f)
-        f.flush()
-        time.sleep(0.02)  # inside the write: the temporary file exists, unrenamed
+        if pause:
+            f.flush()
+            time.sleep(0.02)  # inside the write: the temporary file exists, unrenamed
     print("W", flush=True)
     original(path, paused)
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SI
 
 WORKER = str(Path(__file__).with_name("resume_worker.py"))
 KILLS = 20
+WRITES = 30 * 80 // 25 + 30  # checkpoints in the worker's fit: every 25 steps, each epoch
 
 
 def _mpiexec():
@@ -39,11 +40,12 @@ def _mpiexec():
 class Run:
     """The worker in its own process group, its stdout read line by line."""
 
-    def __init__(self, args, mpi, stderr):
+    def __init__(self, args, mpi, stderr, pause=False):
         cmd = [sys.executable, WORKER, *args]
         if mpi:
             cmd = [_mpiexec(), "-n", "2", *cmd, "mpi"]
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                   BPROP_TEST_PAUSE="1" if pause else "0")
         self.stderr = stderr
         with open(stderr, "w") as err:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -82,15 +84,17 @@ class Run:
         assert self.proc.returncode == 0, self.error()
 
 
-def _uninterrupted(tmp, kind, mpi):
-    out = tmp / "reference"
+def _uninterrupted(tmp, name, kind, mpi, checkpoint):
+    """A run that nothing interrupts (with or without a checkpoint): its results'
+    folder and the seconds it trained."""
+    out = tmp / name
     out.mkdir()
-    start = time.monotonic()
-    run = Run([kind, "-", str(out)], mpi, tmp / "reference.err")
-    assert run.wait_for("start")
+    run = Run([kind, str(out / "run.ckpt") if checkpoint else "-", str(out)], mpi,
+              tmp / f"{name}.err")
+    assert run.wait_for("start"), run.error()
     begun = time.monotonic()
     run.finish()
-    return out, begun - start, time.monotonic() - begun
+    return out, time.monotonic() - begun
 
 
 def _killed_until_done(tmp, kind, mpi, train_seconds):
@@ -100,26 +104,33 @@ def _killed_until_done(tmp, kind, mpi, train_seconds):
     ckpt = str(out / "run.ckpt")
     rnd = random.Random(1234)
     kills = in_write = 0
+    positions = []  # where each rerun resumed: (epoch, minibatch) of the checkpoint
     while True:
-        run = Run([kind, ckpt, str(out)], mpi, tmp / f"run{kills}.err")
+        if os.path.exists(ckpt):
+            with np.load(ckpt) as z:
+                fit = json.loads(z["fit"].tobytes())
+            positions.append((fit["epoch"], fit["batch"]))
+        in_a_write = kills % 3 == 0
+        run = Run([kind, ckpt, str(out)], mpi, tmp / f"run{kills}.err", pause=in_a_write)
         if kills >= KILLS:
             run.finish()
-            return out, kills, in_write
+            return out, kills, in_write, positions
         assert run.wait_for("start"), run.error()
-        if kills % 3 == 0:  # inside a checkpoint write (each pauses 20 ms before its rename)
-            for _ in range(rnd.randrange(1, 4)):
-                if not run.wait_for("W"):
-                    break
+        # after 1 to 7 checkpoint writes have begun (the run progresses whatever the
+        # machine's speed) ...
+        for _ in range(rnd.randint(1, 7)):
+            if not run.wait_for("W"):
+                break
+        if in_a_write:  # ... inside that write (each pauses 20 ms before its rename)
             time.sleep(rnd.uniform(0.0, 0.015))
-            in_write += 1
-        else:  # anywhere: a random moment of the first twentieth of the training
-            time.sleep(rnd.uniform(0.0, train_seconds / KILLS))
+        else:  # ... at a random moment before the next write ends
+            time.sleep(rnd.uniform(0.0, train_seconds / WRITES))
         finished = run.proc.poll() is not None
         run.kill()
-        if finished:  # it ended before the kill: it must have ended well
+        if finished:  # it ended before the kill: too few kills, as the test will say
             assert run.proc.returncode == 0, run.error()
-            in_write -= kills % 3 == 0
-            continue
+            return out, kills, in_write, positions
+        in_write += in_a_write
         kills += 1
 
 
@@ -139,16 +150,196 @@ def test_a_fit_killed_20_times_ends_bitwise_where_an_uninterrupted_one_does(tmp_
         pytest.importorskip("mpi4py")
         if _mpiexec() is None:
             pytest.skip("no mpiexec: pip install mpich")
-    reference, _, seconds = _uninterrupted(tmp_path, kind, mpi)
-    resumed, kills, in_write = _killed_until_done(tmp_path, kind, mpi, seconds)
+    reference, _ = _uninterrupted(tmp_path, "reference", kind, mpi, checkpoint=False)
+    checkpointed, seconds = _uninterrupted(tmp_path, "checkpointed", kind, mpi, checkpoint=True)
+    resumed, kills, in_write, positions = _killed_until_done(tmp_path, kind, mpi, seconds)
     assert kills >= KILLS and in_write >= KILLS // 4
-    with np.load(reference / "result.npz") as a, np.load(resumed / "result.npz") as b:
-        assert sorted(a.files) == sorted(b.files)
-        record = json.loads(a["history"].tobytes())
-        assert json.loads(b["history"].tobytes()) == record
-        for name in a.files:
-            assert a[name].tobytes() == b[name].tobytes(), name  # bitwise
+    # the reruns resumed from many places, each further on (the last: not the start)
+    assert len(set(positions)) >= KILLS // 2 and positions == sorted(positions), positions
+    print(f"{kills} kills ({in_write} inside a write); resumed from (epoch, batch) {positions}")
+    for run in (checkpointed, resumed):
+        with np.load(reference / "result.npz") as a, np.load(run / "result.npz") as b:
+            assert sorted(a.files) == sorted(b.files)
+            record = json.loads(a["history"].tobytes())
+            assert json.loads(b["history"].tobytes()) == record
+            for name in a.files:
+                assert a[name].tobytes() == b[name].tobytes(), name  # bitwise
+        assert _csv_without_time(reference / "log0.csv") == _csv_without_time(run / "log0.csv")
     assert record["step"] == 2400 and len(record["loss"]) == 30
-    assert _csv_without_time(reference / "log0.csv") == _csv_without_time(resumed / "log0.csv")
     leftovers = [p.name for p in resumed.iterdir() if p.name.endswith(".tmp")]
     assert len(leftovers) <= 1, leftovers  # a killed write's temporary is removed by the next
+
+
+# ---- in one process: positions, refusals, interrupts -----------------------------------
+
+import bprop  # noqa: E402
+from bprop.optim import SGD, Adam, LinearLR  # noqa: E402
+
+
+def _problem(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 6))
+    y = (X[:, :3] @ rng.standard_normal((3, 3))).argmax(1)
+    return X, y
+
+
+def _net():
+    return bprop.Network([bprop.Dense(6, 12, activation="relu"), bprop.Dropout(0.2),
+                          bprop.Dense(12, 3)], seed=5, dtype=np.float64)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt(bprop.callbacks.Callback):
+    """Raises Crash after the step-th minibatch step of the fit (counted over epochs)."""
+
+    def __init__(self, step):
+        self.step, self.seen = step, 0
+
+    def on_batch_end(self, batch, logs):
+        self.seen += 1
+        if self.seen == self.step:
+            raise Crash
+
+
+class Counter(bprop.callbacks.Callback):
+    """A user callback with state: the steps it has seen."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def on_batch_end(self, batch, logs):
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps, "trace": np.arange(3.0) * self.steps}
+
+    def load_state_dict(self, state):
+        assert np.array_equal(state["trace"], np.arange(3.0) * state["steps"])
+        self.steps = state["steps"]
+
+
+def _fit(path, crash=None, **kw):
+    X, y = _problem()
+    net = _net()
+    opt = SGD(net, lr=0.1, momentum=0.9)
+    counter = Counter()
+    callbacks = [LinearLR(opt, start_factor=0.2, total_iters=15, interval="step"), counter]
+    if crash is not None:
+        callbacks.append(CrashAt(crash))
+    args = dict(optimizer=opt, epochs=4, batch_size=32, seed=2, validation_split=0.25,
+                early_stopping=10, metrics=["accuracy"], callbacks=callbacks,
+                checkpoint=path, checkpoint_every=path and 2)
+    args.update(kw)
+    history = bprop.fit(net, X, y, **args)
+    return net, opt, history, counter
+
+
+def _same(a, b):
+    (n1, o1, h1, c1), (n2, o2, h2, c2) = a, b
+    for (_, p, _), (_, q, _) in zip(n1.parameters(), n2.parameters()):
+        assert p.tobytes() == q.tobytes()
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["step"] == s2["step"]
+    for name in s1["state"]:
+        for k in s1["state"][name]:
+            assert s1["state"][name][k].tobytes() == s2["state"][name][k].tobytes()
+    d1, d2 = h1.history, h2.history
+    d1.pop("time"), d2.pop("time")
+    assert d1 == d2 and h1.best_epoch == h2.best_epoch
+    assert n1.dropout_step == n2.dropout_step and c1.steps == c2.steps
+
+
+@pytest.mark.parametrize("crash", [1, 2, 3, 6, 7, 8, 14, 15, 16, 23, 24])
+def test_a_fit_that_raised_at_any_step_resumes_bitwise(tmp_path, crash):
+    """6 steps per epoch (180 rows / 32), a checkpoint every 2 and at each epoch's end:
+    crashes before the first checkpoint, on one, between two, and at epoch ends."""
+    reference = _fit(None)
+    path = str(tmp_path / "run.ckpt")
+    with pytest.raises(Crash):
+        _fit(path, crash=crash)
+    _same(_fit(path), reference)
+
+
+def test_a_finished_run_returns_its_result_without_training(tmp_path):
+    path = str(tmp_path / "run.ckpt")
+    first = _fit(path)
+    again = _fit(path)
+    _same(again, first)
+    assert again[1].state_dict()["step"] == 24
+
+
+def test_a_keyboard_interrupt_leaves_the_last_checkpoint_valid(tmp_path):
+    class Interrupt(bprop.callbacks.Callback):
+        def on_batch_end(self, batch, logs):
+            if batch == 3:
+                raise KeyboardInterrupt
+
+    path = str(tmp_path / "run.ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with(path, Interrupt())
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]
+    _same(_fit(path), _fit(None))
+
+
+def _fit_with(path, extra):
+    X, y = _problem()
+    net = _net()
+    opt = SGD(net, lr=0.1, momentum=0.9)
+    callbacks = [LinearLR(opt, start_factor=0.2, total_iters=15, interval="step"), Counter(),
+                 extra]
+    return bprop.fit(net, X, y, optimizer=opt, epochs=4, batch_size=32, seed=2,
+                     validation_split=0.25, early_stopping=10, metrics=["accuracy"],
+                     callbacks=callbacks, checkpoint=path, checkpoint_every=2)
+
+
+@pytest.mark.parametrize("change, what", [
+    (dict(batch_size=16), "arguments: epochs=4, batch_size=32"),
+    (dict(epochs=5), "arguments: epochs=4,"),
+    (dict(X_scale=2.0), "data: training"),
+    (dict(optimizer="adam"), "optimizer: SGD("),
+    (dict(width=13), "network: float64"),
+])
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
+        tmp_path, change, what):
+    path = str(tmp_path / "run.ckpt")
+    with pytest.raises(Crash):
+        _fit(path, crash=9)
+    X, y = _problem()
+    X = X * change.get("X_scale", 1.0)
+    net = bprop.Network([bprop.Dense(6, change.get("width", 12), activation="relu"),
+                         bprop.Dropout(0.2), bprop.Dense(change.get("width", 12), 3)], seed=5,
+                        dtype=np.float64)
+    opt = Adam(net) if change.get("optimizer") == "adam" else SGD(net, lr=0.1, momentum=0.9)
+    before = [p.copy() for _, p, _ in net.parameters()]
+    kw = dict(epochs=4, batch_size=32)
+    kw.update({k: v for k, v in change.items() if k in kw})
+    with pytest.raises(ValueError, match="different configuration") as info:
+        bprop.fit(net, X, y, optimizer=opt, seed=2, validation_split=0.25, early_stopping=10,
+                  metrics=["accuracy"], checkpoint=path, checkpoint_every=2,
+                  callbacks=[LinearLR(opt, start_factor=0.2, total_iters=15, interval="step"),
+                             Counter()], **kw)
+    assert what in str(info.value) and "in the file" in str(info.value)
+    for b, (_, p, _) in zip(before, net.parameters()):
+        assert np.array_equal(b, p)  # refused before anything changed
+    assert opt.state_dict()["step"] == 0
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "run.ckpt"
+    path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(bprop.CheckpointError, match="not a readable fit checkpoint"):
+        _fit(str(path))
+
+
+def test_checkpoint_arguments_are_checked():
+    X, y = _problem()
+    net = _net()
+    with pytest.raises(ValueError, match="checkpoint_every=3 needs a checkpoint file"):
+        bprop.fit(net, X, y, checkpoint_every=3)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        bprop.fit(net, X, y, checkpoint="x.ckpt", checkpoint_every=0)
+    with pytest.raises(TypeError, match="path must be a str"):
+        bprop.fit(net, X, y, checkpoint=3)

@@ -25,8 +25,10 @@ of MPI ranks. A file whose fingerprint differs is refused, naming what differs.
 
 from __future__ import annotations
 
+import hashlib
 import io as _stdio
 import json
+import zipfile
 import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -70,6 +72,15 @@ def data_fingerprint(datasets) -> str:
     return "; ".join(parts)
 
 
+def _digest(members: Dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(members):
+        a = np.ascontiguousarray(members[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
 def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -99,11 +110,12 @@ def _join_arrays(value: Any, arrays: Dict[str, np.ndarray]) -> Any:
 
 
 def stateful(callbacks: list) -> List[Tuple[int, Any]]:
-    """The callbacks whose state a checkpoint holds: those with state_dict and
-    load_state_dict."""
-    return [(i, cb) for i, cb in enumerate(callbacks)
-            if callable(getattr(cb, "state_dict", None))
-            and callable(getattr(cb, "load_state_dict", None))]
+    """The callbacks whose state a checkpoint holds, numbered among themselves:
+    those with state_dict and load_state_dict (the others, a progress printer say,
+    may differ between the run that wrote a checkpoint and the one resuming)."""
+    return list(enumerate(cb for cb in callbacks
+                          if callable(getattr(cb, "state_dict", None))
+                          and callable(getattr(cb, "load_state_dict", None))))
 
 
 class Checkpoint:
@@ -129,9 +141,12 @@ class Checkpoint:
         try:
             with np.load(_stdio.BytesIO(raw), allow_pickle=False) as z:
                 entries = {k: z[k] for k in z.files}
+            digest = entries.pop("sha256").tobytes().decode()
+            if digest != _digest(entries):
+                raise ValueError("its sha256 digest does not match its contents")
             meta = json.loads(entries.pop("fit").tobytes().decode())
             model = entries.pop("model").tobytes()
-        except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise CheckpointError(f"[fit] {self.path!r} is not a readable fit checkpoint "
                                   f"({type_name(exc)}: {exc}); delete it to start over") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT \
@@ -180,8 +195,8 @@ class Checkpoint:
         for i, cb in stateful(callbacks):
             entry = by_index.get(i)
             if entry is None or entry["type"] != type_name(cb):
-                raise CheckpointError(f"[fit] {self.path!r} holds no state for callbacks[{i}] "
-                                      f"({type_name(cb)})")
+                raise CheckpointError(f"[fit] {self.path!r} holds no state for the callback "
+                                      f"{type_name(cb)}")
             cb.load_state_dict(_join_arrays(entry["state"], arrays))
 
     # ---- writing ---------------------------------------------------------------------
@@ -212,6 +227,7 @@ class Checkpoint:
         model = _encode("fit", net, optimizer, refusal="so no checkpoint is written").to_bytes()
         members = {"fit": np.frombuffer(text, np.uint8),
                    "model": np.frombuffer(model, np.uint8), **arrays}
+        members["sha256"] = np.frombuffer(_digest(members).encode(), np.uint8)
 
         def write(f) -> None:
             np.savez(f, **members)

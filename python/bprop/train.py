@@ -830,7 +830,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                 + ([] if valid is None else [("validation", valid.X, valid.y, valid.w)])),
             "arguments": ", ".join(f"{k}={v!r}" for k, v in settings.items()),
             "optimizer": repr(optimizer),
-            "callbacks": repr([type_name(c) for c in callbacks]),
+            "callbacks with state": repr([type_name(c) for _, c in _resume.stateful(callbacks)]),
             "ranks": str(getattr(strategy, "size", 1)),
         }
         ckpt = _resume.Checkpoint(checkpoint, checkpoint_every, fingerprint,
