@@ -88,6 +88,22 @@ class Loop:
         chunk = bs * max(1, min(self.batches, _CHUNK_BYTES // max(1, bs * row_bytes)))
         self.chunk_rows = min(chunk, n)
         self._buffers: Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None
+        self.stream: Optional[Callable[[], Any]] = None
+
+    @classmethod
+    def over_batches(cls, batches: Callable[[], Any], step: Step,
+                     diverged: Callable[[int, int, float], None], *,
+                     params: Optional[List[np.ndarray]] = None,
+                     check_finite: bool = False) -> "Loop":
+        """A loop whose epoch steps through the minibatches ``batches()`` yields,
+        (index, X, y, w) each, as they come (fit's iterable data); ``batches`` is
+        0 until the first epoch has counted them."""
+        loop = cls.__new__(cls)
+        loop.stream, loop.step, loop.diverged = batches, step, diverged
+        loop.params, loop.check_finite = params, check_finite
+        loop.mean_over_rows, loop.on_step, loop.stopped = False, None, False
+        loop.on_position, loop.position_every, loop.batches = None, 0, 0
+        return loop
 
     def _chunk(self, order: Optional[np.ndarray], lo: int, hi: int):
         """The dataset's rows lo..hi of this epoch (in `order`): (X, y, w), C-contiguous."""
@@ -119,6 +135,19 @@ class Loop:
         wc = None if w is None else np.take(w, idx, axis=0, out=wbuf[:m], mode="clip")
         return Xc, yc, wc
 
+    def _minibatches(self, order: Optional[np.ndarray], start: int):
+        """(index, X, y, w) of each minibatch of an epoch in `order`, from `start`."""
+        bs, n = self.batch_size, self.n
+        first = start * bs
+        for c_lo in range(first - first % self.chunk_rows, n, self.chunk_rows):
+            c_hi = min(c_lo + self.chunk_rows, n)
+            Xc, yc, wc = self._chunk(order, c_lo, c_hi)
+            for lo in range(max(0, first - c_lo), c_hi - c_lo, bs):
+                hi = lo + bs
+                Xb = Xc[lo:hi]
+                yield ((c_lo + lo) // bs, _csr_arrays(Xb) if self.sparse else Xb, yc[lo:hi],
+                       None if wc is None else wc[lo:hi])
+
     def epoch(self, epoch: int, order: Optional[np.ndarray] = None, start: int = 0,
               totals: Tuple[float, float] = (0.0, 0.0)) -> Tuple[float, float]:
         """One pass over the dataset, a step per minibatch.
@@ -135,7 +164,7 @@ class Loop:
             (sum of weight * loss, sum of weights) over the minibatches stepped;
             their ratio is the epoch's mean loss.
         """
-        step, on_step, bs, n = self.step, self.on_step, self.batch_size, self.n
+        step, on_step = self.step, self.on_step
         params, by_rows = self.params or [], self.mean_over_rows
         every_step = self.check_finite and bool(params)
         isfinite = math.isfinite
@@ -144,39 +173,29 @@ class Loop:
         value = math.nan
         self.stopped = False
         b = start - 1
-        first = start * bs
-        for c_lo in range(first - first % self.chunk_rows, n, self.chunk_rows):
-            if self.stopped:
+        source = self._minibatches(order, start) if self.stream is None else self.stream()
+        for b, Xb, yb, wb in source:
+            m = yb.shape[0]
+            if wb is None:
+                weight = m
+            else:
+                weight = float(wb.sum(dtype=np.float64))
+                if weight == 0.0:
+                    continue  # nothing to learn from: the weighted mean is 0/0
+            value = step(Xb, yb, wb, weight)
+            if not isfinite(value) or (every_step and not _all_finite(params)):
+                self.diverged(epoch, b, value)
+            if by_rows:
+                weight = m
+            total += value * weight
+            total_weight += weight
+            if on_step is not None and on_step(total / total_weight):
+                self.stopped = True
                 break
-            c_hi = min(c_lo + self.chunk_rows, n)
-            Xc, yc, wc = self._chunk(order, c_lo, c_hi)
-            for lo in range(max(0, first - c_lo), c_hi - c_lo, bs):
-                b = (c_lo + lo) // bs
-                hi = lo + bs
-                Xb = Xc[lo:hi]
-                m = Xb.shape[0]
-                if self.sparse:
-                    Xb = _csr_arrays(Xb)
-                if wc is None:
-                    wb = None
-                    weight = m
-                else:
-                    wb = wc[lo:hi]
-                    weight = float(wb.sum(dtype=np.float64))
-                    if weight == 0.0:
-                        continue  # nothing to learn from: the weighted mean is 0/0
-                value = step(Xb, yc[lo:hi], wb, weight)
-                if not isfinite(value) or (every_step and not _all_finite(params)):
-                    self.diverged(epoch, b, value)
-                if by_rows:
-                    weight = m
-                total += value * weight
-                total_weight += weight
-                if on_step is not None and on_step(total / total_weight):
-                    self.stopped = True
-                    break
-                if on_position is not None and (b + 1) % every == 0 and b < last:
-                    on_position(b + 1, total, total_weight)
+            if on_position is not None and (b + 1) % every == 0 and b < last:
+                on_position(b + 1, total, total_weight)
+        if self.stream is not None:
+            self.batches = b + 1
         if params and not every_step and not _all_finite(params):
             # A finite loss (a float32 loss is summed in float64) can leave non-finite
             # weights behind; caught here, while the caller's snapshot is still finite.

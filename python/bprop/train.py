@@ -381,6 +381,95 @@ class _Dataset:
         return out
 
 
+def _is_batch_source(data: object) -> bool:
+    """True for what fit takes as minibatches rather than as one X: anything
+    iterable or callable that is not an array (a NumPy array, a scipy.sparse
+    matrix, or a list or tuple, which are array-like unless they hold batches)."""
+    if isinstance(data, np.ndarray) or is_sparse(data):
+        return False
+    if isinstance(data, (list, tuple)):
+        return len(data) > 0 and isinstance(data[0], tuple)
+    return callable(data) or hasattr(data, "__iter__")
+
+
+class _Stream:
+    """Training or validation data given as minibatches: a re-iterable of
+    ``(X_batch, y_batch)`` or ``(X_batch, y_batch, w_batch)`` tuples (iterated
+    once per pass), a callable returning such an iterable (called once per
+    pass: a generator function), or an iterator (one pass only). Each batch is
+    checked and converted as fit converts X, y and sample_weight, when it comes."""
+
+    def __init__(self, where: str, name: str, source, net: Network, builtin, passes: int
+                 ) -> None:
+        self.where, self.name, self.net, self.builtin = where, name, net, builtin
+        if callable(source) and not hasattr(source, "__iter__"):
+            self.make = source
+        else:
+            if iter(source) is source and passes > 1:
+                raise TypeError(
+                    f"[{where}] {name} is an iterator ({type_name(source)}), which the first "
+                    f"pass would exhaust, but fit makes {passes} passes over it; pass a "
+                    "re-iterable (a list, or an object whose __iter__ starts a new pass) or a "
+                    "generator function (called once per pass) instead")
+            self.make = lambda: source
+        self.sparse = False
+
+    def batches(self):
+        """(index, X, y, w) of each minibatch of one pass, checked and converted."""
+        where, net = self.where, self.net
+        items = self.make()
+        try:
+            items = iter(items)
+        except TypeError:
+            raise TypeError(f"[{where}] {self.name} returned {type_name(items)}, which is not "
+                            "iterable (expected (X_batch, y_batch[, w_batch]) tuples)") from None
+        for i, item in enumerate(items):
+            what = f"{self.name} batch {i}"
+            if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+                raise TypeError(f"[{where}] {what} must be a tuple (X_batch, y_batch) or "
+                                f"(X_batch, y_batch, w_batch), but got {type_name(item)}")
+            Xb = item[0]
+            names = (f"{what}: X_batch", f"{what}: y_batch", f"{what}: w_batch")
+            if is_sparse(Xb):
+                Xb = _sparse_matrix(where, names[0], Xb, net)
+                rows = Xb.shape[0]
+            else:
+                with np.errstate(over="ignore"):
+                    Xb = as_float_matrix(where, names[0], Xb, net.dtype,
+                                         features=net.in_features)
+                if not _core.all_finite(Xb):
+                    r, c = np.argwhere(~np.isfinite(Xb))[0]
+                    raise ValueError(f"[{where}] {names[0]} must be finite in "
+                                     f"{net.dtype.name}, but X_batch[{r}, {c}] = {Xb[r, c]}")
+                rows = Xb.shape[0]
+            yb = _prepare_target(where, names[1], item[1], rows, net, self.builtin, names[0])
+            wb = None
+            if len(item) == 3 and item[2] is not None:
+                wb = check_sample_weight(where, item[2], rows, net.dtype, names[0], names[2])
+            yield i, (_loop._csr_arrays(Xb) if is_sparse(Xb) else Xb), yb, wb
+
+    def outputs(self, core) -> Tuple[np.ndarray, "_Stream._Targets"]:
+        """The network's output over one pass, and the pass's targets and weights."""
+        outs, ys, ws = [], [], []
+        for _, Xb, yb, wb in self.batches():
+            outs.append(core.predict(Xb, 0))
+            ys.append(yb)
+            ws.append(wb)
+        if not outs:
+            raise ValueError(f"[{self.where}] {self.name} yielded no batches")
+        if any(w is None for w in ws) and not all(w is None for w in ws):
+            ws = [np.ones(y.shape[0], self.net.dtype) if w is None else w
+                  for w, y in zip(ws, ys)]
+        targets = _Stream._Targets()
+        targets.y = np.concatenate(ys)
+        targets.w = None if ws[0] is None else np.concatenate(ws)
+        return np.concatenate(outs), targets
+
+    class _Targets:
+        y: np.ndarray
+        w: Optional[np.ndarray]
+
+
 def _sparse_matrix(where: str, name: str, X, net: Network):
     """A sparse X for fit, evaluate and the validation data: a CSR matrix of the
     network's dtype in canonical form with finite values (as_csr; other formats
@@ -484,7 +573,7 @@ class _Progress:
         except ImportError:
             self.bar = None
             return
-        self.bar = tqdm(total=epochs * batches, unit="batch", dynamic_ncols=True, leave=True,
+        self.bar = tqdm(total=epochs * batches or None, unit="batch", dynamic_ncols=True, leave=True,
                         desc=self._desc(0))
 
     def _desc(self, epoch: int) -> str:
@@ -589,7 +678,7 @@ def _class_weights(where: str, class_weight, loss_fn, y, out_features: int
 
 # ---- fit -------------------------------------------------------------------------
 
-def fit(net: Network, X, y, loss="softmax_cross_entropy", optimizer: Optional[Optimizer] = None,
+def fit(net: Network, X, y=None, loss="softmax_cross_entropy", optimizer: Optional[Optimizer] = None,
         epochs: int = 10, batch_size: int = 32, shuffle: bool = True, seed=None,
         validation_split: float = 0.0, validation_data=None,
         early_stopping: Optional[int] = None, metrics=None, callbacks=None,
@@ -755,9 +844,35 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     where = "fit"
     _check_network(where, net)
     loss_fn, builtin = _get_loss(where, loss)
-    train = _Dataset(where, net, X, y, sample_weight, builtin)
-    class_weights = _class_weights(where, class_weight, loss_fn, train.y, net.out_features)
     epochs = check_int(where, "epochs", epochs, minimum=1)
+    stream = _is_batch_source(X)
+    if stream:
+        if y is not None or sample_weight is not None:
+            raise TypeError(f"[{where}] X is an iterable of (X_batch, y_batch[, w_batch]) "
+                            "tuples, so y and sample_weight must be None (they come with the "
+                            f"batches), but got y={type_name(y)}, "
+                            f"sample_weight={type_name(sample_weight)}")
+        distributed = None if isinstance(strategy, Local) else "comm"
+        for name, value, default in (("validation_split", validation_split, 0.0),
+                                     ("class_weight", class_weight, None),
+                                     ("checkpoint", checkpoint, None),
+                                     ("comm", distributed, None)):
+            if value is not None and value != default:
+                raise ValueError(
+                    f"[{where}] {name} cannot be used with X given as batches (an iterable): "
+                    + {"validation_split": "fit cannot hold rows out of a stream; pass "
+                                           "validation_data",
+                       "class_weight": "fold the class weights into each batch's w_batch",
+                       "checkpoint": "the position in a stream cannot be restored",
+                       "comm": "give each rank arrays (X, y) instead"}[name])
+        train = _Stream(where, "X", X, net, builtin, epochs)
+        class_weights = None
+    else:
+        if y is None:
+            raise TypeError(f"[{where}] y must be the targets of X, but got None (y may be "
+                            "None only when X is an iterable of (X_batch, y_batch) tuples)")
+        train = _Dataset(where, net, X, y, sample_weight, builtin)
+        class_weights = _class_weights(where, class_weight, loss_fn, train.y, net.out_features)
     batch_size = check_int(where, "batch_size", batch_size, minimum=1)
     shuffle = _as_bool(where, "shuffle", shuffle)
     verbose = _as_bool(where, "verbose", verbose)
@@ -807,7 +922,9 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                          "rows; use lazy=False")
 
     valid: Optional[_Dataset] = None
-    if validation_data is not None:
+    if validation_data is not None and _is_batch_source(validation_data):
+        valid = _Stream(where, "validation_data", validation_data, net, builtin, epochs)
+    elif validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise TypeError(f"[{where}] validation_data must be (X_val, y_val) or (X_val, y_val, "
                             f"sample_weight_val), but got {type_name(validation_data)}")
@@ -816,6 +933,10 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                          ("validation_data[0]", "validation_data[1]", "validation_data[2]"))
 
     ckpt, resumed = None, None
+    if checkpoint is not None and isinstance(valid, _Stream):
+        raise ValueError(f"[{where}] checkpoint cannot be used with validation_data given as "
+                         "batches (an iterable): its checksum would need a pass over it; "
+                         "pass (X_val, y_val) arrays")
     if checkpoint is not None:
         settings = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle,
                         seed=seed if not isinstance(seed, np.random.Generator) else "Generator",
@@ -840,7 +961,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             rng.bit_generator.state = resumed["rng_initial"]
         ckpt.rng_initial = rng.bit_generator.state
 
-    if valid is not None:
+    if validation_data is not None:
         pass
     elif validation_split > 0:
         n = len(train)
@@ -873,7 +994,8 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
     # Everything is checked; from here on the network and optimizer change (from
     # fit's claim on the network below, which refuses a second fit in another thread).
     kernel = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
-    strategy.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
+    if not stream:  # (Local: the BatchNorm check that needs every minibatch's size)
+        strategy.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
                    shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
                    metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
                    check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
@@ -889,11 +1011,18 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
 
     # (diverged must not refer to loop, which holds it: the cycle would keep the
     # network alive after fit until the cycle collector ran)
-    loop = _loop.Loop(train.X, train.y, train.w, batch_size, step, diverged, rows=train.rows,
-                      params=params, check_finite=check_finite)
+    if stream:
+        loop = _loop.Loop.over_batches(train.batches, step, diverged, params=params,
+                                       check_finite=check_finite)
+    else:
+        loop = _loop.Loop(train.X, train.y, train.w, batch_size, step, diverged,
+                          rows=train.rows, params=params, check_finite=check_finite)
     n_batches = loop.batches
 
-    def scores(data: _Dataset, loss_fn, prefix: str = "") -> Dict[str, float]:
+    def scores(data, loss_fn, prefix: str = "") -> Dict[str, float]:
+        if isinstance(data, _Stream):  # a pass over the batches, outputs gathered
+            out, targets = data.outputs(net._core)
+            return _scores(out, targets, loss_fn, metric_fns, prefix)
         return _scores(strategy.outputs(net, data), data, loss_fn, metric_fns, prefix)
 
     progress = None
@@ -944,7 +1073,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             snapshot = [p.copy() for p in params]
             opt_snapshot = optimizer.state_dict()
             rng_epoch = rng.bit_generator.state if ckpt is not None else None
-            perm = rng.permutation(len(train)) if shuffle else None
+            perm = rng.permutation(len(train)) if shuffle and not stream else None
             if progress is not None:
                 progress.start_epoch(epoch)
             if epoch == first_epoch and first_batch > 0:  # resumed inside this epoch
@@ -964,6 +1093,10 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
                 total, total_weight = loop.epoch(epoch, perm, first_batch, totals)
             else:
                 total, total_weight = loop.epoch(epoch, perm)
+            if stream and loop.batches == 0:
+                raise ValueError(f"[{where}] X yielded no batches in epoch {epoch + 1}; an "
+                                 "iterable that a pass exhausts must start a new pass each "
+                                 "time it is iterated (or pass a generator function)")
 
             logs = {"loss": total / total_weight if total_weight else math.nan}
             if metric_fns:
@@ -971,7 +1104,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             if valid is not None:
                 logs.update(scores(valid, kernel, "val_"))
             if not math.isfinite(logs.get("val_loss", 0.0)):
-                diverged(epoch, n_batches - 1, logs["val_loss"], "validation loss")
+                diverged(epoch, loop.batches - 1, logs["val_loss"], "validation loss")
             logs["lr"] = lr
             logs["time"] = strategy.slowest(time.perf_counter() - start)  # one History per job
             history._append(logs, [name for name, _ in metric_fns], valid is not None)
@@ -1132,7 +1265,8 @@ def _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, ep
         restored = (f"{layer} ({bad}) was the first to hold non-finite weights; the weights "
                     f"and optimizer state from the start of epoch {epoch + 1} (the last finite "
                     "ones) were restored")
-    where = "validation" if what == "validation loss" else f"batch {batch + 1}/{n_batches}"
+    where = ("validation" if what == "validation loss" else
+             f"batch {batch + 1}/{n_batches}" if n_batches else f"batch {batch + 1}")
     origin = ""
     if what == "loss":
         origin = f" The first non-finite value of that step: {_locate_nonfinite(net, value)}."
