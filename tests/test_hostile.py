@@ -200,7 +200,8 @@ ERRORS = [
      ValueError, r"^\[fit\] X has 0 samples; expected at least one"),
     # ---- fit: y --------------------------------------------------------------------------
     ("fit-y-None", lambda w: bprop.fit(w.net, w.X, None),
-     TypeError, r"^\[fit\] y must be an array of numbers, but got None"),
+     TypeError, r"^\[fit\] y must be the targets of X, but got None \(y may be None only "
+                r"when X is an iterable of \(X_batch, y_batch\) tuples\)"),
     ("fit-y-ragged", lambda w: bprop.fit(w.net, w.X, [[0], [1, 2]] * 6),
      ValueError, r"^\[fit\] y must be a rectangular array, but got a ragged list"),
     ("fit-y-str", lambda w: bprop.fit(w.net, w.X, w.y.astype(str)),
