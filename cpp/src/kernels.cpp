@@ -193,6 +193,10 @@ Loss parse_loss(const std::string& name, const char* where) {
 template <typename T>
 void sgd_update(T* param, const T* grad, T* buf, Index n, T lr, T momentum, T dampening,
                 bool nesterov, T weight_decay, bool first) {
+  if (momentum == T(0)) {  // plain SGD: the same arithmetic, one loop the compiler vectorises
+    for (Index i = 0; i < n; ++i) param[i] -= lr * (grad[i] + weight_decay * param[i]);
+    return;
+  }
   for (Index i = 0; i < n; ++i) {
     T g = grad[i] + weight_decay * param[i];
     if (momentum != T(0)) {

@@ -427,13 +427,15 @@ void Network<T>::update_layer(Layer<T>& layer) {
   if (sweep_.sgd_lr >= T(0)) {
     const bool clipping = sweep_.clip >= 0;  // then every gradient is stored, l2 included
     if (!clipping && layer.apply_fused_sgd(sweep_.sgd_lr, sweep_.l2, batch_)) return;
-    // p -= lr (dL/dp + l2 p for a parameter that decays), from the stored gradient
+    // p -= lr (dL/dp + l2 p for a parameter that decays), from the stored gradient:
+    // the optimizers' blocked, vectorised kernel, as plain SGD (no state)
+    UpdateSpec spec;
+    spec.rule = UpdateRule::sgd;
+    spec.lr = static_cast<double>(sweep_.sgd_lr);
     for (std::size_t i = first; i < end; ++i) {
       const Parameter<T>& p = *params_[i].parameter;
-      const T decay = p.decays && !clipping ? sweep_.l2 : T(0);
-      T* v = p.value->data();
-      const T* g = p.grad->data();
-      for (Index j = 0; j < p.size(); ++j) v[j] -= sweep_.sgd_lr * (g[j] + decay * v[j]);
+      spec.weight_decay = p.decays && !clipping ? static_cast<double>(sweep_.l2) : 0.0;
+      apply_update<T>(spec, 1, p.value->data(), p.grad->data(), UpdateState<T>{}, p.size());
     }
     return;
   }
