@@ -286,6 +286,51 @@ void apply_update(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
 }
 
 template <typename T>
+double sum_squares(const T* a, Index n) {
+  // Cut by n alone into at most kMaxBlocks blocks of a multiple of 8 values; each
+  // block summed in 8 float64 lanes (which the compiler vectorises), the lanes and
+  // then the blocks added in order: the same bits for any thread count.
+  constexpr Index kMaxBlocks = 256;
+  if (n <= 0) return 0.0;
+  Index blocks = std::min<Index>(kMaxBlocks, (n + kUpdateBlock - 1) / kUpdateBlock);
+  const Index len = ((n + blocks - 1) / blocks + 7) & ~Index(7);
+  blocks = (n + len - 1) / len;
+  double partial[kMaxBlocks];
+  auto block = [&](Index b) {
+    const Index i0 = b * len;
+    const Index m = std::min(len, n - i0);
+    const T* x = a + i0;
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Index i = 0;
+    for (; i + 8 <= m; i += 8) {
+      for (int k = 0; k < 8; ++k) {
+        const double v = static_cast<double>(x[i + k]);
+        lane[k] += v * v;
+      }
+    }
+    for (int k = 0; i < m; ++i, ++k) {
+      const double v = static_cast<double>(x[i]);
+      lane[k] += v * v;
+    }
+    partial[b] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                 ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  };
+  parallel_for(blocks, block);
+  double sum = 0;
+  for (Index b = 0; b < blocks; ++b) sum += partial[b];
+  return sum;
+}
+
+template <typename T>
+void scale_values(T* a, Index n, T c) {
+  auto block = [&](Index b) {
+    const Index i0 = b * kUpdateBlock;
+    VectorMap<T>(a + i0, std::min(kUpdateBlock, n - i0)) *= c;
+  };
+  parallel_for((n + kUpdateBlock - 1) / kUpdateBlock, block);
+}
+
+template <typename T>
 void apply_update_rows(const UpdateSpec& s, std::int64_t t, T* param, const T* grad,
                        const UpdateState<T>& state, const RowSet& rows, Index row_size) {
   const Index per = std::max<Index>(64, (kUpdateBlock / std::max<Index>(row_size, 1)) & ~Index(63));
@@ -359,6 +404,8 @@ bool all_finite(const T* x, Index n) {
                                bool);                                                        \
   template void rmsprop_update<T>(T*, const T*, T*, T*, T*, Index, T, T, T, T, T, bool);     \
   template bool all_finite<T>(const T*, Index);                                               \
+  template void scale_values<T>(T*, Index, T);                                               \
+  template double sum_squares<T>(const T*, Index);                                           \
   template void apply_update<T>(const UpdateSpec&, std::int64_t, T*, const T*,               \
                                 const UpdateState<T>&, Index);                               \
   template void apply_update_rows<T>(const UpdateSpec&, std::int64_t, T*, const T*,          \

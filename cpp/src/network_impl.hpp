@@ -72,6 +72,7 @@ Network<T>::Network(const std::vector<LayerSpec>& specs) {
     visit(visit, *layers_[i], "layers." + std::to_string(i) + ".");
   }
   sweep_.held.reserve(all_.size());
+  sweep_.grad_squares.assign(params_.size(), 0.0);
 }
 
 template <typename T>
@@ -409,6 +410,13 @@ void Network<T>::on_ready(void* self, Layer<T>& layer) {
   auto& net = *static_cast<Network<T>*>(self);
   if (net.sweep_.hold_back) {
     net.sweep_.held.push_back(&layer);  // capacity reserved: no allocation
+    if (net.sweep_.clip >= 0) {  // the norm's terms, while the gradients are in cache
+      const auto first = static_cast<std::size_t>(layer.first_parameter);
+      for (std::size_t i = first; i < first + static_cast<std::size_t>(layer.parameter_count);
+           ++i) {
+        net.sweep_.grad_squares[i] = net.grad_square(i);
+      }
+    }
   } else {
     net.update_layer(layer);
   }
@@ -491,7 +499,12 @@ void Network<T>::sweep(bool accumulate, MatrixMap<T>* grad_input, T sgd_lr,
   }
   if (sweep_.hold_back) {
     // Every gradient is formed from the old parameters: now the updates, no more polls.
-    if (clipping) scale_grads(max_grad_norm, grad_norm());
+    if (clipping) {
+      // the terms in parameter order, as grad_norm() sums them: the same bits
+      double sum = 0;
+      for (double sq : sweep_.grad_squares) sum += sq;
+      scale_grads(max_grad_norm, std::sqrt(sum));
+    }
     for (Layer<T>* L : sweep_.held) update_layer(*L);
   }
   sweep_.held.clear();
@@ -515,12 +528,15 @@ void Network<T>::step(T lr) {
 }
 
 template <typename T>
+double Network<T>::grad_square(std::size_t i) const {
+  const Parameter<T>& p = *params_[i].parameter;
+  return sum_squares<T>(p.grad->data(), p.size());
+}
+
+template <typename T>
 double Network<T>::grad_norm() const {
   double sum = 0;
-  for (const NamedParameter<T>& np : params_) {
-    const Parameter<T>& p = *np.parameter;
-    sum += ConstVectorMap<T>(p.grad->data(), p.size()).template cast<double>().squaredNorm();
-  }
+  for (std::size_t i = 0; i < params_.size(); ++i) sum += grad_square(i);
   return std::sqrt(sum);
 }
 
@@ -532,7 +548,7 @@ void Network<T>::scale_grads(double max_norm, double norm) {
   const T c = static_cast<T>(coef);
   for (const NamedParameter<T>& np : params_) {
     const Parameter<T>& p = *np.parameter;
-    VectorMap<T>(p.grad->data(), p.size()) *= c;
+    scale_values<T>(p.grad->data(), p.size(), c);
   }
 }
 

@@ -171,6 +171,16 @@ inline bool is_plain_sgd(const UpdateSpec& spec) {
 /// Applies `spec` at step t to the n values of one parameter with its state, in
 /// fixed blocks of values run on the thread pool (the update is elementwise, so
 /// the thread count changes no bit).
+/// The sum of a[i]^2 over n values in float64, in blocks on bprop's pool, cut by n
+/// alone and added in a fixed order (the same bits for any thread count).
+template <typename T>
+double sum_squares(const T* a, Index n);
+
+/// a *= c over n values, in blocks on bprop's pool (elementwise: the same bits for
+/// any thread count).
+template <typename T>
+void scale_values(T* a, Index n, T c);
+
 template <typename T>
 void apply_update(const UpdateSpec& spec, std::int64_t t, T* param, const T* grad,
                   const UpdateState<T>& state, Index n);

@@ -231,6 +231,8 @@ class Network {
              const Poll& poll, T l2 = T(0), double max_grad_norm = -1);
   // the global 2-norm of the stored gradients, and their scaling (clip_grad_norm)
   double grad_norm() const;
+  // ||dL/dp||^2 of parameter i, in float64 (grad_norm's terms)
+  double grad_square(std::size_t i) const;
   void scale_grads(double max_norm, double norm);
   // What the sweep does once a layer's gradients are ready: its update, now or
   // held back to the end of the sweep.
@@ -265,6 +267,9 @@ class Network {
     const Poll* poll = nullptr;
     bool hold_back = false;
     std::vector<Layer<T>*> held;  // capacity reserved at construction
+    // clipping: ||dL/dp||^2 of each parameter, taken as its layer's gradients are
+    // formed (while in cache); sized at construction
+    std::vector<double> grad_squares;
   } sweep_;
 };
 
