@@ -343,3 +343,33 @@ def test_checkpoint_arguments_are_checked():
         bprop.fit(net, X, y, checkpoint="x.ckpt", checkpoint_every=0)
     with pytest.raises(TypeError, match="path must be a str"):
         bprop.fit(net, X, y, checkpoint=3)
+
+
+@pytest.mark.parametrize("kind", ["sparse float64", "float32"])
+def test_sparse_and_float32_fits_resume_bitwise(tmp_path, kind):
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = _problem()
+    dtype = np.float32 if kind == "float32" else np.float64
+    if kind.startswith("sparse"):
+        X[np.abs(X) < 0.7] = 0.0
+        X = sparse.csr_matrix(X)
+
+    def run(path, crash=None):
+        net = bprop.Network([bprop.Dense(6, 12, activation="relu"), bprop.Dense(12, 3)],
+                            seed=5, dtype=dtype)
+        opt = Adam(net, lr=1e-2)
+        callbacks = [] if crash is None else [CrashAt(crash)]
+        h = bprop.fit(net, X, y, optimizer=opt, epochs=3, batch_size=16, seed=4,
+                      validation_split=0.2, callbacks=callbacks, checkpoint=path,
+                      checkpoint_every=path and 5)
+        return [p.copy() for _, p, _ in net.parameters()], opt.state_dict(), h
+
+    reference = run(None)
+    path = str(tmp_path / "run.ckpt")
+    with pytest.raises(Crash):
+        run(path, crash=17)
+    params, state, history = run(path)
+    for a, b in zip(reference[0], params):
+        assert a.tobytes() == b.tobytes()
+    assert reference[1]["step"] == state["step"] == 36
+    assert reference[2].loss == history.loss and reference[2].val_loss == history.val_loss

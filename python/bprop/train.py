@@ -696,6 +696,16 @@ def fit(net: Network, X, y=None, loss="softmax_cross_entropy", optimizer: Option
             its stored values and indices, O(nnz)); its minibatches are gathered
             with scipy's CSR row indexing (a copy of each chunk's rows). Column
             indices must be sorted without duplicates (``X.sum_duplicates()``).
+            A numpy.memmap of the network's dtype is read in place, never copied
+            whole. Or minibatches (then y and sample_weight are None): a
+            re-iterable of ``(X_batch, y_batch)`` or ``(X_batch, y_batch,
+            w_batch)`` tuples (a list, or an object whose ``__iter__`` starts a
+            new pass), a generator function (called once per epoch) or, with
+            ``epochs=1``, an iterator; batches may differ in size and each is
+            checked and converted as X, y and sample_weight are, when it comes.
+            The order is the iterable's: ``shuffle`` and ``batch_size`` do not
+            apply, and validation_split, class_weight, checkpoint and comm are
+            refused.
         y: targets checked against the loss: integer labels (samples,) or
             probability rows for softmax cross-entropy; (samples, out_features)
             floats for mean squared error and binary cross-entropy ((samples,)
@@ -713,7 +723,7 @@ def fit(net: Network, X, y=None, loss="softmax_cross_entropy", optimizer: Option
             the first time. The optimizer used is remembered on the network.
         epochs: passes over the training data (>= 1).
         batch_size: samples per minibatch (>= 1); the last one may be smaller.
-        shuffle: a new permutation of the samples each epoch.
+        shuffle: a new permutation of the samples each epoch (arrays only).
         seed: int, None or numpy Generator; seeds the shuffling and the
             validation split (same seed, same batches).
         validation_split: fraction in [0, 1) held out for validation: the data
@@ -722,8 +732,8 @@ def fit(net: Network, X, y=None, loss="softmax_cross_entropy", optimizer: Option
             out, as Keras takes the tail (unstratified). The validation rows are
             copied; the training rows are not: they are gathered by index from X
             one chunk (about 1 MiB) at a time, so a numpy.memmap X is read in place.
-        validation_data: (X_val, y_val) or (X_val, y_val, sample_weight_val);
-            excludes validation_split.
+        validation_data: (X_val, y_val) or (X_val, y_val, sample_weight_val),
+            or minibatches as X may be; excludes validation_split.
         early_stopping: patience in epochs (>= 0), or None. Watches val_loss
             when there is validation data, else the training loss; stops after
             ``patience`` epochs in a row without a strict improvement (Keras'
@@ -998,7 +1008,9 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
         strategy.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
                    shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
                    metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
-                   check_finite=check_finite, callbacks=[type_name(c) for c in callbacks])
+                   check_finite=check_finite, callbacks=[type_name(c) for c in callbacks],
+                   resumed_from=None if resumed is None else (
+                       resumed["epoch"], resumed["batch"], resumed["finished"]))
     step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name,
                                   clip_grad_norm)
     history = History()
