@@ -26,6 +26,8 @@ tools/netns_launch.py is the launcher Hydra runs instead of ssh (mpiexec's
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -45,6 +47,7 @@ NETWORK = ipaddress.ip_network("10.213.0.0/24")
 LAUNCHER_ADDRESS = "10.213.0.254"
 MAX_HOSTS = 16
 NETNS_ETC = Path("/etc/netns")
+LOCK = Path("/tmp/bprop-netns-hosts.lock")  # one user of the names at a time
 
 
 @dataclass(frozen=True)
@@ -232,15 +235,32 @@ def set_link(host: Host, state: str) -> None:
     _ip("-n", host.name, "link", "set", IFACE, state)
 
 
+def pids(host: Host) -> list[int]:
+    """The processes running in the host's namespace."""
+    return [int(p) for p in _ip("netns", "pids", host.name).stdout.split()]
+
+
 def kill_host(host: Host) -> list[int]:
     """SIGKILLs every process in the host's namespace; returns their pids."""
-    pids = [int(p) for p in _ip("netns", "pids", host.name).stdout.split()]
-    for pid in pids:
+    killed = pids(host)
+    for pid in killed:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return pids
+    return killed
+
+
+@contextlib.contextmanager
+def hosts(n: int):
+    """``with hosts(n) as hs:`` creates n hosts and always removes them. Holds a lock
+    for the whole block: two test runs on one machine would share the names."""
+    with open(LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield up(n)
+        finally:
+            down()
 
 
 def write_hostfile(path: str | os.PathLike, hosts: list[Host], slots: int = 1) -> Path:
