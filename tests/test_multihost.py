@@ -43,7 +43,7 @@ GRADIENT_BYTES = 8 * sum((i + 1) * o for i, o in zip(LAYERS[:-1], LAYERS[1:]))
 STEPS = 3 * 10  # 3 epochs of 600 rows in batches of 64
 # MPICH's bound on a blocking wait that makes no progress (seconds): the ranks
 # that wait for a host whose link went down raise instead of hanging forever.
-PROGRESS_TIMEOUT = "10"
+PROGRESS_TIMEOUT = "8"
 DEADLINE = 30.0  # every surviving rank ends within this many seconds of a failure
 
 
