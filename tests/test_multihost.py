@@ -151,7 +151,8 @@ class Job:
             os.killpg(self.proc.pid, 9)
         self.proc.wait()
         for t in self._threads:
-            t.join(5)
+            t.join(30)
+            assert not t.is_alive(), "mpiexec's output is still open"
         self.proc.stdout.close()
         self.proc.stderr.close()
 
@@ -180,9 +181,11 @@ def failure_run(hosts, tmp_path, fail, extra_env=None):
         seconds = ended_within(job, [hosts[0], hosts[2]], DEADLINE)
         measured = time.monotonic() - t0 if seconds is not None else None
     finally:
-        job.kill()
-        netns_hosts.kill_host(hosts[1])  # a cut-off host keeps its processes: end them
+        # A cut-off host keeps its processes, and with them the write ends of mpiexec's
+        # output pipes: end them first so that the output is read to its end.
+        netns_hosts.kill_host(hosts[1])
         netns_hosts.set_link(hosts[1], "up")
+        job.kill()
     assert measured is not None, f"ranks still running {DEADLINE} s after the failure\n" \
                                  + job.text()
     assert job.proc.returncode != 0, job.text()
@@ -203,10 +206,17 @@ def test_a_host_cut_off_mid_training_ends_every_rank(hosts, tmp_path, record_err
     seconds, job = failure_run(hosts, tmp_path, lambda h: netns_hosts.set_link(h, "down"),
                                {"MPIR_CVAR_PROGRESS_TIMEOUT": PROGRESS_TIMEOUT})
     text = job.text()
-    assert f"MPIR_CVAR_PROGRESS_TIMEOUT set to {PROGRESS_TIMEOUT}" in text, text
-    # a surviving rank's fit reports its failure and aborts the job
-    assert "[bprop.distributed] rank 0 of 3" in text or "[bprop.distributed] rank 2 of 3" \
-        in text, text
+    # After PROGRESS_TIMEOUT s a waiting rank lists its pending requests, after twice
+    # that its wait fails ("Progress TIMEOUT due to MPIR_CVAR_PROGRESS_TIMEOUT set to
+    # 8"); the end of that message can be lost, as the abort ends the job while Hydra
+    # forwards it.
+    assert "pending requests in pool" in text, text
+    # A surviving rank aborts the job: through fit's handler when mpi4py raised the
+    # error ("[bprop.distributed] rank 0 of 3: fit raised Exception ... Abort(1) on node
+    # 0"), or MPICH's own ("Abort(...) on node 2 (rank 2 in comm 0): Fatal error in
+    # internal_Allreduce_c"), whichever rank times out first. Neither names the lost rank.
+    assert any("Abort(" in line and f"on node {r} " in line
+               for line in job.err for r in (0, 2)), text
     record_error("multi-host: seconds from a host's link down to the end of every rank",
                  seconds)
 
