@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from netns_hosts import host_for  # noqa: E402
+from netns_hosts import host_for
 
 # ssh options that take a value (ssh(1)); any other option is a flag.
 SSH_OPTIONS_WITH_VALUE = set("BbcDEeFIiJLlmOoPpQRSWw")
