@@ -13,7 +13,13 @@ machine through shared memory (measured: a 40 MB allreduce over 2 hosts put 7 kB
 on the wire), so these runs set ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=eth0``, and
 every test checks the interface byte counters.
 
-Skipped where namespaces cannot be made (not root, no iproute2).
+The failure tests lose host bprop-h1 (rank 1) in the middle of training, by
+SIGKILL of all its processes or by bringing its interface down, and time how
+long the other ranks take to end; a rerun of the same command with fit's
+checkpoint then resumes to the weights of an uninterrupted run, bit for bit.
+
+Skipped, naming the reason, where namespaces cannot be made (not root, no
+iproute2, no permission to create them).
 """
 
 from __future__ import annotations
