@@ -139,19 +139,21 @@ def down() -> None:
 
 def _check_free() -> None:
     # 10.213.0.0/24 must not be a network this machine already reaches: the hosts'
-    # traffic would mix with it and the counters would lie.
-    for family_routes in (_ip("-4", "route", "show", "table", "all", check=False).stdout,):
-        for line in family_routes.splitlines():
-            dest = line.split()[0]
-            if dest in ("default", "broadcast", "local", "unreachable", "multicast"):
-                dest = line.split()[1] if len(line.split()) > 1 else ""
-            try:
-                net = ipaddress.ip_network(dest, strict=False)
-            except ValueError:
-                continue
-            if net.prefixlen > 0 and net.overlaps(NETWORK) and BRIDGE not in line:
-                raise RuntimeError(f"[netns_hosts] {NETWORK} is already in use on this "
-                                   f"machine (route: {line.strip()})")
+    # traffic would mix with it and the counters would lie. Called after down(), so
+    # no route of our own bridge is left.
+    routes = _ip("-4", "route", "show", "table", "all", check=False).stdout
+    for line in routes.splitlines():
+        words = line.split()
+        # "10.0.0.0/8 dev eth0 ...", "local 10.213.0.254 dev ...", "default via ..."
+        dest = words[1] if words[0] in ("local", "broadcast", "unicast", "multicast",
+                                        "unreachable", "blackhole") else words[0]
+        try:
+            net = ipaddress.ip_network(dest, strict=False)
+        except ValueError:
+            continue  # "default"
+        if net.overlaps(NETWORK):
+            raise RuntimeError(f"[netns_hosts] {NETWORK} is already in use on this "
+                               f"machine (route: {line.strip()})")
 
 
 def _hosts_file(n: int) -> str:
