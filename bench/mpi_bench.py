@@ -2,6 +2,7 @@
 
     python bench/mpi_bench.py            # about 50 s on 2 cores
     python bench/mpi_bench.py --quick    # one round, fewer steps
+    python bench/mpi_bench.py --hosts 2  # ranks on 2 hosts over TCP (root, iproute2)
 
 The workloads of bench/run.py, float32, ReLU, softmax cross-entropy, Adam, with
 the same global minibatch however many ranks train on it:
@@ -23,11 +24,20 @@ allreduces (one per parameter, one for the loss), waiting for the other rank
 included; reported are the medians over steps of that time and of its share of
 the step. "raw allreduce" is the same allreduces alone, back to back, with no
 training around them (median of 30).
+
+``--hosts N`` compares N ranks on one host (shared memory) with N hosts x 1 rank
+over TCP: the hosts are network namespaces on a bridge (tools/netns_hosts.py,
+as in tests/test_multihost.py), mpiexec reaches them through
+tools/netns_launch.py, and UCX is held to TCP on their interface. The bytes
+that crossed each host's link are printed with the table. A veth pair is a
+real TCP/IP stack but no wire: copies and protocol processing are counted, the
+latency and bandwidth of a physical network are not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -35,12 +45,15 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 import bprop
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 WORKLOADS = {
     "small": ([784, 256, 256, 10], 128),
@@ -131,15 +144,22 @@ def worker(args) -> None:
         print("RESULT " + json.dumps(results), flush=True)
 
 
-def run(ranks: int, threads: int, quick: bool, no_comm: bool = False) -> dict:
+def run(ranks: int, threads: int, quick: bool, no_comm: bool = False,
+        hostfile: Path | None = None) -> dict:
     mpiexec = Path(sys.executable).with_name("mpiexec")
     mpiexec = str(mpiexec) if mpiexec.exists() else shutil.which("mpiexec")
     if mpiexec is None:
         sys.exit("no mpiexec: pip install mpi4py mpich")
-    cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", __file__, "--worker",
-           "--threads", str(threads)] + (["--quick"] if quick else []) + \
-        (["--no-comm"] if no_comm else [])
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    hosts = []
+    if hostfile is not None:  # one rank per host; the launcher enters the host's namespace
+        hosts = [mpiexec, "-launcher-exec", str(TOOLS / "netns_launch.py"), "-f",
+                 str(hostfile), "-ppn", "1"]
+        # UCX would move the data through shared memory across namespaces
+        env.update(UCX_TLS="tcp", UCX_NET_DEVICES="eth0")
+    cmd = (hosts or [mpiexec]) + ["-n", str(ranks), sys.executable, "-m", "mpi4py", __file__,
+                                  "--worker", "--threads", str(threads)] + \
+        (["--quick"] if quick else []) + (["--no-comm"] if no_comm else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env,
                           check=False)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -153,6 +173,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps, one round")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of all configurations (default 3, 1 with --quick)")
+    parser.add_argument("--hosts", type=int, default=None, metavar="N",
+                        help="N ranks on one host against N hosts x 1 rank over TCP "
+                             "(network namespaces: needs root and iproute2)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-comm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -165,25 +188,51 @@ def main() -> None:
     cores = os.cpu_count() or 1
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     configs = [
-        ("1 process, no comm", 1, cores, True),
-        ("1 process, no comm", 1, 1, True),
-        ("1 rank, comm", 1, 1, False),
-        ("2 ranks, comm", 2, max(1, cores // 2), False),
+        ("1 process, no comm", 1, cores, True, False),
+        ("1 process, no comm", 1, 1, True, False),
+        ("1 rank, comm", 1, 1, False, False),
+        ("2 ranks, comm", 2, max(1, cores // 2), False, False),
     ]
-    # Rounds of all configurations, one after the other: on a shared machine the
-    # least disturbed round of each (the fastest) is reported, with the median.
-    rounds = {i: [] for i in range(len(configs))}
-    info = {}
-    for _ in range(args.rounds):
-        for i, (_, ranks, threads, no_comm) in enumerate(configs):
-            res = run(ranks, threads, args.quick, no_comm)
-            info = {k: res.pop(k) for k in ("mpi", "mpi4py")}
-            rounds[i].append(res)
+    with contextlib.ExitStack() as stack:
+        hostfile = None
+        if args.hosts is not None:
+            sys.path.insert(0, str(TOOLS))
+            import netns_hosts
+
+            reason = netns_hosts.unavailable()
+            if reason:
+                sys.exit(f"--hosts: {reason}")
+            n = args.hosts
+            hosts = stack.enter_context(netns_hosts.hosts(n))
+            hostfile = netns_hosts.write_hostfile(
+                Path(stack.enter_context(tempfile.TemporaryDirectory())) / "hosts", hosts)
+            configs = [
+                ("1 process, no comm", 1, 1, True, False),
+                (f"{n} ranks on 1 host, comm (shared memory)", n, 1, False, False),
+                (f"{n} hosts x 1 rank, comm (TCP)", n, 1, False, True),
+            ]
+            before = [netns_hosts.counters(h) for h in hosts]
+        # Rounds of all configurations, one after the other: on a shared machine the
+        # least disturbed round of each (the fastest) is reported, with the median.
+        rounds = {i: [] for i in range(len(configs))}
+        info = {}
+        for _ in range(args.rounds):
+            for i, (_, ranks, threads, no_comm, over_hosts) in enumerate(configs):
+                res = run(ranks, threads, args.quick, no_comm,
+                          hostfile if over_hosts else None)
+                info = {k: res.pop(k) for k in ("mpi", "mpi4py")}
+                rounds[i].append(res)
+        crossed = ""
+        if hostfile is not None:
+            crossed = "; bytes out/in of each host's link over the TCP runs: " + ", ".join(
+                f"{h.name} {a['sent_bytes'] - b['sent_bytes']:,}/"
+                f"{a['received_bytes'] - b['received_bytes']:,}"
+                for h, b, a in zip(hosts, before, (netns_hosts.counters(h) for h in hosts)))
     print("| workload | run | threads/rank | ms/step best (median) | samples/s "
           "| allreduce ms/step | allreduce / step | raw allreduce ms |")
     print("|---|---|---|---|---|---|---|---|")
     for name, (sizes, batch) in WORKLOADS.items():
-        for i, (label, _, threads, _) in enumerate(configs):
+        for i, (label, _, threads, _, _) in enumerate(configs):
             runs = [res[name] for res in rounds[i]]
             r = min(runs, key=lambda x: x["step_ms"])
             median = statistics.median(x["step_ms"] for x in runs)
@@ -202,7 +251,7 @@ def main() -> None:
           f"{np.__version__}, bprop {bprop.__version__}, mpi4py {info['mpi4py']}, "
           f"{info['mpi']}; float32, Adam; the fastest of {args.rounds} round(s), "
           f"{'quick' if args.quick else 'full'} run; load average before the run "
-          f"{load}")
+          f"{load}{crossed}")
     print("bprop: ", end="")
     bprop.show_config()
 
