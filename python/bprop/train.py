@@ -971,9 +971,7 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
             rng.bit_generator.state = resumed["rng_initial"]
         ckpt.rng_initial = rng.bit_generator.state
 
-    if validation_data is not None:
-        pass
-    elif validation_split > 0:
+    if validation_data is None and validation_split > 0:
         n = len(train)
         split_at = int(n * (1.0 - validation_split))
         if split_at < 1 or split_at >= n:
