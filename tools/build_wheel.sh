@@ -51,7 +51,7 @@ echo "== auditwheel show"
 build/wheel-tools/bin/auditwheel show "$wheel" | tee build/wheel-show.txt
 # The tag the wheel's symbol versions allow ("This constrains the platform tag to
 # ..."): it depends on the glibc and libstdc++ of the build machine, e.g.
-# manylinux_2_34 on Debian 12; a manylinux container gives an older, wider one.
+# manylinux_2_34 or _2_35 on Debian 12; a manylinux container gives an older, wider one.
 plat=$(tr '\n' ' ' < build/wheel-show.txt | grep -o 'manylinux_[0-9]*_[0-9]*_x86_64' | head -1 || true)
 if [[ -z "$plat" ]]; then
   echo "build_wheel.sh: auditwheel names no manylinux tag for $wheel" >&2; exit 1
