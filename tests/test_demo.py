@@ -63,14 +63,14 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # import fails as if the package were not installed
 from bprop.__main__ import main
-sys.exit(main(["demo", "--epochs", "2", "--hidden", "16", "--no-plot"]))
+sys.exit(main(["demo", "--epochs", "2", "--hidden", "16", *{options!r}]))
 """
 
 
 def test_demo_without_tqdm_prints_a_plain_progress_line(tmp_path):
     # Regression: `pip install .` then `python -m bprop demo` crashed with a traceback
     # once scikit-learn was there, because tqdm was missing.
-    code = _BLOCK_IMPORTS.format(blocked=["tqdm", "tqdm.auto"])
+    code = _BLOCK_IMPORTS.format(blocked=["tqdm", "tqdm.auto"], options=["--no-plot"])
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -81,8 +81,28 @@ def test_demo_without_tqdm_prints_a_plain_progress_line(tmp_path):
     assert lines[2].startswith("2/2 epochs in ")
 
 
+def test_demo_without_tqdm_and_matplotlib_trains_and_says_why_there_is_no_plot(tmp_path):
+    # scikit-learn is the demo's only hard requirement: with the default plot option
+    # and neither the progress bar's nor the plot's package, it still trains, reports,
+    # and says that there is no plot and why, instead of failing.
+    code = _BLOCK_IMPORTS.format(
+        blocked=["tqdm", "tqdm.auto", "matplotlib", "matplotlib.figure",
+                 "matplotlib.backends.backend_agg"], options=[])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"test accuracy: [0-9.]+%", result.stdout), result.stdout
+    assert "loss curve:" not in result.stdout
+    no_plot = [line for line in result.stderr.splitlines() if line.startswith("no plot: ")]
+    assert len(no_plot) == 1, result.stderr
+    assert "needs matplotlib" in no_plot[0] and "pip install matplotlib" in no_plot[0]
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no loss.png, not even an empty one
+
+
 def test_demo_without_scikit_learn_says_what_to_install(tmp_path):
-    code = _BLOCK_IMPORTS.format(blocked=["sklearn", "sklearn.datasets"])
+    code = _BLOCK_IMPORTS.format(blocked=["sklearn", "sklearn.datasets"],
+                                 options=["--no-plot"])
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 2
