@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-SECTIONS = ["Schedules and callbacks", "Data that does not fit one array",
-            "Crash-safe training: checkpoint and resume"]
+SECTIONS = [
+    "Example",  # its second block continues the first (the README says so): one namespace
+    # The block uses `bprop` without importing it, so it does not run as printed (issue
+    # 10, item 6: each block should stand alone or say what it continues). Strict: once
+    # the README imports bprop there, this fails and the mark goes.
+    pytest.param("Layers", marks=pytest.mark.xfail(
+        raises=NameError, strict=True, reason="README's Layers block does not import bprop")),
+    "Schedules and callbacks", "Data that does not fit one array",
+    "Crash-safe training: checkpoint and resume"]
 
 
 def _blocks(title):
@@ -16,7 +23,7 @@ def _blocks(title):
     assert match, f"README.md has no section {title!r}"
     blocks = re.findall(r"```python\n(.*?)```", match.group(1), re.S)
     assert blocks, f"the README's section {title!r} has no python example"
-    return "\n".join(blocks)
+    return "\n".join(blocks)  # run in sequence, in one namespace
 
 
 @pytest.mark.parametrize("title", SECTIONS)
@@ -25,8 +32,9 @@ def test_the_readme_example_runs(title, tmp_path, monkeypatch):
     code = _blocks(title)
     scope = {"__name__": "readme"}
     exec(compile(code, f"README.md: {title}", "exec"), scope)  # noqa: S102 - our own README
-    history = scope.get("history")
-    assert history is not None and history.epochs >= 1
+    if "bprop.fit(" in code:
+        history = scope.get("history")
+        assert history is not None and history.epochs >= 1
     if "checkpoint" in code:  # run again: the finished run's file gives the same result
         again = {"__name__": "readme"}
         exec(compile(code, f"README.md: {title}", "exec"), again)  # noqa: S102
