@@ -365,7 +365,9 @@ def _numpy_objective(net: Network, loss_fn: Any, loss_scale: float,
         if l2 != 0.0:
             for W, gW in zip(weights, grads):
                 flat = W.reshape(-1)
-                penalty += float(np.dot(flat, flat))
+                # sum of squares accumulated in float64, as the core's weight_squares;
+                # einsum (not optimized) runs NumPy's own loop, never its BLAS (issue 11)
+                penalty += float(np.einsum("i,i->", flat, flat, dtype=np.float64))
                 gW += l2 * W  # d/dW of 0.5 * l2 * ||W||^2
         return loss_scale * value + 0.5 * l2 * penalty
     return evaluate
