@@ -4,11 +4,14 @@ leaves the network as it was."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 import bprop
 from bprop import reference
+from bprop.activations import ROWS
 
 SPECS = [(4, 6, "tanh"), (6, 3, "relu"), (3, 2, "softmax")]
 NOT_CONTIGUOUS = r"must be C-contiguous \(row-major\) and aligned, but it is not"
@@ -239,13 +242,23 @@ def test_dense_rejects_bad_sizes(args, error, message):
         bprop.Dense(*args)
 
 
-@pytest.mark.parametrize("activation", ["swish", "ReLU", "Sigmoid", "linear", "logistic", "",
-                                        " relu"])
+# Names that are not bprop's: other libraries' (scikit-learn's "logistic", torch's
+# module names), wrong case or stray spaces around each registry name, and the empty
+# string. Filtered through the registry, so that a new row naming one of them moves
+# it out of this list instead of breaking the test.
+UNKNOWN_ACTIVATIONS = [name for name in dict.fromkeys(
+    ["swish", "linear", "logistic", "", *(row.torch for row in ROWS),
+     *(name.upper() for name in bprop.ACTIVATIONS),
+     *(f" {name}" for name in bprop.ACTIVATIONS), *(f"{name} " for name in bprop.ACTIVATIONS)])
+    if name not in bprop.ACTIVATIONS]
+
+
+@pytest.mark.parametrize("activation", UNKNOWN_ACTIVATIONS)
 def test_dense_rejects_unknown_activations(activation):
-    with pytest.raises(ValueError, match=r"^\[Dense\] activation must be one of \('identity', "
-                                         r"'sigmoid', 'tanh', 'relu', 'leaky_relu', 'gelu', "
-                                         r"'softmax', 'elu', 'selu', 'silu', 'softplus'\), "
-                                         rf"but got '{activation}'"):
+    # the message lists every row of the registry, in its order
+    names = re.escape(repr(tuple(row.name for row in ROWS)))
+    with pytest.raises(ValueError, match=rf"^\[Dense\] activation must be one of {names}, "
+                                         rf"but got {re.escape(repr(activation))}$"):
         bprop.Dense(3, 3, activation)
 
 

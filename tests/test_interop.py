@@ -27,6 +27,7 @@ import pytest
 
 import bprop
 from bprop import interop
+from bprop.activations import REGISTRY
 
 ACTIVATIONS = bprop.ACTIVATIONS
 
@@ -235,29 +236,45 @@ def test_onnx_gelu_node_by_opset(onnx, tmp_path, opset, expected):
         assert onnx.helper.get_attribute_value(nodes[1].attribute[0]) == b"none"
 
 
-def test_onnx_activation_nodes(onnx, tmp_path):
-    expected = {"identity": [], "sigmoid": ["Sigmoid"], "tanh": ["Tanh"], "relu": ["Relu"],
-                "leaky_relu": ["LeakyRelu"], "softmax": ["Softmax"],
-                "gelu": ["Mul", "Erf", "Add", "Mul", "Mul"], "elu": ["Elu"], "selu": ["Selu"],
-                "silu": ["Sigmoid", "Mul"], "softplus": ["Greater", "Softplus", "Where"]}
-    assert set(expected) == set(ACTIVATIONS)
-    for act, ops in expected.items():
-        net = bprop.Network([bprop.Dense(3, 4, activation=act, negative_slope=0.125)], seed=0)
-        path = tmp_path / f"{act}.onnx"
-        interop.to_onnx(net, path)
-        nodes = onnx.load(path).graph.node
-        assert [n.op_type for n in nodes] == ["Gemm"] + ops, act
-        attrs = {a.name: onnx.helper.get_attribute_value(a)
-                 for n in nodes for a in n.attribute}
-        if act == "leaky_relu":
-            assert attrs == {"alpha": 0.125}
-        if act == "softmax":
-            assert attrs == {"axis": -1}
-        if act == "elu":
-            assert attrs == {"alpha": 1.0}
-        if act == "selu":  # 32-bit attributes, as the float32 core's constants
-            assert attrs == pytest.approx({"alpha": 1.6732632423543772,
-                                           "gamma": 1.0507009873554805}, rel=1e-7)
+def row_onnx_ops(onnx, activation, dtype, opset, slope):
+    """The op types the registry row's ONNX emitter writes for out = sigma(z), built
+    with interop's own graph builder; [] for a row without one (identity)."""
+    emit = REGISTRY[activation].onnx
+    if emit is None:
+        return []
+    g = interop._OnnxGraph(onnx, np.dtype(dtype), opset)
+    emit(g, "p", "z", "out", slope)
+    assert g.nodes and list(g.nodes[-1].output) == ["out"], activation  # ends in out
+    return [n.op_type for n in g.nodes]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_onnx_activation_nodes(onnx, ort, tmp_path, activation):
+    # The graph is the Gemm and then exactly the nodes the row declares, and
+    # onnxruntime computes from them what predict computes: a row whose emitter
+    # writes the wrong function (or none, for anything but identity) fails here.
+    opset, slope = 17, 0.125
+    net = bprop.Network([bprop.Dense(3, 4, activation=activation, negative_slope=slope)],
+                        seed=0)
+    net[0].bias = np.array([0.5, -0.25, 0.0, 1.0])
+    path = tmp_path / f"{activation}.onnx"
+    interop.to_onnx(net, path, opset=opset)
+    nodes = onnx.load(path).graph.node
+    ops = row_onnx_ops(onnx, activation, "float32", opset, slope)
+    assert [n.op_type for n in nodes] == ["Gemm"] + ops
+    X = inputs(net, 50)
+    np.testing.assert_allclose(run_ort(ort, path, X), net.predict(X), rtol=0, atol=1e-5)
+    # attributes of the single-operator rows, as the float32 core computes them
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for n in nodes for a in n.attribute}
+    if activation == "leaky_relu":
+        assert attrs == {"alpha": 0.125}
+    if activation == "softmax":
+        assert attrs == {"axis": -1}
+    if activation == "elu":
+        assert attrs == {"alpha": 1.0}
+    if activation == "selu":  # 32-bit attributes, as the float32 core's constants
+        assert attrs == pytest.approx({"alpha": 1.6732632423543772,
+                                       "gamma": 1.0507009873554805}, rel=1e-7)
 
 
 def test_onnx_custom_names(onnx, ort, tmp_path):
@@ -580,6 +597,20 @@ def test_from_torch_module_errors(torch):
     for modules, message in cases:
         with pytest.raises(ValueError, match=r"\[from_torch\] " + message):
             interop.from_torch(nn.Sequential(*modules))
+
+
+def test_from_torch_error_lists_every_activation_module(torch):
+    # the message is built from the registry: a new row's module is listed
+    nn = torch.nn
+    with pytest.raises(ValueError, match=r"is not supported; expected ") as info:
+        interop.from_torch(nn.Sequential(nn.Linear(4, 4), nn.Conv2d(1, 1, 1)))
+    expected = str(info.value).split("expected ", 1)[1]
+    listed = set(expected.replace(" or ", ", ").split(", "))
+    for row in REGISTRY.values():
+        assert row.torch in listed, row.name
+        assert type(row.to_torch(nn, 0.01)) is getattr(nn, row.torch), row.name
+    for name in listed - {"bprop.interop.TorchResidual"}:
+        assert hasattr(nn, name), name
 
 
 def test_from_torch_rejects_subclasses(torch):

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import bprop
+from bprop.activations import REGISTRY
 
 torch = pytest.importorskip("torch")
 nn = torch.nn
@@ -78,12 +79,8 @@ class MaskedDropout(nn.Module):
 
 
 def torch_activation(name, negative_slope):
-    return {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
-            "leaky_relu": lambda: nn.LeakyReLU(negative_slope),
-            "gelu": lambda: nn.GELU(approximate="none"),
-            "softmax": lambda: nn.Softmax(dim=1), "elu": lambda: nn.ELU(alpha=1.0),
-            "selu": nn.SELU, "silu": nn.SiLU,
-            "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0)}[name]()
+    # the registry row's torch.nn module, the one bprop.interop.to_torch builds
+    return REGISTRY[name].to_torch(nn, negative_slope)
 
 
 def twin(layers, params, prefix="layers", masked_dropout=True):

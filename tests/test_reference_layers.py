@@ -19,6 +19,7 @@ import pytest
 import bprop
 from bprop import reference
 from bprop._init import initial_parameters
+from bprop.activations import REGISTRY
 
 R = reference
 MASK64 = (1 << 64) - 1
@@ -226,11 +227,8 @@ def torch():
 
 
 def _torch_activation(nn, name, slope):
-    return {"identity": nn.Identity, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU,
-            "leaky_relu": lambda: nn.LeakyReLU(slope), "gelu": nn.GELU,
-            "softmax": lambda: nn.Softmax(dim=1), "elu": lambda: nn.ELU(alpha=1.0),
-            "selu": nn.SELU, "silu": nn.SiLU,
-            "softplus": lambda: nn.Softplus(beta=1.0, threshold=20.0)}[name]()
+    # the registry row's torch.nn module, the one bprop.interop.to_torch builds
+    return REGISTRY[name].to_torch(nn, slope)
 
 
 def mirror(torch, net):

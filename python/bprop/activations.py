@@ -7,8 +7,9 @@ Python reads: the layers' argument checks (``ACTIVATIONS``), the initial weights
 (``gain2``), the NumPy oracle (``forward``, ``backward``: bprop.reference), the
 scikit-learn estimators' names (``sklearn``), PyTorch interop (``torch``,
 ``to_torch``, ``from_torch``) and the ONNX export (``onnx``). Tests
-parametrised over ``ACTIVATIONS`` pick a new row up; a test checks that the rows
-and the core's table name the same activations.
+parametrised over ``ACTIVATIONS`` pick a new row up, taking its PyTorch module
+(``to_torch``) and its ONNX nodes (``onnx``) from the row; a test checks that the
+rows and the core's table name the same activations.
 """
 
 from __future__ import annotations

@@ -472,9 +472,11 @@ def to_torch(net: Network) -> "torch.nn.Sequential":
     return module.train(net.training)
 
 
-_SUPPORTED = ("Linear, BatchNorm1d, LayerNorm, Dropout, ReLU, LeakyReLU, Sigmoid, Tanh, GELU, "
-              "Softmax, ELU, SELU, SiLU, Softplus, Identity, Sequential or "
-              "bprop.interop.TorchResidual")
+# What from_torch reads, for its error message: the activation modules come from the
+# registry's rows (Identity, a no-op anywhere, is listed with the containers).
+_SUPPORTED = ", ".join(["Linear", "BatchNorm1d", "LayerNorm", "Dropout",
+                        *(row.torch for name, row in REGISTRY.items() if name != "identity"),
+                        "Identity", "Sequential"]) + " or bprop.interop.TorchResidual"
 
 
 class _Entry:
