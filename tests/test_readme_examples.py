@@ -9,11 +9,7 @@ import pytest
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 SECTIONS = [
     "Example",  # its second block continues the first (the README says so): one namespace
-    # The block uses `bprop` without importing it, so it does not run as printed (issue
-    # 10, item 6: each block should stand alone or say what it continues). Strict: once
-    # the README imports bprop there, this fails and the mark goes.
-    pytest.param("Layers", marks=pytest.mark.xfail(
-        raises=NameError, strict=True, reason="README's Layers block does not import bprop")),
+    "Layers",
     "Schedules and callbacks", "Data that does not fit one array",
     "Crash-safe training: checkpoint and resume"]
 
