@@ -113,18 +113,27 @@ def test_fit_gives_the_same_bits_for_1_to_4_threads(threads, fingerprint, dtype,
     _assert_all_equal(_per_thread_count(threads, run))
 
 
-@pytest.mark.parametrize("batch_size", [1, 16, 100, 128, 129, 256, 300, 480])
+# float32 Adam over every batch size; float64 and SGD with momentum over a size on
+# the grid, one off it, and one whose rows are cut into two blocks
+BATCH_CASES = ([(b, "float32", "adam") for b in (1, 16, 100, 128, 129, 256, 300, 480)]
+               + [(b, dtype, opt) for b in (128, 129, 300)
+                  for dtype, opt in (("float64", "adam"), ("float32", "sgd-momentum"),
+                                     ("float64", "sgd-momentum"))])
+
+
+@pytest.mark.parametrize("batch_size,dtype,optimizer", BATCH_CASES)
 def test_batch_sizes_on_and_off_the_tile_grid_give_the_same_bits(threads, fingerprint,
-                                                                 batch_size):
+                                                                 batch_size, dtype, optimizer):
     X, y = _data()
     if batch_size in (300, 480):
         # some product over the batch's rows is cut into row blocks: 160 + 140 rows
         # (not a multiple of the tiling's alignment, 16), 240 + 240
-        assert any(_core._gemm_tiles(m, n, k, 4, ta, tb)[2] > 1
+        itemsize = np.dtype(dtype).itemsize
+        assert any(_core._gemm_tiles(m, n, k, itemsize, ta, tb)[2] > 1
                    for m, n, k, ta, tb in _products(SPECS, batch_size) if m == batch_size)
 
     def run():
-        net, opt, history = _fit("float32", OPTIMIZERS["adam"], X, y, batch_size=batch_size)
+        net, opt, history = _fit(dtype, OPTIMIZERS[optimizer], X, y, batch_size=batch_size)
         return fingerprint(net, opt, history) + _predictions(net, X)
 
     _assert_all_equal(_per_thread_count(threads, run))
@@ -201,6 +210,67 @@ def test_bench_workloads_give_the_same_bits(threads, workload):
             return out + [net.predict(X).tobytes()]
 
         _assert_all_equal(_per_thread_count(threads, run))
+
+
+def test_the_issue_workload_gives_the_same_bits_for_1_and_2_threads(threads, fingerprint):
+    """Issue 11's own case, where 1 and 2 threads ended 2.7e-3 apart: 784-256-256-10,
+    Adam 1e-3, 2 epochs over 4096 random samples in batches of 128, float32."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((4096, 784)).astype(np.float32)
+    y = rng.integers(0, 10, 4096)
+    specs = [(784, 256, "relu"), (256, 256, "relu"), (256, 10)]
+    _assert_tiled(specs, 128, "float32")
+    results = {}
+    for n in (1, 2):
+        threads(n)
+        net = bprop.Network([bprop.Dense(*s) for s in specs], dtype="float32", seed=0)
+        opt = optim.Adam(net, lr=1e-3)
+        history = bprop.fit(net, X, y, loss="softmax_cross_entropy", optimizer=opt, epochs=2,
+                            batch_size=128, seed=0)
+        results[n] = fingerprint(net, opt, history) + [net.predict(X[:512]).tobytes()]
+    for i, (a, b) in enumerate(zip(results[1], results[2])):
+        assert a == b, f"item {i} differs between 1 and 2 threads"
+
+
+# scikit-learn's estimators: (estimator, solver, dtype); float32 through the
+# estimator's dtype parameter
+ESTIMATOR_CASES = [(est, solver, dtype) for dtype in ("float32", "float64")
+                   for est, solver in (("MLPClassifier", "adam"), ("MLPClassifier", "sgd"),
+                                       ("MLPClassifier", "lbfgs"), ("MLPRegressor", "adam"))]
+
+
+@pytest.mark.parametrize("estimator,solver,dtype", ESTIMATOR_CASES)
+def test_sklearn_estimators_give_the_same_bits_for_1_to_4_threads(threads, estimator, solver,
+                                                                   dtype):
+    pytest.importorskip("sklearn")
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    from bprop import sklearn as bprop_sklearn
+
+    X, y = _data()
+    Estimator = getattr(bprop_sklearn, estimator)
+    if estimator == "MLPRegressor":
+        y = np.eye(10)[y] + 0.1 * X[:, :10]
+    hidden = tuple(n_out for _, n_out, *_ in SPECS[:-1])  # (384, 256): products in tiles
+    _assert_tiled(SPECS, 100, dtype)
+
+    def run():
+        est = Estimator(hidden_layer_sizes=hidden, solver=solver, alpha=1e-3, batch_size=100,
+                        max_iter=3, tol=0.0, n_iter_no_change=100, random_state=0,
+                        dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y)
+        out = [a.tobytes() for a in est.coefs_ + est.intercepts_]
+        out += [repr(getattr(est, "loss_curve_", None)), repr(est.loss_),
+                est.predict(X).tobytes()]
+        if estimator == "MLPClassifier":
+            out.append(est.predict_proba(X).tobytes())
+        return out
+
+    _assert_all_equal(_per_thread_count(threads, run))
 
 
 # ---- the tiled product itself -----------------------------------------------------------
