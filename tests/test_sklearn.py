@@ -4,6 +4,7 @@ in Pipeline, GridSearchCV, warm starts and partial_fit."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import subprocess
@@ -528,6 +529,16 @@ def _train_fit(epochs, X, y):
               epochs=epochs, batch_size=32, seed=0)
 
 
+def _train_fit_with_loss_options(epochs, X, y):
+    """softmax cross-entropy with label smoothing and class weights (computed in NumPy
+    on every step), with sample weights"""
+    net = bprop.Network([bprop.Dense(X.shape[1], 16, "relu"), bprop.Dense(16, 2)], seed=0)
+    loss = functools.partial(bprop.losses.softmax_cross_entropy, label_smoothing=0.1,
+                             class_weight=[1.0, 2.0])
+    bprop.fit(net, X, y, loss=loss, optimizer=bprop.optim.Adam(net, lr=1e-3), epochs=epochs,
+              batch_size=32, seed=0, sample_weight=np.linspace(0.5, 1.5, len(y)))
+
+
 def _train_steps(epochs, X, y):
     X = X.astype(np.float32)
     net = bprop.Network([bprop.Dense(X.shape[1], 16, "relu"), bprop.Dense(16, 2)], seed=0)
@@ -621,8 +632,11 @@ class _BlasCallCounter:
         # the functions of NumPy's own BLAS, whatever else is loaded
         lookup = ctypes.CDLL(path)
         self._names = sorted(slots)
-        self._code = mmap.mmap(-1, 32 * len(self._names),
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        try:
+            self._code = mmap.mmap(-1, 32 * len(self._names),
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        except OSError as exc:  # a system that refuses writable + executable pages
+            pytest.skip(f"no writable and executable page for the trampolines: {exc}")
         self._pages.append(self._code)
         start = ctypes.addressof(ctypes.c_char.from_buffer(self._code))
         self._libc = ctypes.CDLL(None)
@@ -637,7 +651,9 @@ class _BlasCallCounter:
                              b"\xff\x25", at + 8 - (at + 30))  # jmp qword [rip+d]
             slot = base + slots[name]
             page = slot & ~(mmap.PAGESIZE - 1)
-            assert self._libc.mprotect(page, mmap.PAGESIZE, 3) == 0  # read | write
+            if self._libc.mprotect(page, mmap.PAGESIZE, 3) != 0:  # read | write
+                self.uninstall()
+                pytest.skip("the GOT of NumPy's core module cannot be made writable")
             cell = ctypes.c_uint64.from_address(slot)
             self._saved.append((cell, cell.value))
             cell.value = start + at + 16
@@ -707,10 +723,10 @@ def test_the_blas_call_counter_sees_operators_methods_and_functions(numpy_blas_c
     assert numpy_blas_calls.total() == before
 
 
-@pytest.mark.parametrize("name,train,target", PER_STEP_PATHS + [pytest.param(
-    "poisson-weighted", _train_weighted_poisson, "count", marks=pytest.mark.xfail(
-        reason="losses.poisson_deviance_log_link's weighted mean is np.dot (ddot) per step",
-        strict=True))], ids=[case[0] for case in PER_STEP_PATHS] + ["poisson-weighted"])
+@pytest.mark.parametrize("name,train,target", PER_STEP_PATHS + [
+    ("poisson-weighted", _train_weighted_poisson, "count"),
+    ("fit-loss-options", _train_fit_with_loss_options, "class")],
+    ids=[case[0] for case in PER_STEP_PATHS] + ["poisson-weighted", "fit-loss-options"])
 def test_training_steps_call_no_numpy_blas(name, train, target, numpy_blas_calls):
     """At NumPy's BLAS itself: the @ operator and ndarray.dot are counted too."""
     calls = _calls_per_fit(train, target, numpy_blas_calls.total)

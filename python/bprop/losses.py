@@ -271,6 +271,12 @@ def _check_class_weight(where: str, class_weight: object, classes: int) -> Optio
     return arr
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """sum_i a_i b_i in float64 by NumPy's own loop (einsum without optimize): np.dot
+    would call NumPy's BLAS, whose thread pool fights bprop's on every step."""
+    return float(np.einsum("i,i->", a, b, dtype=np.float64))
+
+
 def _softmax_cross_entropy_options(where, z, y, w, eps, cw):
     """softmax_cross_entropy with label smoothing and/or class weights, in NumPy
     (float64 inside): see softmax_cross_entropy for the formulas."""
@@ -284,7 +290,7 @@ def _softmax_cross_entropy_options(where, z, y, w, eps, cw):
     if y.ndim == 1:
         onehot = np.zeros((rows, classes))
         onehot[np.arange(rows), y] = 1.0
-        denom = float(np.dot(sw, c[y]))
+        denom = _dot(sw, c[y])
     else:
         onehot = y.astype(np.float64)
         denom = float(sw.sum())
@@ -292,7 +298,7 @@ def _softmax_cross_entropy_options(where, z, y, w, eps, cw):
         raise ValueError(f"[{where}] the weighted mean's denominator sum_i w_i class_weight"
                          "[y_i] is 0: at least one sample needs a positive combined weight")
     t = c * ((1.0 - eps) * onehot + eps / classes)
-    value = float(np.dot(sw, (t * neg_log_p).sum(axis=1))) / denom
+    value = _dot(sw, (t * neg_log_p).sum(axis=1)) / denom
     p = np.exp(-neg_log_p)
     grad = (sw / denom)[:, None] * (t.sum(axis=1, keepdims=True) * p - t)
     return value, np.ascontiguousarray(grad, dtype=z.dtype)
@@ -443,7 +449,7 @@ def poisson_deviance_log_link(output, target, sample_weight=None) -> Tuple[float
             value = float(rows.sum()) / total
         else:
             total = float(w.sum(dtype=np.float64)) * z.shape[1]
-            value = float(np.dot(w.astype(np.float64), rows)) / total
+            value = _dot(w, rows) / total
             grad *= w[:, None]
         grad /= total
     return value, np.ascontiguousarray(grad, dtype=z.dtype)
