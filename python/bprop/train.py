@@ -850,315 +850,448 @@ def _fit(strategy, net, X, y, loss, optimizer, epochs, batch_size, shuffle, seed
          validation_split, validation_data, early_stopping, metrics, callbacks, sample_weight,
          verbose, check_finite, class_weight=None, clip_grad_norm=None, checkpoint=None,
          checkpoint_every=None) -> History:
-    """fit, inside its strategy's failure handling."""
+    """fit, inside its strategy's failure handling: every check, then the training."""
+    run = _Fit(strategy, net)
+    run.check_data(X, y, loss, epochs, sample_weight, validation_split, class_weight,
+                   checkpoint)
+    run.check_arguments(batch_size, shuffle, verbose, check_finite, clip_grad_norm, seed,
+                        validation_split, validation_data, early_stopping, checkpoint,
+                        checkpoint_every, metrics, callbacks, optimizer)
+    run.check_validation_data(validation_data)
+    run.open_checkpoint(loss, class_weight)
+    run.split_validation(validation_data)
+    run.weigh_classes_and_stop_early()
+    # Everything is checked; from here on the network and optimizer change (from
+    # fit's claim on the network in train, which refuses a second fit in another thread).
+    run.build_loop()
+    return run.train()
+
+
+class _Fit:
+    """One call of fit, in phases: its arguments and data checked, the checkpoint
+    opened, the validation rows split off, the loop built, then the training."""
+
     where = "fit"
-    _check_network(where, net)
-    loss_fn, builtin = _get_loss(where, loss)
-    epochs = check_int(where, "epochs", epochs, minimum=1)
-    stream = _is_batch_source(X)
-    if stream:
-        if y is not None or sample_weight is not None:
-            raise TypeError(f"[{where}] X is an iterable of (X_batch, y_batch[, w_batch]) "
-                            "tuples, so y and sample_weight must be None (they come with the "
-                            f"batches), but got y={type_name(y)}, "
-                            f"sample_weight={type_name(sample_weight)}")
-        distributed = None if isinstance(strategy, Local) else "comm"
-        for name, value, default in (("validation_split", validation_split, 0.0),
-                                     ("class_weight", class_weight, None),
-                                     ("checkpoint", checkpoint, None),
-                                     ("comm", distributed, None)):
-            if value is not None and value != default:
-                raise ValueError(
-                    f"[{where}] {name} cannot be used with X given as batches (an iterable): "
-                    + {"validation_split": "fit cannot hold rows out of a stream; pass "
-                                           "validation_data",
-                       "class_weight": "fold the class weights into each batch's w_batch",
-                       "checkpoint": "the position in a stream cannot be restored",
-                       "comm": "give each rank arrays (X, y) instead"}[name])
-        train = _Stream(where, "X", X, net, builtin, epochs)
-        class_weights = None
-    else:
-        if y is None:
-            raise TypeError(f"[{where}] y must be the targets of X, but got None (y may be "
-                            "None only when X is an iterable of (X_batch, y_batch) tuples)")
-        train = _Dataset(where, net, X, y, sample_weight, builtin)
-        class_weights = _class_weights(where, class_weight, loss_fn, train.y, net.out_features)
-    batch_size = check_int(where, "batch_size", batch_size, minimum=1)
-    shuffle = _as_bool(where, "shuffle", shuffle)
-    verbose = _as_bool(where, "verbose", verbose)
-    check_finite = _as_bool(where, "check_finite", check_finite)
-    if clip_grad_norm is not None:
-        clip_grad_norm = check_float(where, "clip_grad_norm", clip_grad_norm, minimum=0.0)
-    if isinstance(seed, np.random.Generator):
-        rng = seed
-    else:
-        if seed is not None:
-            seed = check_int(where, "seed", seed, minimum=0)
-        rng = np.random.default_rng(seed)
-    validation_split = check_float(where, "validation_split", validation_split, minimum=0.0,
-                                   maximum=1.0, exclusive_maximum=True)
-    if validation_split > 0 and validation_data is not None:
-        raise ValueError(f"[{where}] give validation_split or validation_data, not both")
-    if early_stopping is not None:
-        early_stopping = check_int(where, "early_stopping", early_stopping, minimum=0)
-    if checkpoint is not None:
-        checkpoint = check_path(where, checkpoint)
-    if checkpoint_every is not None:
-        checkpoint_every = check_int(where, "checkpoint_every", checkpoint_every, minimum=1)
-        if checkpoint is None:
-            raise ValueError(f"[{where}] checkpoint_every={checkpoint_every} needs a "
-                             "checkpoint file (checkpoint=path)")
-    metric_fns = _metric_fns(where, metrics, loss_fn)
-    if callbacks is None:
-        callbacks = []
-    if not isinstance(callbacks, (list, tuple)):
-        raise TypeError(f"[{where}] callbacks must be a list, but got {type_name(callbacks)}")
-    callbacks = list(callbacks)
-    hooks = _hooks_of(where, callbacks)
-    if optimizer is None:
-        optimizer = getattr(net, "_fit_optimizer", None)
+
+    def __init__(self, strategy, net) -> None:
+        self.strategy, self.net = strategy, net
+
+    # ---- checks: the network and optimizer change only once they all pass ----
+
+    def check_data(self, X, y, loss, epochs, sample_weight, validation_split, class_weight,
+                   checkpoint) -> None:
+        """The network, loss and epochs; the training data (arrays or batches)."""
+        where, strategy, net = self.where, self.strategy, self.net
+        _check_network(where, net)
+        self.loss_fn, self.builtin = _get_loss(where, loss)
+        self.epochs = check_int(where, "epochs", epochs, minimum=1)
+        self.stream = _is_batch_source(X)
+        if self.stream:
+            if y is not None or sample_weight is not None:
+                raise TypeError(f"[{where}] X is an iterable of (X_batch, y_batch[, w_batch]) "
+                                "tuples, so y and sample_weight must be None (they come with "
+                                f"the batches), but got y={type_name(y)}, "
+                                f"sample_weight={type_name(sample_weight)}")
+            distributed = None if isinstance(strategy, Local) else "comm"
+            for name, value, default in (("validation_split", validation_split, 0.0),
+                                         ("class_weight", class_weight, None),
+                                         ("checkpoint", checkpoint, None),
+                                         ("comm", distributed, None)):
+                if value is not None and value != default:
+                    raise ValueError(
+                        f"[{where}] {name} cannot be used with X given as batches (an "
+                        "iterable): "
+                        + {"validation_split": "fit cannot hold rows out of a stream; pass "
+                                               "validation_data",
+                           "class_weight": "fold the class weights into each batch's w_batch",
+                           "checkpoint": "the position in a stream cannot be restored",
+                           "comm": "give each rank arrays (X, y) instead"}[name])
+            self.train_data = _Stream(where, "X", X, net, self.builtin, self.epochs)
+            self.class_weights = None
+        else:
+            if y is None:
+                raise TypeError(f"[{where}] y must be the targets of X, but got None (y may be "
+                                "None only when X is an iterable of (X_batch, y_batch) tuples)")
+            self.train_data = _Dataset(where, net, X, y, sample_weight, self.builtin)
+            self.class_weights = _class_weights(where, class_weight, self.loss_fn,
+                                                self.train_data.y, net.out_features)
+
+    def check_arguments(self, batch_size, shuffle, verbose, check_finite, clip_grad_norm, seed,
+                        validation_split, validation_data, early_stopping, checkpoint,
+                        checkpoint_every, metrics, callbacks, optimizer) -> None:
+        """The options, the metrics, the callbacks and the optimizer."""
+        where = self.where
+        self.batch_size = check_int(where, "batch_size", batch_size, minimum=1)
+        self.shuffle = _as_bool(where, "shuffle", shuffle)
+        self.verbose = _as_bool(where, "verbose", verbose)
+        self.check_finite = _as_bool(where, "check_finite", check_finite)
+        if clip_grad_norm is not None:
+            clip_grad_norm = check_float(where, "clip_grad_norm", clip_grad_norm, minimum=0.0)
+        self.clip_grad_norm = clip_grad_norm
+        if isinstance(seed, np.random.Generator):
+            self.rng = seed
+        else:
+            if seed is not None:
+                seed = check_int(where, "seed", seed, minimum=0)
+            self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.validation_split = check_float(where, "validation_split", validation_split,
+                                            minimum=0.0, maximum=1.0, exclusive_maximum=True)
+        if self.validation_split > 0 and validation_data is not None:
+            raise ValueError(f"[{where}] give validation_split or validation_data, not both")
+        if early_stopping is not None:
+            early_stopping = check_int(where, "early_stopping", early_stopping, minimum=0)
+        self.early_stopping = early_stopping
+        if checkpoint is not None:
+            checkpoint = check_path(where, checkpoint)
+        self.checkpoint = checkpoint
+        if checkpoint_every is not None:
+            checkpoint_every = check_int(where, "checkpoint_every", checkpoint_every, minimum=1)
+            if checkpoint is None:
+                raise ValueError(f"[{where}] checkpoint_every={checkpoint_every} needs a "
+                                 "checkpoint file (checkpoint=path)")
+        self.checkpoint_every = checkpoint_every
+        self.metric_fns = _metric_fns(where, metrics, self.loss_fn)
+        if callbacks is None:
+            callbacks = []
+        if not isinstance(callbacks, (list, tuple)):
+            raise TypeError(f"[{where}] callbacks must be a list, but got {type_name(callbacks)}")
+        self.callbacks = list(callbacks)
+        self.hooks = _hooks_of(where, self.callbacks)
+        self.optimizer = self._check_optimizer(optimizer)
+
+    def _check_optimizer(self, optimizer) -> Optimizer:
+        """The optimizer given, else that of this network's previous fit, else a new Adam."""
+        where, net = self.where, self.net
         if optimizer is None:
-            optimizer = Adam(net, lr=1e-3)
-    elif not isinstance(optimizer, Optimizer):
-        raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but got "
-                        f"{type_name(optimizer)}")
-    if optimizer._net_ref() is not net:
-        raise ValueError(f"[{where}] the optimizer is bound to another network; create it with "
-                         "this one, e.g. bprop.optim.Adam(net)")
-    if getattr(strategy, "size", 1) > 1 and optimizer.hyperparameters.get("lazy", False):
-        # each rank knows the rows its own batch touches, not the other ranks'
-        raise ValueError(f"[{where}] a lazy optimizer ({optimizer!r}) cannot train over MPI "
-                         "(comm with more than one rank): the ranks' batches touch different "
-                         "rows; use lazy=False")
+            optimizer = getattr(net, "_fit_optimizer", None)
+            if optimizer is None:
+                optimizer = Adam(net, lr=1e-3)
+        elif not isinstance(optimizer, Optimizer):
+            raise TypeError(f"[{where}] optimizer must be a bprop.optim optimizer or None, but "
+                            f"got {type_name(optimizer)}")
+        if optimizer._net_ref() is not net:
+            raise ValueError(f"[{where}] the optimizer is bound to another network; create it "
+                             "with this one, e.g. bprop.optim.Adam(net)")
+        if getattr(self.strategy, "size", 1) > 1 and optimizer.hyperparameters.get("lazy", False):
+            # each rank knows the rows its own batch touches, not the other ranks'
+            raise ValueError(f"[{where}] a lazy optimizer ({optimizer!r}) cannot train over MPI "
+                             "(comm with more than one rank): the ranks' batches touch "
+                             "different rows; use lazy=False")
+        return optimizer
 
-    valid: Optional[_Dataset] = None
-    if validation_data is not None and _is_batch_source(validation_data):
-        valid = _Stream(where, "validation_data", validation_data, net, builtin, epochs)
-    elif validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
-            raise TypeError(f"[{where}] validation_data must be (X_val, y_val) or (X_val, y_val, "
-                            f"sample_weight_val), but got {type_name(validation_data)}")
-        vw = validation_data[2] if len(validation_data) == 3 else None
-        valid = _Dataset(where, net, validation_data[0], validation_data[1], vw, builtin,
-                         ("validation_data[0]", "validation_data[1]", "validation_data[2]"))
+    def check_validation_data(self, validation_data) -> None:
+        """validation_data as arrays or batches, or None (split_validation may set it)."""
+        where, net = self.where, self.net
+        self.valid: Optional[_Dataset] = None
+        if validation_data is not None and _is_batch_source(validation_data):
+            self.valid = _Stream(where, "validation_data", validation_data, net, self.builtin,
+                                 self.epochs)
+        elif validation_data is not None:
+            if (not isinstance(validation_data, (tuple, list))
+                    or len(validation_data) not in (2, 3)):
+                raise TypeError(f"[{where}] validation_data must be (X_val, y_val) or (X_val, "
+                                f"y_val, sample_weight_val), but got "
+                                f"{type_name(validation_data)}")
+            vw = validation_data[2] if len(validation_data) == 3 else None
+            self.valid = _Dataset(where, net, validation_data[0], validation_data[1], vw,
+                                  self.builtin, ("validation_data[0]", "validation_data[1]",
+                                                 "validation_data[2]"))
 
-    ckpt, resumed = None, None
-    if checkpoint is not None and isinstance(valid, _Stream):
-        raise ValueError(f"[{where}] checkpoint cannot be used with validation_data given as "
-                         "batches (an iterable): its checksum would need a pass over it; "
-                         "pass (X_val, y_val) arrays")
-    if checkpoint is not None:
-        settings = dict(epochs=epochs, batch_size=batch_size, shuffle=shuffle,
+    def open_checkpoint(self, loss, class_weight) -> None:
+        """Reads the checkpoint file, if any, and checks that it belongs to this run;
+        a resumed run's generator goes back to its state at the start."""
+        where, net, train, valid = self.where, self.net, self.train_data, self.valid
+        self.ckpt, self.resumed = None, None
+        if self.checkpoint is not None and isinstance(valid, _Stream):
+            raise ValueError(f"[{where}] checkpoint cannot be used with validation_data given "
+                             "as batches (an iterable): its checksum would need a pass over "
+                             "it; pass (X_val, y_val) arrays")
+        if self.checkpoint is None:
+            return
+        seed = self.seed
+        settings = dict(epochs=self.epochs, batch_size=self.batch_size, shuffle=self.shuffle,
                         seed=seed if not isinstance(seed, np.random.Generator) else "Generator",
-                        validation_split=validation_split, early_stopping=early_stopping,
-                        loss=_describe(loss), metrics=[name for name, _ in metric_fns],
-                        class_weight=class_weight, clip_grad_norm=clip_grad_norm,
-                        check_finite=check_finite, checkpoint_every=checkpoint_every)
+                        validation_split=self.validation_split,
+                        early_stopping=self.early_stopping, loss=_describe(loss),
+                        metrics=[name for name, _ in self.metric_fns],
+                        class_weight=class_weight, clip_grad_norm=self.clip_grad_norm,
+                        check_finite=self.check_finite, checkpoint_every=self.checkpoint_every)
         fingerprint = {
             "network": f"{net.dtype.name} {_architecture(net.layers)}",
             "data": _resume.data_fingerprint(
                 [("training", train.X, train.y, train.w)]
                 + ([] if valid is None else [("validation", valid.X, valid.y, valid.w)])),
             "arguments": ", ".join(f"{k}={v!r}" for k, v in settings.items()),
-            "optimizer": repr(optimizer),
-            "callbacks with state": repr([type_name(c) for _, c in _resume.stateful(callbacks)]),
-            "ranks": str(getattr(strategy, "size", 1)),
+            "optimizer": repr(self.optimizer),
+            "callbacks with state": repr([type_name(c)
+                                          for _, c in _resume.stateful(self.callbacks)]),
+            "ranks": str(getattr(self.strategy, "size", 1)),
         }
-        ckpt = _resume.Checkpoint(checkpoint, checkpoint_every, fingerprint,
-                                  writer=strategy.rank == 0)
-        resumed = ckpt.read(net, optimizer)  # checked: raises before anything changes
-        if resumed is not None:
-            rng.bit_generator.state = resumed["rng_initial"]
-        ckpt.rng_initial = rng.bit_generator.state
+        self.ckpt = _resume.Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint,
+                                       writer=self.strategy.rank == 0)
+        self.resumed = self.ckpt.read(net, self.optimizer)  # checked: raises before any change
+        if self.resumed is not None:
+            self.rng.bit_generator.state = self.resumed["rng_initial"]
+        self.ckpt.rng_initial = self.rng.bit_generator.state
 
-    if validation_data is None and validation_split > 0:
+    def split_validation(self, validation_data) -> None:
+        """Holds out the tail of a (shuffled) permutation for validation_split."""
+        where, validation_split = self.where, self.validation_split
+        if validation_data is not None or not validation_split > 0:
+            return
+        train = self.train_data
         n = len(train)
         split_at = int(n * (1.0 - validation_split))
         if split_at < 1 or split_at >= n:
             raise ValueError(f"[{where}] validation_split={validation_split} of {n} samples "
                              f"leaves {split_at} for training and {n - split_at} for "
                              "validation; both need at least one")
-        order = rng.permutation(n) if shuffle else np.arange(n)
+        order = self.rng.permutation(n) if self.shuffle else np.arange(n)
         # The validation rows are copied (evaluated once per epoch, in one piece);
         # the training rows stay where they are and are gathered by index.
         valid = train.subset(order[split_at:], copy=True)
         train = train.subset(order[:split_at], copy=False)
+        self.train_data, self.valid = train, valid
         for part, data in (("training", train), ("validation", valid)):
             if data.w is not None and not data.w.sum(dtype=np.float64) > 0:
                 raise ValueError(f"[{where}] the {part} part of validation_split={validation_split}"
                                  " has only zero sample weights")
 
-    if class_weights is not None:  # the training rows only, after any validation split
-        factor = class_weights[_class_labels(train.y)].astype(net.dtype)
-        train.w = factor if train.w is None else train.w * factor
-    monitor = "val_loss" if valid is not None else "loss"
-    stopper = None
-    if early_stopping is not None:  # the short form of the EarlyStopping callback, run first
-        stopper = EarlyStopping(monitor, patience=early_stopping, restore_best_weights=True)
-        for name, fns in _hooks_of(where, [stopper]).items():
-            hooks[name][:0] = fns
-        callbacks.insert(0, stopper)
+    def weigh_classes_and_stop_early(self) -> None:
+        """The class weights into the training rows' weights; early_stopping's callback."""
+        train = self.train_data
+        if self.class_weights is not None:  # the training rows only, after any split
+            factor = self.class_weights[_class_labels(train.y)].astype(self.net.dtype)
+            train.w = factor if train.w is None else train.w * factor
+        self.monitor = "val_loss" if self.valid is not None else "loss"
+        self.stopper = None
+        if self.early_stopping is not None:  # the short form of EarlyStopping, run first
+            self.stopper = EarlyStopping(self.monitor, patience=self.early_stopping,
+                                         restore_best_weights=True)
+            for name, fns in _hooks_of(self.where, [self.stopper]).items():
+                self.hooks[name][:0] = fns
+            self.callbacks.insert(0, self.stopper)
 
-    # Everything is checked; from here on the network and optimizer change (from
-    # fit's claim on the network below, which refuses a second fit in another thread).
-    kernel = builtin.kernel if builtin is not None else _user_loss(where, loss_fn, net)
-    if not stream:  # (Local: the BatchNorm check that needs every minibatch's size)
-        strategy.start(net, optimizer, rng, train, valid, epochs=epochs, batch_size=batch_size,
-                   shuffle=shuffle, loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
-                   metrics=[name for name, _ in metric_fns], early_stopping=early_stopping,
-                   check_finite=check_finite, callbacks=[type_name(c) for c in callbacks],
-                   resumed_from=None if resumed is None else (
-                       resumed["epoch"], resumed["batch"], resumed["finished"]))
-    step = strategy.step_function(net, optimizer, kernel, builtin and builtin.name,
-                                  clip_grad_norm)
-    history = History()
-    # what a divergence or early stopping restores: parameters and buffers
-    params = [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]
+    # ---- the loop ----
 
-    def diverged(epoch: int, batch: int, value: float, what: str = "loss") -> None:
-        _diverged(net, optimizer, params, snapshot, opt_snapshot, history, epoch, epochs, batch,
-                  n_batches, value, lr, what)
+    def build_loop(self) -> None:
+        """The strategy started, the step function, the History and the Loop."""
+        net, optimizer, strategy, train = self.net, self.optimizer, self.strategy, self.train_data
+        builtin, loss_fn, resumed = self.builtin, self.loss_fn, self.resumed
+        self.kernel = (builtin.kernel if builtin is not None
+                       else _user_loss(self.where, loss_fn, net))
+        if not self.stream:  # (Local: the BatchNorm check that needs every minibatch's size)
+            strategy.start(net, optimizer, self.rng, train, self.valid, epochs=self.epochs,
+                           batch_size=self.batch_size, shuffle=self.shuffle,
+                           loss=getattr(loss_fn, "__name__", type_name(loss_fn)),
+                           metrics=[name for name, _ in self.metric_fns],
+                           early_stopping=self.early_stopping, check_finite=self.check_finite,
+                           callbacks=[type_name(c) for c in self.callbacks],
+                           resumed_from=None if resumed is None else (
+                               resumed["epoch"], resumed["batch"], resumed["finished"]))
+        step = strategy.step_function(net, optimizer, self.kernel, builtin and builtin.name,
+                                      self.clip_grad_norm)
+        self.history = History()
+        # what a divergence or early stopping restores: parameters and buffers
+        params = [p for _, p, _ in net.parameters()] + [b for _, b in net.buffers()]
+        # (the loop holds diverged, which must not refer to the loop or to this
+        # object: the cycle would keep the network alive after fit until the cycle
+        # collector ran)
+        self.diverged = _Divergence(net, optimizer, params, self.history, self.epochs)
+        if self.stream:
+            self.loop = _loop.Loop.over_batches(train.batches, step, self.diverged,
+                                                params=params, check_finite=self.check_finite)
+        else:
+            self.loop = _loop.Loop(train.X, train.y, train.w, self.batch_size, step,
+                                   self.diverged, rows=train.rows, params=params,
+                                   check_finite=self.check_finite)
+        self.diverged.n_batches = self.loop.batches
 
-    # (diverged must not refer to loop, which holds it: the cycle would keep the
-    # network alive after fit until the cycle collector ran)
-    if stream:
-        loop = _loop.Loop.over_batches(train.batches, step, diverged, params=params,
-                                       check_finite=check_finite)
-    else:
-        loop = _loop.Loop(train.X, train.y, train.w, batch_size, step, diverged,
-                          rows=train.rows, params=params, check_finite=check_finite)
-    n_batches = loop.batches
+    def train(self) -> History:
+        """The epochs, inside fit's claim on the network; restores the network's
+        mode and closes the progress bar however they end."""
+        net = self.net
+        self.progress: Optional[_Progress] = None
+        was_training = None
+        self.logs: Dict[str, float] = {}
+        try:
+            # The claim: until fit returns, the network's forward, backward, step and
+            # train_step (and fit) from other threads raise RuntimeError; predict works.
+            # Made inside the try, so that a KeyboardInterrupt right after it releases it.
+            net._core._begin_training("fit")
+            net._fit_optimizer = self.optimizer
+            was_training = net.training
+            net._core.training = True  # fit trains in training mode, then restores the mode
+            start = self._begin()
+            if start is None:  # a finished run's checkpoint: nothing to train
+                return self.history
+            for epoch in range(start[0], self.epochs):
+                if self._epoch(epoch, *start):
+                    break
+            for hook in self.hooks["on_train_end"]:  # early stopping restores the best weights
+                hook(dict(self.logs))
+            if self.ckpt is not None:  # the final state: a rerun returns it without training
+                self.ckpt.write(net, self.optimizer, self.callbacks, self.history,
+                                epoch=self.epochs, batch=0, totals=(0.0, 0.0),
+                                epoch_lr=self.optimizer.lr, rng_epoch=self.rng.bit_generator.state,
+                                finished=True)
+        except KeyboardInterrupt as exc:
+            # Ctrl-C: the interrupted step was made and counted, or not made (the core
+            # counts steps in the call that makes them), so the network and optimizer
+            # agree and fit can be called again to go on. The claim was made (nothing
+            # before it in the try can raise this), so the optimizer is fit's, even if
+            # the interrupt came right after the claim.
+            net._fit_optimizer = self.optimizer
+            exc.history = self.history
+            raise
+        finally:
+            net._core._end_training()  # first: nothing may come between a raise and this
+            if was_training is not None:
+                net._core.training = was_training
+            if self.progress is not None:
+                self.progress.close()
 
-    def scores(data, loss_fn, prefix: str = "") -> Dict[str, float]:
-        if isinstance(data, _Stream):  # a pass over the batches, outputs gathered
-            out, targets = data.outputs(net._core)
-            return _scores(out, targets, loss_fn, metric_fns, prefix)
-        return _scores(strategy.outputs(net, data), data, loss_fn, metric_fns, prefix)
+        if self.verbose:
+            _summary(self.history, self.epochs, self.monitor)
+        return self.history
 
-    progress = None
-    was_training = None
-    logs: Dict[str, float] = {}
-    try:
-        # The claim: until fit returns, the network's forward, backward, step and
-        # train_step (and fit) from other threads raise RuntimeError; predict works.
-        # Made inside the try, so that a KeyboardInterrupt right after it releases it.
-        net._core._begin_training("fit")
-        net._fit_optimizer = optimizer
-        was_training = net.training
-        net._core.training = True  # fit trains in training mode, then restores the mode
-        if verbose:
-            progress = _Progress(epochs, n_batches)
-        step_hooks = None
-        if hooks["on_batch_end"] or progress is not None:
-            step_hooks = _StepHooks(hooks["on_batch_end"], progress, optimizer, strategy)
-            loop.on_step = step_hooks
+    def _begin(self) -> Optional[Tuple[int, int, Tuple[float, float]]]:
+        """The progress bar, the step hooks, set_network and on_train_begin (or the
+        checkpoint's state restored); returns where training starts (epoch, batch,
+        the epoch's running totals), or None if the checkpoint's run had finished."""
+        net, callbacks, hooks, resumed = self.net, self.callbacks, self.hooks, self.resumed
+        if self.verbose:
+            self.progress = _Progress(self.epochs, self.loop.batches)
+        self.step_hooks = None
+        if hooks["on_batch_end"] or self.progress is not None:
+            self.step_hooks = _StepHooks(hooks["on_batch_end"], self.progress, self.optimizer,
+                                         self.strategy)
+            self.loop.on_step = self.step_hooks
         for cb in callbacks:
             set_network = getattr(cb, "set_network", None)
             if set_network is not None:
                 set_network(net)
-        first_epoch, first_batch, totals = 0, 0, (0.0, 0.0)
-        if resumed is not None:
-            # the run that wrote the checkpoint began the training; its callbacks'
-            # state is restored instead of calling their on_train_begin
-            restored = {id(cb) for _, cb in _resume.stateful(callbacks)}
-            ckpt.restore(resumed, net, optimizer, callbacks, history)
-            for cb in callbacks:
-                hook = getattr(cb, "on_train_begin", None)
-                if id(cb) not in restored and hook in hooks["on_train_begin"]:
-                    hook({})
-            if resumed["finished"]:  # nothing to train: the run's end, as it ended
-                last = {k: v[-1] for k, v in history.history.items() if v}
-                for hook in hooks["on_train_end"]:
-                    hook(last)
-                return history
-            first_epoch, first_batch = resumed["epoch"], resumed["batch"]
-            totals = tuple(resumed["totals"])
-            rng.bit_generator.state = resumed["rng_epoch"]
-        else:
+        if resumed is None:
             for hook in hooks["on_train_begin"]:
                 hook({})
-        for epoch in range(first_epoch, epochs):
-            start = time.perf_counter()
-            # The last finite weights, should this epoch diverge.
-            snapshot = [p.copy() for p in params]
-            opt_snapshot = optimizer.state_dict()
-            rng_epoch = rng.bit_generator.state if ckpt is not None else None
-            perm = rng.permutation(len(train)) if shuffle and not stream else None
-            if progress is not None:
-                progress.start_epoch(epoch)
-            if epoch == first_epoch and first_batch > 0:  # resumed inside this epoch
-                lr = resumed["epoch_lr"]
-            else:
-                lr = optimizer.lr
-                for hook in hooks["on_epoch_begin"]:
-                    hook(epoch, {"lr": lr})
-            if step_hooks is not None:
-                step_hooks.batch = (first_batch if epoch == first_epoch else 0) - 1
-            if ckpt is not None and checkpoint_every is not None:
-                loop.on_position = functools.partial(
-                    _write_position, ckpt, net, optimizer, callbacks, history, epoch, lr,
-                    rng_epoch)
-                loop.position_every = checkpoint_every
-            if epoch == first_epoch:
-                total, total_weight = loop.epoch(epoch, perm, first_batch, totals)
-            else:
-                total, total_weight = loop.epoch(epoch, perm)
-            if stream and loop.batches == 0:
-                raise ValueError(f"[{where}] X yielded no batches in epoch {epoch + 1}; an "
-                                 "iterable that a pass exhausts must start a new pass each "
-                                 "time it is iterated (or pass a generator function)")
+            return 0, 0, (0.0, 0.0)
+        # the run that wrote the checkpoint began the training; its callbacks'
+        # state is restored instead of calling their on_train_begin
+        restored = {id(cb) for _, cb in _resume.stateful(callbacks)}
+        self.ckpt.restore(resumed, net, self.optimizer, callbacks, self.history)
+        for cb in callbacks:
+            begin = getattr(cb, "on_train_begin", None)
+            if id(cb) not in restored and begin in hooks["on_train_begin"]:
+                begin({})
+        if resumed["finished"]:  # the run's end, as it ended
+            last = {k: v[-1] for k, v in self.history.history.items() if v}
+            for hook in hooks["on_train_end"]:
+                hook(last)
+            return None
+        self.rng.bit_generator.state = resumed["rng_epoch"]
+        return resumed["epoch"], resumed["batch"], tuple(resumed["totals"])
 
-            logs = {"loss": total / total_weight if total_weight else math.nan}
-            if metric_fns:
-                logs.update(scores(train, None))
-            if valid is not None:
-                logs.update(scores(valid, kernel, "val_"))
-            if not math.isfinite(logs.get("val_loss", 0.0)):
-                diverged(epoch, loop.batches - 1, logs["val_loss"], "validation loss")
-            logs["lr"] = lr
-            logs["time"] = strategy.slowest(time.perf_counter() - start)  # one History per job
-            history._append(logs, [name for name, _ in metric_fns], valid is not None)
-            if progress is not None:
-                progress.end_epoch(logs)
+    def _epoch(self, epoch: int, first_epoch: int, first_batch: int,
+               totals: Tuple[float, float]) -> bool:
+        """One epoch's steps (the first one resumed from first_batch and totals),
+        then _end_epoch; true if training stops."""
+        optimizer, rng, loop, ckpt = self.optimizer, self.rng, self.loop, self.ckpt
+        start = time.perf_counter()
+        self.diverged.remember()  # the last finite weights, should this epoch diverge
+        rng_epoch = rng.bit_generator.state if ckpt is not None else None
+        perm = (rng.permutation(len(self.train_data)) if self.shuffle and not self.stream
+                else None)
+        if self.progress is not None:
+            self.progress.start_epoch(epoch)
+        if epoch == first_epoch and first_batch > 0:  # resumed inside this epoch
+            lr = self.resumed["epoch_lr"]
+        else:
+            lr = optimizer.lr
+            for hook in self.hooks["on_epoch_begin"]:
+                hook(epoch, {"lr": lr})
+        self.diverged.lr = lr
+        if self.step_hooks is not None:
+            self.step_hooks.batch = (first_batch if epoch == first_epoch else 0) - 1
+        if ckpt is not None and self.checkpoint_every is not None:
+            loop.on_position = functools.partial(
+                _write_position, ckpt, self.net, optimizer, self.callbacks, self.history,
+                epoch, lr, rng_epoch)
+            loop.position_every = self.checkpoint_every
+        if epoch == first_epoch:
+            total, total_weight = loop.epoch(epoch, perm, first_batch, totals)
+        else:
+            total, total_weight = loop.epoch(epoch, perm)
+        if self.stream and loop.batches == 0:
+            raise ValueError(f"[{self.where}] X yielded no batches in epoch {epoch + 1}; an "
+                             "iterable that a pass exhausts must start a new pass each "
+                             "time it is iterated (or pass a generator function)")
+        return self._end_epoch(epoch, lr, start, total, total_weight)
 
-            stop = loop.stopped  # an on_batch_end stopped the epoch (on every rank)
-            for hook in hooks["on_epoch_end"]:
-                if hook(epoch, dict(logs)):
-                    stop = True
-            if stopper is not None:
-                history.best_epoch = stopper.best_epoch
-            if strategy.any(stop):  # a callback that stops one rank stops them all
-                history.stopped_early = epoch < epochs - 1 or loop.stopped
-                break
-            if ckpt is not None and epoch < epochs - 1:
-                ckpt.write(net, optimizer, callbacks, history, epoch=epoch + 1, batch=0,
-                           totals=(0.0, 0.0), epoch_lr=optimizer.lr,
-                           rng_epoch=rng.bit_generator.state)
-        for hook in hooks["on_train_end"]:  # early stopping restores the best weights
-            hook(dict(logs))
-        if ckpt is not None:  # the final state: a rerun returns it without training
-            ckpt.write(net, optimizer, callbacks, history, epoch=epochs, batch=0,
-                       totals=(0.0, 0.0), epoch_lr=optimizer.lr,
-                       rng_epoch=rng.bit_generator.state, finished=True)
-    except KeyboardInterrupt as exc:
-        # Ctrl-C: the interrupted step was made and counted, or not made (the core
-        # counts steps in the call that makes them), so the network and optimizer
-        # agree and fit can be called again to go on. The claim was made (nothing
-        # before it in the try can raise this), so the optimizer is fit's, even if
-        # the interrupt came right after the claim.
-        net._fit_optimizer = optimizer
-        exc.history = history
-        raise
-    finally:
-        net._core._end_training()  # first: nothing may come between a raise and this
-        if was_training is not None:
-            net._core.training = was_training
-        if progress is not None:
-            progress.close()
+    def _end_epoch(self, epoch: int, lr: float, start: float, total: float,
+                   total_weight: float) -> bool:
+        """The epoch's logs into the History, on_epoch_end, and the checkpoint of
+        the next epoch's start; true if training stops."""
+        history, loop, valid, metric_fns = self.history, self.loop, self.valid, self.metric_fns
+        logs = {"loss": total / total_weight if total_weight else math.nan}
+        self.logs = logs
+        if metric_fns:
+            logs.update(self._scores(self.train_data, None))
+        if valid is not None:
+            logs.update(self._scores(valid, self.kernel, "val_"))
+        if not math.isfinite(logs.get("val_loss", 0.0)):
+            self.diverged(epoch, loop.batches - 1, logs["val_loss"], "validation loss")
+        logs["lr"] = lr
+        logs["time"] = self.strategy.slowest(time.perf_counter() - start)  # one History per job
+        history._append(logs, [name for name, _ in metric_fns], valid is not None)
+        if self.progress is not None:
+            self.progress.end_epoch(logs)
 
-    if verbose:
-        _summary(history, epochs, monitor)
-    return history
+        stop = loop.stopped  # an on_batch_end stopped the epoch (on every rank)
+        for hook in self.hooks["on_epoch_end"]:
+            if hook(epoch, dict(logs)):
+                stop = True
+        if self.stopper is not None:
+            history.best_epoch = self.stopper.best_epoch
+        if self.strategy.any(stop):  # a callback that stops one rank stops them all
+            history.stopped_early = epoch < self.epochs - 1 or loop.stopped
+            return True
+        if self.ckpt is not None and epoch < self.epochs - 1:  # the next epoch's start
+            self.ckpt.write(self.net, self.optimizer, self.callbacks, history, epoch=epoch + 1,
+                            batch=0, totals=(0.0, 0.0), epoch_lr=self.optimizer.lr,
+                            rng_epoch=self.rng.bit_generator.state)
+        return False
+
+    def _scores(self, data, loss_fn, prefix: str = "") -> Dict[str, float]:
+        """Loss (if loss_fn) and metrics of the network on data, names prefixed."""
+        if isinstance(data, _Stream):  # a pass over the batches, outputs gathered
+            out, targets = data.outputs(self.net._core)
+            return _scores(out, targets, loss_fn, self.metric_fns, prefix)
+        return _scores(self.strategy.outputs(self.net, data), data, loss_fn, self.metric_fns,
+                       prefix)
+
+
+class _Divergence:
+    """The loop's on_diverged: restores the weights and optimizer state of the
+    epoch's start (the last finite ones) and raises FloatingPointError."""
+
+    def __init__(self, net: Network, optimizer: Optimizer, params: list, history: History,
+                 epochs: int) -> None:
+        self.net, self.optimizer, self.params = net, optimizer, params
+        self.history, self.epochs = history, epochs
+        self.n_batches = 0
+        self.lr = math.nan
+        self.snapshot: list = []
+        self.opt_snapshot: dict = {}
+
+    def remember(self) -> None:
+        """Copies the parameters, buffers and optimizer state (at each epoch's start)."""
+        self.snapshot = [p.copy() for p in self.params]
+        self.opt_snapshot = self.optimizer.state_dict()
+
+    def __call__(self, epoch: int, batch: int, value: float, what: str = "loss") -> None:
+        _diverged(self.net, self.optimizer, self.params, self.snapshot, self.opt_snapshot,
+                  self.history, epoch, self.epochs, batch, self.n_batches, value, self.lr, what)
 
 
 def _write_position(ckpt, net, optimizer, callbacks, history, epoch, epoch_lr, rng_epoch,
