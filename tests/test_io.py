@@ -8,6 +8,8 @@ import os
 import struct
 import sys
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -347,3 +349,41 @@ def test_the_files_are_safetensors_files(make_network, tmp_path):
     their_header, their_body = _split(theirs)
     assert their_header == header and their_body == body
     assert len(data) == len(theirs) and (len(data) - len(body)) % 8 == 0
+
+
+def test_load_reads_the_tensors_into_place_without_a_second_copy(tmp_path):
+    """Issue 10: the tensors are read straight into the new network's parameters (and,
+    with with_optimizer, into the new optimizer's state); optimizer state that is not
+    wanted only passes through the digest, 4 MiB at a time. NumPy's allocations while
+    loading (tracemalloc; the network's own storage is the core's) stay far below the
+    file's size: they were the whole file, and twice the optimizer state, before."""
+    net = bprop.Network([bprop.Dense(512, 1024, activation="relu"), bprop.Dense(1024, 1024)],
+                        seed=0)
+    opt = bprop.optim.Adam(net, lr=1e-3)
+    X = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
+    net.train_step(X, np.zeros((16, 1024), np.float32), loss="mean_squared_error",
+                   optimizer=opt)
+    path = tmp_path / "net.bprop"
+    bprop.save(net, path, optimizer=opt)
+    size = path.stat().st_size  # parameters, exp_avg and exp_avg_sq: ~19 MB
+    state_bytes = sum(a.nbytes for slots in opt.state_dict()["state"].values()
+                      for a in slots.values())
+
+    tracemalloc.start()
+    try:
+        alone = bprop.load(path)
+        _, peak_alone = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        loaded, loaded_opt = bprop.load(path, with_optimizer=True)
+        _, peak_with = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak_alone < 0.4 * size, (peak_alone, size)
+    assert peak_with < state_bytes + 0.4 * (size - state_bytes) + (1 << 20), (peak_with, size)
+    for other in (alone, loaded):
+        for (_, p, _), (_, q, _) in zip(net.parameters(), other.parameters()):
+            assert np.array_equal(p, q)
+    assert loaded_opt.step_count == opt.step_count
+    for name, slots in opt.state_dict()["state"].items():
+        for k, a in slots.items():
+            assert np.array_equal(loaded_opt.state_dict()["state"][name][k], a)

@@ -141,8 +141,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 class CheckpointError(ValueError):
     """A file is not a readable bprop checkpoint: not a regular file, truncated,
-    corrupted, foreign, or inconsistent with itself. Raised before any network is
-    built."""
+    corrupted, foreign, or inconsistent with itself. No network is returned (every
+    size is checked against the file before anything is allocated for it)."""
 
 
 def _digest(tensors: Dict[str, np.ndarray]) -> str:
@@ -722,29 +722,10 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
     layout = _check_tensor_entries(path, header, params, buffers, opt_info, dtype_name,
                                    size - data_start)
 
-    # Every size is checked against the file: read each tensor into its own array.
-    little = np.dtype(dtype_name).newbyteorder("<")
-    tensors = {}
-    for begin, name, shape in layout:
-        a = np.empty(shape, dtype=little)
-        want = a.nbytes
-        got = _read_into(f, memoryview(a).cast("B"))
-        if got < want:
-            raise _fail(path, f"the file ended {want - got} bytes short of the end of tensor "
-                              f"{name!r} (it shrank while it was read?)")
-        tensors[name] = a
-    if _digest(tensors) != meta["sha256"]:
-        raise _fail(path, "the sha256 digest of its tensors does not match the metadata: the "
-                          "data are corrupted")
-    if meta.get("metadata_sha256") != _metadata_digest(meta, network_keys):
-        what = "lacks" if "metadata_sha256" not in meta else "does not match"
-        raise _fail(path, f"the digest of its metadata ({described}) {what} "
-                          "metadata_sha256: the header is corrupted")
-    for name, a in tensors.items():
-        if not np.isfinite(a).all():
-            raise _fail(path, f"tensor {name!r} holds NaN or inf")
-
-    # Checked: build the network (and optimizer) now.
+    # Every size is checked against the file: build the network, then read each
+    # tensor once, in the digest's (name) order, straight into its parameter or
+    # buffer; optimizer state into arrays when it is wanted, else only through the
+    # digest, a piece at a time. The file is never held in memory beside the network.
     try:
         net = Network._zeros(layers, dtype=dtype_name)
     except (TypeError, ValueError, OverflowError) as exc:  # a slope beyond float32's range
@@ -754,29 +735,80 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
         # the network names its tensors otherwise than this module expects
         raise _fail(path, f"the network built from the architecture has the parameters "
                           f"{built[0]} and buffers {built[1]}, not those of the file")
-    for name, p, _ in net.parameters():
-        p[...] = tensors.pop(name)
-    for name, b in net.buffers():
-        b[...] = tensors.pop(name)
-    if mode is not None:
-        net._core.training, net._core.dropout_seed, net._core.dropout_step = mode
+    targets: Dict[str, np.ndarray] = {name: p for name, p, _ in net.parameters()}
+    targets.update(net.buffers())
     optimizer = None
     if with_optimizer and opt_info is not None:
-        state = {}
-        for pname in params:
-            prefix = f"{_OPT_PREFIX}{pname}."
-            state[pname] = {k[len(prefix):]: a for k, a in tensors.items()
-                            if k.startswith(prefix)}
         hyper = dict(opt_info["hyperparameters"])
         if isinstance(hyper.get("betas"), list):
             hyper["betas"] = tuple(hyper["betas"])
-        sd = {"optimizer": opt_info["class"], "step": opt_info["step"],
-              "hyperparameters": hyper, "state": state}
-        try:
-            # Construct with the saved hyperparameters, then restore the state;
-            # either one refusing the data is a corrupt checkpoint.
+        try:  # built with the saved hyperparameters; its state is read into place below
             optimizer = OPTIMIZERS[opt_info["class"]](net, **hyper)
-            optimizer.load_state_dict(sd)
+        except (TypeError, ValueError) as exc:
+            raise _fail(path, f"the optimizer state does not load ({exc})") from None
+        for pname, arrays in optimizer._state.items():
+            targets.update((f"{_OPT_PREFIX}{pname}.{k}", a) for k, a in arrays.items())
+    little = np.dtype(dtype_name).newbyteorder("<")
+    state: Dict[str, np.ndarray] = {}
+    digest = hashlib.sha256()
+    nonfinite = None
+    scratch = np.empty(0, dtype=little)
+    for begin, name, shape in sorted(layout, key=lambda entry: entry[1]):
+        digest.update(f"{name}|{little.name}|{tuple(shape)}\n".encode())
+        f.seek(data_start + begin)
+        target = targets.get(name)
+        if target is None and optimizer is not None:  # a slot the optimizer does not have:
+            target = np.empty(shape, dtype=little)    # load_state_dict names it below
+        if optimizer is not None and name.startswith(_OPT_PREFIX):
+            state[name] = target
+        if target is not None:
+            pieces = [target if target.flags.c_contiguous and target.dtype == little
+                      else np.empty(shape, dtype=little)]
+        else:  # unwanted optimizer state: hashed and checked in pieces of at most 4 MiB
+            count = math.prod(shape)
+            step = max(1, (4 << 20) // little.itemsize)
+            if scratch.size < min(count, step):
+                scratch = np.empty(0)  # freed before the larger one is made
+                scratch = np.empty(min(count, step), dtype=little)
+            pieces = [scratch[:min(step, count - i)] for i in range(0, count, step)]
+        short = 0
+        for piece in pieces:
+            got = _read_into(f, memoryview(piece).cast("B"))
+            short += piece.nbytes - got
+            if short:
+                break
+            digest.update(memoryview(piece).cast("B"))
+            if nonfinite is None and not np.isfinite(piece).all():
+                nonfinite = name
+        if short:
+            raise _fail(path, f"the file ended {short} bytes short of the end of tensor "
+                              f"{name!r} (it shrank while it was read?)")
+        if target is not None and pieces[0] is not target:
+            target[...] = pieces[0]
+    if digest.hexdigest() != meta["sha256"]:
+        raise _fail(path, "the sha256 digest of its tensors does not match the metadata: the "
+                          "data are corrupted")
+    if meta.get("metadata_sha256") != _metadata_digest(meta, network_keys):
+        what = "lacks" if "metadata_sha256" not in meta else "does not match"
+        raise _fail(path, f"the digest of its metadata ({described}) {what} "
+                          "metadata_sha256: the header is corrupted")
+    if nonfinite is not None:
+        raise _fail(path, f"tensor {nonfinite!r} holds NaN or inf")
+
+    if mode is not None:
+        net._core.training, net._core.dropout_seed, net._core.dropout_step = mode
+    if optimizer is not None:
+        slots: Dict[str, Dict[str, np.ndarray]] = {}
+        for pname in params:
+            prefix = f"{_OPT_PREFIX}{pname}."
+            slots[pname] = {k[len(prefix):]: a for k, a in state.items()
+                            if k.startswith(prefix)}
+        sd = {"optimizer": opt_info["class"], "step": opt_info["step"],
+              "hyperparameters": hyper, "state": slots}
+        try:
+            # every check of load_state_dict, on the arrays read (its own, in place:
+            # adopted, not copied); refusing them means a corrupt checkpoint
+            optimizer._load_state_dict(sd, adopt=True)
         except (TypeError, ValueError) as exc:
             raise _fail(path, f"the optimizer state does not load ({exc})") from None
         if meta.get("optimizer_sha256") != _metadata_digest(meta, _OPTIMIZER_KEYS):

@@ -232,6 +232,12 @@ class Optimizer:
             ValueError: the dict does not fit this optimizer and network (wrong
                 class, keys, types, shapes, or non-finite values); nothing changes.
         """
+        self._load_state_dict(state_dict, adopt=False)
+
+    def _load_state_dict(self, state_dict: Dict[str, Any], adopt: bool) -> None:
+        """load_state_dict; with ``adopt`` the arrays of the parameters' dtype and in C
+        order become the state as they are, not copies (bprop.load gives up the
+        arrays it has just read: no second copy of a checkpoint's state)."""
         where = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, dict):
             raise ValueError(f"[{where}] expected a dict from state_dict(), but got "
@@ -288,7 +294,8 @@ class Optimizer:
                 if a.shape != p.shape:
                     raise ValueError(f"[{where}] state[{name!r}][{k!r}] has shape {a.shape}, "
                                      f"but the parameter has shape {p.shape}")
-                copy = np.array(a, dtype=p.dtype, order="C", copy=True)
+                copy = (a if adopt and a.dtype == p.dtype and a.flags.c_contiguous
+                        else np.array(a, dtype=p.dtype, order="C", copy=True))
                 if not np.isfinite(copy).all():
                     raise ValueError(f"[{where}] state[{name!r}][{k!r}] holds NaN or inf")
                 new_state[name][k] = copy
