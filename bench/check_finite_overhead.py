@@ -4,11 +4,12 @@
     python bench/check_finite_overhead.py --quick
 
 With check_finite=False, fit still does two things for the check: a boolean
-test per step (`check_finite and ...`) and, once per epoch, one pass over the
-parameters (a finite loss can leave non-finite weights behind). The baseline is
-fit compiled from bprop/train.py's own source with exactly those two removed;
-the two run the same batches interleaved round by round, and the best (least
-disturbed) round of each is compared. check_finite=True is shown for scale.
+test per step (`every_step and ...` in bprop/_loop.py's Loop.epoch) and, once per
+epoch, one pass over the parameters (a finite loss can leave non-finite weights
+behind). The baseline is the training loop compiled from bprop/_loop.py's own source
+with exactly those two removed, which fit then uses; the two run the same batches
+interleaved round by round, and the best (least disturbed) round of each is
+compared. check_finite=True is shown for scale.
 
 Two workloads: a tiny network (4-8-3, batch 32: a step is a few microseconds, so
 per-step Python overhead shows most) and a digits-sized one (64-128-10, batch 64).
@@ -26,26 +27,36 @@ import types
 import numpy as np
 
 import bprop
-from bprop import optim, train
+from bprop import _loop, optim
 
-STEP_CHECK = ("if not _isfinite(value) or (check_finite\n" + " " * 48
-              + "and _first_nonfinite(net) is not None):")
-EPOCH_CHECK = "if not check_finite and _first_nonfinite(net) is not None:"
+STEP_CHECK = "if not isfinite(value) or (every_step and not _all_finite(params)):"
+EPOCH_CHECK = "if params and not every_step and not _all_finite(params):"
 
 
-def baseline_module() -> types.ModuleType:
-    """bprop.train with the check_finite work of the check_finite=False path removed."""
-    source = inspect.getsource(train)
-    assert source.count(STEP_CHECK) == 1, "train.py changed: update STEP_CHECK"
-    assert source.count(EPOCH_CHECK) == 1, "train.py changed: update EPOCH_CHECK"
-    source = source.replace(STEP_CHECK, "if not _isfinite(value):")
-    source = source.replace(EPOCH_CHECK, "if False:")
-    module = types.ModuleType("bprop._train_baseline")
-    module.__package__ = "bprop"
-    module.__file__ = train.__file__
-    sys.modules[module.__name__] = module
-    exec(compile(source, train.__file__, "exec"), module.__dict__)
-    return module
+class _Baseline:
+    """bprop.fit with the training loop of bprop/_loop.py recompiled without the
+    check_finite work of the check_finite=False path (swapped in around each call)."""
+
+    def __init__(self) -> None:
+        source = inspect.getsource(_loop)
+        assert source.count(STEP_CHECK) == 1, "_loop.py changed: update STEP_CHECK"
+        assert source.count(EPOCH_CHECK) == 1, "_loop.py changed: update EPOCH_CHECK"
+        source = source.replace(STEP_CHECK, "if not isfinite(value):")
+        source = source.replace(EPOCH_CHECK, "if False:")
+        module = types.ModuleType("bprop._loop_baseline")
+        module.__package__ = "bprop"
+        module.__file__ = _loop.__file__
+        sys.modules[module.__name__] = module
+        exec(compile(source, _loop.__file__, "exec"), module.__dict__)
+        self._epoch = module.Loop.epoch
+
+    def fit(self, *args, **kwargs):
+        original = _loop.Loop.epoch
+        _loop.Loop.epoch = self._epoch
+        try:
+            return bprop.fit(*args, **kwargs)
+        finally:
+            _loop.Loop.epoch = original
 
 
 def run(fit, spec, X, y, batch, epochs, check_finite=False) -> float:
@@ -62,7 +73,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     rounds = 5 if args.quick else 15
-    base = baseline_module()
+    base = _Baseline()
     rng = np.random.default_rng(0)
     workloads = [
         ("tiny 4-8-3, batch 32", [(4, 8, "tanh"), (8, 3)], 32, 32 * 1000, 2),
