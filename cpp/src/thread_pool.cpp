@@ -75,14 +75,22 @@ class Pool {
       return;
     }
     start_workers();
-    task_.store(task, std::memory_order_relaxed);
-    context_.store(context, std::memory_order_relaxed);
-    count_.store(count, std::memory_order_relaxed);
-    done_.store(0, std::memory_order_relaxed);
     const std::uint32_t id = ++job_id_;
+    const std::uint64_t open = std::uint64_t(id) << kJobShift;
+    // The loop's number is published closed (its next index past any count) before
+    // its task, context and count are written, and opened after them. A worker that
+    // reads any of the new values (acquire) therefore also sees the new number, so a
+    // worker still holding an earlier loop's number can never claim an index with
+    // this loop's values (it did: on an oversubscribed machine a late worker ran a
+    // task twice and counted it for the wrong loop).
+    word_.store(open | kIndexMask);
+    task_.store(task, std::memory_order_release);
+    context_.store(context, std::memory_order_release);
+    count_.store(count, std::memory_order_release);
+    done_.store(0, std::memory_order_relaxed);
     // seq_cst store, then seq_cst load of sleepers_: a worker going to sleep
     // either sees this loop or is seen here (and woken).
-    word_.store(std::uint64_t(id) << kJobShift);
+    word_.store(open);
     if (sleepers_.load() > 0) {
       { std::lock_guard<std::mutex> lock(sleep_mutex_); }
       wake_.notify_all();
@@ -211,11 +219,14 @@ class Pool {
       std::uint32_t id = wait_for_job(seen);
       if (stop_.load(std::memory_order_acquire)) return;
       seen = id;
-      // Read after the loop's number (acquire): these are that loop's values, or a
+      // The loop's values are being written while its number is closed.
+      const std::uint64_t closed = (std::uint64_t(id) << kJobShift) | kIndexMask;
+      while (word_.load(std::memory_order_acquire) == closed) cpu_relax();
+      // Read after the loop opened (acquire): these are that loop's values, or a
       // later loop's, and then claim() fails since the number has moved on.
-      const Task task = task_.load(std::memory_order_relaxed);
-      void* const context = context_.load(std::memory_order_relaxed);
-      const Index count = count_.load(std::memory_order_relaxed);
+      const Task task = task_.load(std::memory_order_acquire);
+      void* const context = context_.load(std::memory_order_acquire);
+      const Index count = count_.load(std::memory_order_acquire);
       Index i;
       while (claim(id, count, &i)) {
         task(context, i);
