@@ -13,6 +13,7 @@ runs).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import bprop
-from bprop import losses, optim
+from bprop import _core, losses, optim
 
 SPECS = [(16, 32, "tanh"), (32, 32, "relu"), (32, 4)]
 
@@ -388,3 +389,19 @@ def test_the_gil_is_released_during_core_calls():
         _run_threads([work, count])
         # with the GIL held by the core the counter would only move between calls
         assert counts[0] > 10000, counts
+
+
+def test_every_task_of_a_parallel_loop_runs_once_on_an_oversubscribed_pool():
+    """The pool's loops, many and short, with more threads than cores and the back-off
+    off (so the workers keep competing): every task of every loop runs exactly once
+    before the loop returns. A worker that woke late once claimed an index of the next
+    loop with that loop's values and ran a task twice (issue 11; found as a rare
+    thread-count difference in test_determinism)."""
+    threads, backoff = bprop.get_num_threads(), _core._contention_backoff()
+    try:
+        bprop.set_num_threads(min(16, 2 * (os.cpu_count() or 1)))  # oversubscribed up to 8 cores
+        _core._set_contention_backoff(False)
+        assert _core._check_loops(100_000, 8) == 0
+    finally:
+        _core._set_contention_backoff(backoff)
+        bprop.set_num_threads(threads)

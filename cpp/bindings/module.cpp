@@ -50,6 +50,9 @@ PYBIND11_MODULE(BPROP_MODULE_NAME, m) {
   m.def("_contended_loops", &bprop::contended_loops,
         "How many parallel loops found a worker descheduled (and backed off).");
   m.def("_worker_tasks", &bprop::worker_tasks, "How many tasks bprop's workers have run.");
+  m.def("_check_loops", &bprop::check_loops, py::arg("loops"), py::arg("max_count"),
+        py::call_guard<py::gil_scoped_release>(),
+        "For tests: how many of `loops` parallel loops did not run each task exactly once.");
   m.def("_set_tile_params", [](bprop::Index min_work, bprop::Index max_tiles,
                                bprop::Index min_side, bprop::Index max_repack_two,
                                bprop::Index max_repack, bprop::Index align) {

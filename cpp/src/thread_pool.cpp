@@ -314,6 +314,30 @@ bool contention_backoff() { return pool().backoff_enabled.load(); }
 std::int64_t contended_loops() { return pool().contended_loops_.load(); }
 std::int64_t worker_tasks() { return pool().worker_tasks_.load(); }
 
+std::int64_t check_loops(Index loops, Index max_count) {
+  if (loops < 0 || max_count < 2) {
+    throw std::invalid_argument("[check_loops] loops must be >= 0 and max_count >= 2");
+  }
+  std::vector<std::atomic<int>> marks(static_cast<std::size_t>(max_count));
+  for (auto& m : marks) m.store(0);
+  std::int64_t bad = 0;
+  for (Index l = 0; l < loops; ++l) {
+    const Index count = 2 + l % (max_count - 1);
+    auto task = [&marks](Index i) {
+      for (int k = 0; k < 64; ++k) cpu_relax();  // a little work, as a tile has
+      marks[static_cast<std::size_t>(i)].fetch_add(1, std::memory_order_relaxed);
+    };
+    parallel_for(count, task);
+    bool ok = true;
+    for (Index i = 0; i < max_count; ++i) {
+      const int ran = marks[static_cast<std::size_t>(i)].exchange(0);  // reset every mark
+      if (ran != (i < count ? 1 : 0)) ok = false;
+    }
+    bad += ok ? 0 : 1;
+  }
+  return bad;
+}
+
 void parallel_for(Index count, Task task, void* context) { pool().run(count, task, context); }
 
 }  // namespace bprop

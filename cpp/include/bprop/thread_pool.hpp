@@ -39,6 +39,11 @@ std::int64_t contended_loops();
 /// How many tasks the workers (not the calling threads) have run, for tests.
 std::int64_t worker_tasks();
 
+/// For tests: runs `loops` parallel loops of 2 to max_count tasks (cycling), each
+/// task marking its index, and returns how many loops did not run every one of
+/// their tasks exactly once by the time parallel_for returned.
+std::int64_t check_loops(Index loops, Index max_count);
+
 /// A task of a parallel loop: runs index i with the loop's context. It must not
 /// throw, and it must not start a parallel loop itself.
 using Task = void (*)(void* context, Index i);
