@@ -145,11 +145,16 @@ class CheckpointError(ValueError):
     size is checked against the file before anything is allocated for it)."""
 
 
+def _digest_entry(name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> bytes:
+    """What the tensors' sha256 takes before each tensor's bytes (in name order)."""
+    return f"{name}|{dtype.name}|{tuple(shape)}\n".encode()
+
+
 def _digest(tensors: Dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         a = tensors[name]
-        h.update(f"{name}|{a.dtype.name}|{a.shape}\n".encode())
+        h.update(_digest_entry(name, a.dtype, a.shape))
         h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()
 
@@ -754,7 +759,7 @@ def _decode(path: str, f: BinaryIO, size: int, with_optimizer: bool):
     nonfinite = None
     scratch = np.empty(0, dtype=little)
     for begin, name, shape in sorted(layout, key=lambda entry: entry[1]):
-        digest.update(f"{name}|{little.name}|{tuple(shape)}\n".encode())
+        digest.update(_digest_entry(name, little, shape))
         f.seek(data_start + begin)
         target = targets.get(name)
         if target is None and optimizer is not None:  # a slot the optimizer does not have:
